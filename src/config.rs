@@ -1,0 +1,287 @@
+//! Typed configuration, read once at start-up: every flag has an `ORDERFLOW_*` environment
+//! fallback, secrets never print, and bad values stop the program with a clear message.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::Currency;
+use crate::http::Secret;
+use crate::http::auth::parse_ttl;
+use crate::store::{ConnectOptions, SqliteDurability};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orderflow",
+    version,
+    about = "Order-processing and checkout engine",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Print a development JWT that a server with the same configuration accepts.
+    Token(TokenArgs),
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Load the sample catalog (products whose SKU already exists are left alone).
+    Seed,
+    /// Check the invariants against the database; exit 0 when all hold, 1 otherwise.
+    Audit(AuditArgs),
+}
+
+/// Settings every command shares.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Database URL: `postgres://user@host/db`, or `sqlite://path`. Default: an embedded SQLite
+    /// file in the data directory.
+    #[arg(
+        long,
+        env = "ORDERFLOW_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// Directory for the embedded database and the generated token secret.
+    #[arg(
+        long,
+        env = "ORDERFLOW_DATA_DIR",
+        default_value = "orderflow-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// HS256 signing secret for bearer tokens (at least 32 bytes). Default: a random secret kept
+    /// in `<data-dir>/jwt-secret`. Set it explicitly when several processes share a database.
+    #[arg(
+        long,
+        env = "ORDERFLOW_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// Most database connections this process holds.
+    #[arg(
+        long,
+        env = "ORDERFLOW_DB_MAX_CONNECTIONS",
+        default_value_t = 16,
+        global = true
+    )]
+    pub db_max_connections: u32,
+    /// Longest wait for a free database connection before answering 503 (e.g. 5s, 500ms).
+    #[arg(long, env = "ORDERFLOW_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
+    pub db_acquire_timeout: Duration,
+    /// SQLite commit durability: `full` fsyncs every commit (survives power loss), `normal`
+    /// survives process crashes only.
+    #[arg(
+        long,
+        env = "ORDERFLOW_SQLITE_DURABILITY",
+        value_enum,
+        default_value = "full",
+        global = true
+    )]
+    pub sqlite_durability: SqliteDurability,
+    /// The store currency (ISO 4217).
+    #[arg(long, env = "ORDERFLOW_CURRENCY", default_value = "USD", value_parser = parse_currency, global = true)]
+    pub currency: Currency,
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(
+        long,
+        env = "ORDERFLOW_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings of the server; accepted as `orderflow --listen …` and `orderflow serve --listen …`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "ORDERFLOW_LISTEN",
+        global = true,
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: SocketAddr,
+    /// Do not load the sample catalog into an empty database.
+    #[arg(long, env = "ORDERFLOW_NO_SEED", global = true)]
+    pub no_seed: bool,
+    /// Largest request body in bytes.
+    #[arg(long, env = "ORDERFLOW_BODY_LIMIT", global = true, default_value_t = crate::http::DEFAULT_BODY_LIMIT)]
+    pub body_limit: usize,
+    /// How long shutdown waits for in-flight requests.
+    #[arg(long, env = "ORDERFLOW_SHUTDOWN_TIMEOUT", global = true, default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Attempts the payment step gets before it is dead-lettered.
+    #[arg(long, env = "ORDERFLOW_PAYMENT_MAX_ATTEMPTS", global = true, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub payment_max_attempts: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The subject: a customer id (UUID) for customers, any name for operators.
+    #[arg(long)]
+    pub sub: String,
+    /// A role to grant (repeatable), e.g. `admin`.
+    #[arg(long = "role")]
+    pub roles: Vec<String>,
+    /// How long the token is valid, e.g. 30m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl GlobalArgs {
+    /// The database URL in force: the configured one or the embedded default.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("orderflow.db").display()),
+        }
+    }
+
+    pub fn connect_options(&self) -> anyhow::Result<ConnectOptions> {
+        if self.db_max_connections == 0 {
+            bail!("--db-max-connections must be at least 1");
+        }
+        Ok(ConnectOptions {
+            max_connections: self.db_max_connections,
+            acquire_timeout: self.db_acquire_timeout,
+            sqlite_durability: self.sqlite_durability,
+        })
+    }
+
+    /// The token secret: configured, or generated once and kept in the data directory.
+    pub fn jwt_secret(&self) -> anyhow::Result<Secret> {
+        if let Some(secret) = &self.jwt_secret {
+            if secret.len() < 32 {
+                bail!("ORDERFLOW_JWT_SECRET / --jwt-secret must be at least 32 bytes long");
+            }
+            return Ok(Secret::new(secret.as_bytes().to_vec()));
+        }
+        load_or_create_secret(&self.data_dir.join("jwt-secret"))
+    }
+}
+
+fn load_or_create_secret(path: &Path) -> anyhow::Result<Secret> {
+    use std::io::Write;
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let existing = existing.trim();
+        if existing.len() >= 32 {
+            return Ok(Secret::new(existing.as_bytes().to_vec()));
+        }
+        bail!(
+            "{} holds a secret shorter than 32 bytes; delete it to generate a new one",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(mut file) => {
+            file.write_all(secret.as_bytes())?;
+            file.sync_all()?;
+            Ok(Secret::new(secret.into_bytes()))
+        }
+        // Another process created it first: use theirs.
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            load_or_create_secret(path)
+        }
+        Err(error) => {
+            Err(error).with_context(|| format!("writing the token secret {}", path.display()))
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("`{text}` is not a duration"));
+    }
+    parse_ttl(text)
+}
+
+fn parse_currency(text: &str) -> Result<Currency, String> {
+    text.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_refused_clearly() {
+        let error = Cli::try_parse_from(["orderflow", "--currency", "DOLLARS"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("ISO 4217"), "{error}");
+        let error = Cli::try_parse_from(["orderflow", "serve", "--listen", "nowhere"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--listen"), "{error}");
+        assert!(
+            Cli::try_parse_from(["orderflow", "token", "--sub", "x", "--ttl", "forever"]).is_err()
+        );
+    }
+
+    #[test]
+    fn default_database_is_embedded() {
+        let cli = Cli::try_parse_from(["orderflow", "--data-dir", "/tmp/x"]).unwrap();
+        assert_eq!(cli.global.database_url(), "sqlite:///tmp/x/orderflow.db");
+        assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn secret_is_generated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt-secret");
+        let first = load_or_create_secret(&path).unwrap();
+        let second = load_or_create_secret(&path).unwrap();
+        assert_eq!(format!("{first:?}"), "Secret(***)");
+        let auth = crate::http::Authenticator::hs256(&first);
+        let token = auth.issue("x", &[], Duration::from_secs(60)).unwrap();
+        assert!(
+            crate::http::Authenticator::hs256(&second)
+                .verify(&token)
+                .is_ok()
+        );
+    }
+}

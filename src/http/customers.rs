@@ -1,0 +1,178 @@
+//! Customer routes. A customer principal may create and read only its own record (its token's
+//! `sub` is its customer id); others asking get 404, so existence is not revealed.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::auth::Principal;
+use super::error::ApiError;
+use super::extract::{ApiJson, QueryParams, path_id};
+use super::orders::OrderView;
+use super::{AppState, private};
+use crate::domain::customer::parse_person_name;
+use crate::domain::{Customer, CustomerId, Email, FieldErrors, NewCustomer, OrderId};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/customers", post(create))
+        .route("/customers/{id}", get(show))
+        .route("/customers/{id}/orders", get(orders))
+}
+
+#[derive(Serialize)]
+struct CustomerView {
+    customer_id: CustomerId,
+    email: Email,
+    first_name: String,
+    last_name: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<Customer> for CustomerView {
+    fn from(customer: Customer) -> Self {
+        Self {
+            customer_id: customer.id,
+            email: customer.email,
+            first_name: customer.first_name,
+            last_name: customer.last_name,
+            created_at: customer.created_at,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCustomer {
+    customer_id: Option<String>,
+    email: Option<String>,
+    first_name: Option<String>,
+    last_name: Option<String>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(body): ApiJson<CreateCustomer>,
+) -> Result<Response, ApiError> {
+    let mut errors = FieldErrors::new();
+    let requested_id = body.customer_id.and_then(|id| {
+        errors.check(
+            "/customer_id",
+            id.parse::<CustomerId>()
+                .map_err(|_| "must be a UUID".to_string()),
+        )
+    });
+    let mut text = |field: &str,
+                    value: Option<String>,
+                    parse: &dyn Fn(&str) -> Result<String, String>| match value {
+        None => {
+            errors.add(field, "is required");
+            None
+        }
+        Some(value) => errors.check(field, parse(&value)),
+    };
+    let first_name = text("/first_name", body.first_name, &parse_person_name);
+    let last_name = text("/last_name", body.last_name, &parse_person_name);
+    let email = match body.email {
+        None => {
+            errors.add("/email", "is required");
+            None
+        }
+        Some(email) => errors.check("/email", Email::parse(&email)),
+    };
+    let (Some(email), Some(first_name), Some(last_name)) = (email, first_name, last_name) else {
+        return Err(ApiError::validation(errors));
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let id = if principal.is_admin() {
+        requested_id.unwrap_or_default()
+    } else {
+        let own = principal.customer_id().ok_or_else(|| {
+            ApiError::forbidden("this token's subject is not a customer id (UUID), so it cannot own a customer record")
+        })?;
+        if requested_id.is_some_and(|requested| requested != own) {
+            return Err(
+                ApiError::forbidden("customers may only create their own record")
+                    .with_field("/customer_id", "must be your own id"),
+            );
+        }
+        own
+    };
+    let customer = state
+        .store
+        .create_customer(
+            &NewCustomer {
+                id,
+                email,
+                first_name,
+                last_name,
+            },
+            Utc::now(),
+        )
+        .await?;
+    let location = format!("/customers/{}", customer.id);
+    Ok(private((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(CustomerView::from(customer)),
+    )))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: CustomerId = path_id("id", &id)?;
+    if !principal.may_access(id) {
+        return Err(ApiError::not_found("customer"));
+    }
+    let customer = state
+        .store
+        .get_customer(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("customer"))?;
+    Ok(private(Json(CustomerView::from(customer))))
+}
+
+#[derive(Serialize)]
+struct OrderList {
+    data: Vec<OrderView>,
+    next_cursor: Option<String>,
+}
+
+async fn orders(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let id: CustomerId = path_id("id", &id)?;
+    let params = QueryParams::parse(raw.as_deref(), &["limit", "cursor"])?;
+    if !principal.may_access(id) {
+        return Err(ApiError::not_found("customer"));
+    }
+    if state.store.get_customer(id).await?.is_none() {
+        return Err(ApiError::not_found("customer"));
+    }
+    let before: Option<OrderId> = params.cursor()?;
+    let page = state
+        .store
+        .list_customer_orders(id, before, params.limit()?)
+        .await?;
+    Ok(private(Json(OrderList {
+        data: page
+            .items
+            .into_iter()
+            .map(|order| OrderView::new(order, None))
+            .collect(),
+        next_cursor: page.next_after.map(|id| id.simple().to_string()),
+    })))
+}

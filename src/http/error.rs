@@ -1,0 +1,269 @@
+//! The API's one error type, rendered as RFC 9457 problem details (`application/problem+json`)
+//! with a stable machine `code`. 5xx bodies are opaque; their cause is logged here, never sent.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::domain::{FieldError, FieldErrors};
+use crate::store::StoreError;
+
+/// An error answer. Build it with the constructors below; each documents its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    title: &'static str,
+    detail: String,
+    errors: Vec<FieldError>,
+    /// Extra members merged into the problem object (e.g. the short items of an order).
+    extra: Option<Value>,
+    retry_after_secs: Option<u64>,
+    www_authenticate: Option<String>,
+}
+
+impl ApiError {
+    fn new(
+        status: StatusCode,
+        code: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            code,
+            title,
+            detail: detail.into(),
+            errors: Vec::new(),
+            extra: None,
+            retry_after_secs: None,
+            www_authenticate: None,
+        }
+    }
+
+    /// 400 `validation_failed`: every bad field, each named by a JSON pointer.
+    pub fn validation(errors: FieldErrors) -> Self {
+        let errors = errors.into_vec();
+        let detail = match errors.as_slice() {
+            [one] => format!("{} {}", one.field, one.message),
+            many => format!("{} fields are invalid", many.len()),
+        };
+        Self {
+            errors,
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "validation_failed",
+                "Invalid request",
+                detail,
+            )
+        }
+    }
+
+    /// 400 `validation_failed` for one field.
+    pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::validation(FieldErrors::single(field, message))
+    }
+
+    /// 400 `malformed_json`: the body is not JSON at all.
+    pub fn malformed_json(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "Malformed JSON",
+            detail,
+        )
+    }
+
+    /// 400 `idempotency_key_missing`.
+    pub fn idempotency_key_missing() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_missing",
+            "Idempotency-Key header required",
+            "POST /orders needs an Idempotency-Key header: generate a unique value (e.g. a UUID) per \
+             checkout attempt and send the same value when retrying that attempt",
+        )
+    }
+
+    /// 401 `unauthorized` with a `WWW-Authenticate: Bearer` challenge.
+    pub fn unauthorized(reason: &str) -> Self {
+        let challenge = if reason == "missing" {
+            "Bearer".to_string()
+        } else {
+            format!("Bearer error=\"invalid_token\", error_description=\"{reason}\"")
+        };
+        Self {
+            www_authenticate: Some(challenge),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Authentication required",
+                match reason {
+                    "missing" => "send a bearer token: Authorization: Bearer <JWT>".to_string(),
+                    other => format!("the bearer token was rejected: {other}"),
+                },
+            )
+        }
+    }
+
+    /// 403 `forbidden`: authenticated, but this principal may not do this.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+    }
+
+    /// 404 `not_found`: no such resource, or one the principal may not know exists.
+    pub fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "Not found",
+            format!("no such {what}"),
+        )
+    }
+
+    /// 405 `method_not_allowed`.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Method not allowed",
+            "this resource does not support that method",
+        )
+    }
+
+    /// 409 with a specific code: the request conflicts with current state.
+    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, "Conflict", detail)
+    }
+
+    /// 413 `payload_too_large`.
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "Request body too large",
+            format!("request bodies may be at most {limit} bytes"),
+        )
+    }
+
+    /// 415 `unsupported_media_type`.
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Unsupported media type",
+            "send the body as JSON with Content-Type: application/json",
+        )
+    }
+
+    /// 422 with a specific code: well-formed, but the business rules refuse it.
+    pub fn unprocessable(
+        code: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, title, detail)
+    }
+
+    /// 503 `service_unavailable` with `Retry-After`.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self {
+            retry_after_secs: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "Service unavailable",
+                detail,
+            )
+        }
+    }
+
+    /// 500 `internal_error`. The cause is logged; the client sees nothing of it.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "Internal server error",
+            "something went wrong on our side; it has been logged",
+        )
+    }
+
+    /// Adds members to the problem object.
+    pub fn with_extra(mut self, extra: Value) -> Self {
+        self.extra = Some(extra);
+        self
+    }
+
+    /// Adds field errors to a non-validation problem (e.g. which field was forbidden).
+    pub fn with_field(mut self, field: impl Into<String>, message: impl Into<String>) -> Self {
+        self.errors.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn errors(&self) -> &[FieldError] {
+        &self.errors
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(%cause, "database unavailable");
+                ApiError::unavailable("the service is busy; retry shortly")
+            }
+            StoreError::Conflict(field) => ApiError::conflict(
+                "already_exists",
+                format!("a record with this {field} already exists"),
+            )
+            .with_field(format!("/{field}"), "already in use"),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": format!("/problems/{}", self.code),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+            "code": self.code,
+        });
+        if !self.errors.is_empty() {
+            body["errors"] = json!(self.errors);
+        }
+        if let (Some(Value::Object(extra)), Value::Object(members)) = (self.extra, &mut body) {
+            members.extend(extra);
+        }
+        let mut response = (self.status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(challenge) = self
+            .www_authenticate
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            headers.insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
+    }
+}

@@ -1,0 +1,87 @@
+//! The HTTP API (axum). Handlers are thin: parse → call the workflow/store → map to a response.
+//! [`app`] builds the router from state; [`serve`] runs it on a listener until shutdown, so tests
+//! drive exactly the router production runs.
+
+pub mod auth;
+mod correlation;
+mod customers;
+pub mod error;
+mod extract;
+mod health;
+mod orders;
+mod products;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tokio::net::TcpListener;
+
+pub use auth::{Authenticator, Principal, Secret};
+pub use correlation::CorrelationId;
+use error::ApiError;
+use extract::BodyLimit;
+
+use crate::store::Store;
+use crate::workflow::checkout::CheckoutSettings;
+
+/// Default largest request body: 64 KiB.
+pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
+
+/// Everything handlers share. Cheap to clone: every field is an `Arc`.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database: catalog, customers, orders, jobs.
+    pub store: Arc<dyn Store>,
+    /// Verifies bearer tokens.
+    pub auth: Arc<Authenticator>,
+    /// Currency and step settings for new orders.
+    pub checkout: Arc<CheckoutSettings>,
+    /// Largest accepted request body in bytes.
+    pub body_limit: usize,
+}
+
+/// The whole API as a router.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.body_limit;
+    Router::new()
+        .merge(health::routes())
+        .merge(products::routes())
+        .merge(customers::routes())
+        .merge(orders::routes())
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(
+            move |mut request: Request, next: Next| async move {
+                request.extensions_mut().insert(BodyLimit(body_limit));
+                next.run(request).await
+            },
+        ))
+        .layer(middleware::from_fn(correlation::middleware))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Personal responses must never be cached by a shared cache.
+fn private(response: impl IntoResponse) -> Response {
+    let mut response = response.into_response();
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("private, no-store"),
+    );
+    response
+}

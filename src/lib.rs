@@ -1,0 +1,14 @@
+//! orderflow: an order-processing and checkout engine.
+//!
+//! Layers, dependencies pointing down only (see `docs/architecture.md`):
+//! `domain` (pure rules) ← `store` (persistence, all SQL) ← `workflow` (checkout steps) ←
+//! `http` (axum API) ← `cli` (config, wiring). `telemetry` and `seed` are leaves used by `cli`.
+
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod seed;
+pub mod store;
+pub mod telemetry;
+pub mod workflow;

@@ -1,0 +1,163 @@
+//! `orderflow audit`: the invariants of DESIGN.md checked against the stored data.
+//!
+//! Each check is one query that returns the rows breaking it, written in the SQL both dialects
+//! share, and run by one generic function, so SQLite and PostgreSQL are audited identically.
+
+use std::fmt;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::StoreResult;
+
+/// One check: its name, the invariant it guards, and a query returning `(subject, found, expected)`
+/// for every violating row.
+struct Check {
+    name: &'static str,
+    invariant: &'static str,
+    sql: &'static str,
+}
+
+const CHECKS: &[Check] = &[
+    Check {
+        name: "no_oversell",
+        invariant: "I1: 0 <= reserved <= on_hand for every product",
+        sql: "SELECT id AS subject, reserved AS found, on_hand AS expected FROM products \
+              WHERE reserved < 0 OR on_hand < 0 OR reserved > on_hand",
+    },
+    Check {
+        name: "stock_conservation",
+        invariant: "I2: on_hand equals the sum of the product's inventory ledger",
+        sql: "SELECT p.id AS subject, p.on_hand AS found, coalesce(l.total, CAST(0 AS BIGINT)) AS expected \
+              FROM products p LEFT JOIN (SELECT product_id, CAST(sum(delta) AS BIGINT) AS total \
+              FROM inventory_ledger GROUP BY product_id) l ON l.product_id = p.id \
+              WHERE p.on_hand <> coalesce(l.total, CAST(0 AS BIGINT))",
+    },
+    Check {
+        name: "reservations_explained",
+        invariant: "I1/I2: reserved equals the units of orders still holding a reservation",
+        sql: "SELECT p.id AS subject, p.reserved AS found, coalesce(r.total, CAST(0 AS BIGINT)) AS expected \
+              FROM products p LEFT JOIN (SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT) AS total \
+              FROM order_items i JOIN orders o ON o.id = i.order_id \
+              WHERE o.inventory_state = 'reserved' GROUP BY i.product_id) r ON r.product_id = p.id \
+              WHERE p.reserved <> coalesce(r.total, CAST(0 AS BIGINT))",
+    },
+    Check {
+        name: "one_order_per_key",
+        invariant: "I3: one idempotency key (per principal) never yields two orders",
+        sql: "SELECT o.id AS subject, (SELECT count(*) FROM orders o2 \
+              WHERE o2.idempotency_principal = o.idempotency_principal \
+              AND o2.idempotency_key = o.idempotency_key) AS found, CAST(1 AS BIGINT) AS expected \
+              FROM orders o WHERE (SELECT count(*) FROM orders o2 \
+              WHERE o2.idempotency_principal = o.idempotency_principal \
+              AND o2.idempotency_key = o.idempotency_key) > 1",
+    },
+    Check {
+        name: "key_records_match_orders",
+        invariant: "I3: every completed idempotency record points at the order made with its key",
+        sql: "SELECT k.order_id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected \
+              FROM idempotency_keys k WHERE k.state = 'completed' AND k.order_id IS NOT NULL \
+              AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = k.order_id \
+              AND o.idempotency_principal = k.principal AND o.idempotency_key = k.key)",
+    },
+    Check {
+        name: "order_totals",
+        invariant: "an order's total is the sum of its lines",
+        sql: "SELECT o.id AS subject, o.total_minor AS found, coalesce(s.total, CAST(0 AS BIGINT)) AS expected \
+              FROM orders o LEFT JOIN (SELECT order_id, CAST(sum(quantity * unit_price_minor) AS BIGINT) AS total \
+              FROM order_items GROUP BY order_id) s ON s.order_id = o.id \
+              WHERE o.total_minor <> coalesce(s.total, CAST(0 AS BIGINT))",
+    },
+    Check {
+        name: "status_has_event",
+        invariant: "I7: an order's latest event records its current status",
+        sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected FROM orders o \
+              WHERE coalesce((SELECT e.status FROM order_events e WHERE e.order_id = o.id \
+              ORDER BY e.id DESC LIMIT 1), '') <> o.status",
+    },
+];
+
+#[derive(sqlx::FromRow)]
+pub(super) struct CheckRow {
+    subject: Option<Uuid>,
+    found: i64,
+    expected: i64,
+}
+
+/// One row that breaks an invariant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    pub check: &'static str,
+    pub invariant: &'static str,
+    /// The product or order at fault.
+    pub subject: String,
+    pub found: i64,
+    pub expected: i64,
+}
+
+/// The outcome of an audit: which checks ran and what they found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AuditReport {
+    pub checks: Vec<&'static str>,
+    pub violations: Vec<Violation>,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+impl fmt::Display for AuditReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in CHECKS {
+            let broken: Vec<_> = self
+                .violations
+                .iter()
+                .filter(|v| v.check == check.name)
+                .collect();
+            let verdict = if broken.is_empty() { "ok  " } else { "FAIL" };
+            writeln!(f, "{verdict} {:<26} {}", check.name, check.invariant)?;
+            for violation in broken {
+                writeln!(
+                    f,
+                    "       {}: found {}, expected {}",
+                    violation.subject, violation.found, violation.expected
+                )?;
+            }
+        }
+        let summary = if self.is_clean() {
+            "all invariants hold".to_string()
+        } else {
+            format!("{} violation(s)", self.violations.len())
+        };
+        write!(f, "{summary}")
+    }
+}
+
+/// Runs every check on `pool`.
+pub(super) async fn run<DB>(pool: &sqlx::Pool<DB>) -> StoreResult<AuditReport>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    CheckRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let mut report = AuditReport::default();
+    for check in CHECKS {
+        let rows: Vec<CheckRow> = sqlx::query_as::<DB, CheckRow>(check.sql)
+            .fetch_all(pool)
+            .await?;
+        report.checks.push(check.name);
+        report
+            .violations
+            .extend(rows.into_iter().map(|row| Violation {
+                check: check.name,
+                invariant: check.invariant,
+                subject: row.subject.map(|id| id.to_string()).unwrap_or_default(),
+                found: row.found,
+                expected: row.expected,
+            }));
+    }
+    Ok(report)
+}

@@ -1,0 +1,272 @@
+//! The persistence contract and its two implementations.
+//!
+//! Every business operation that must be atomic is ONE method here, taking and returning domain
+//! types (e.g. [`Store::place_order`]: idempotency record + stock reservation + order + event +
+//! first job in a single transaction). SQL lives in this module tree and nowhere else.
+//! `sqlite` serves the embedded single-process default; `postgres` serves many processes sharing
+//! one database (and PostgreSQL-compatible distributed SQL, hence retries on SQLSTATE 40001).
+
+mod audit;
+mod common;
+mod postgres;
+mod rows;
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::domain::{
+    Cart, CartRejection, Currency, Customer, CustomerId, NewCustomer, NewProduct, Order,
+    OrderEvent, OrderId, PaymentToken, Product, ProductId, ProductPatch, StockAdjustment,
+};
+
+pub use audit::{AuditReport, Violation};
+pub use postgres::PgStore;
+pub use sqlite::{SqliteDurability, SqliteStore};
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Failures of the persistence layer, classified by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was broken (duplicate e-mail, duplicate SKU). The payload names it.
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    /// The database could not be reached or no connection became free in time; retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A row that cannot be turned back into a domain value: a bug or a hand-edited database.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                StoreError::Unavailable(error.to_string())
+            }
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+/// Which engine a store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A page of a keyset-paginated list.
+#[derive(Clone, Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The last item's id when more items follow.
+    pub next_after: Option<uuid::Uuid>,
+}
+
+impl<T> Page<T> {
+    /// Builds a page from up to `limit + 1` fetched rows: the extra row only says "there is more".
+    fn from_rows(mut items: Vec<T>, limit: u32, id_of: impl Fn(&T) -> uuid::Uuid) -> Self {
+        let more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        let next_after = if more { items.last().map(&id_of) } else { None };
+        Page { items, next_after }
+    }
+}
+
+/// Filters and position of a catalog listing.
+#[derive(Clone, Debug, Default)]
+pub struct ProductQuery {
+    pub category: Option<String>,
+    pub after: Option<ProductId>,
+    pub limit: u32,
+}
+
+/// Result of a stock adjustment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdjustOutcome {
+    Adjusted(Product),
+    NotFound,
+    /// The adjustment would take on-hand stock below what is reserved (or below zero).
+    WouldBreakReservations {
+        on_hand: i64,
+        reserved: i64,
+    },
+}
+
+/// A job row to write in the same transaction as the business change that needs it
+/// (the transactional outbox).
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    /// The step that will run it, e.g. `charge_payment`.
+    pub kind: &'static str,
+    pub payload: serde_json::Value,
+    pub run_at: DateTime<Utc>,
+    pub max_attempts: u32,
+}
+
+/// Everything [`Store::place_order`] commits in one transaction.
+#[derive(Clone, Debug)]
+pub struct PlaceOrder {
+    /// The authenticated principal (token `sub`); idempotency keys are scoped to it.
+    pub principal: String,
+    pub idempotency_key: String,
+    /// Hash of the normalized request: the same key with a different body is refused.
+    pub fingerprint: String,
+    pub order_id: OrderId,
+    pub customer_id: CustomerId,
+    pub cart: Cart,
+    pub payment_token: PaymentToken,
+    pub currency: Currency,
+    pub correlation_id: Option<String>,
+    pub first_job: NewJob,
+    pub now: DateTime<Utc>,
+}
+
+/// What happened to a place-order request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlaceOrderOutcome {
+    /// A new order was committed.
+    Created(Order),
+    /// The key was used before with the same request: the first response's order, as it was then.
+    Replayed(Order),
+    /// The key was used before with a different request.
+    KeyReused,
+    /// Another request with this key is being processed right now.
+    KeyInUse,
+    /// The cart cannot be filled; nothing was written (the key stays free).
+    Rejected(CartRejection),
+}
+
+/// An order with its timeline, as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderDetails {
+    pub order: Order,
+    pub events: Vec<OrderEvent>,
+}
+
+/// The persistence contract. Implementations must give identical observable behaviour.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+
+    /// Cheap liveness check of the database (readiness probe).
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// True when the catalog has no products yet (first start: load the sample catalog).
+    async fn is_empty(&self) -> StoreResult<bool>;
+
+    async fn create_product(
+        &self,
+        product: &NewProduct,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Product>;
+    async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>>;
+    async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>>;
+    async fn update_product(
+        &self,
+        id: ProductId,
+        patch: &ProductPatch,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Product>>;
+    /// Changes on-hand stock and writes the ledger row, atomically; never below reserved.
+    async fn adjust_stock(
+        &self,
+        id: ProductId,
+        adjustment: &StockAdjustment,
+        now: DateTime<Utc>,
+    ) -> StoreResult<AdjustOutcome>;
+
+    /// Fails with [`StoreError::Conflict`] on a duplicate e-mail or id.
+    async fn create_customer(
+        &self,
+        customer: &NewCustomer,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Customer>;
+    async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>>;
+    /// A customer's orders, newest first.
+    async fn list_customer_orders(
+        &self,
+        id: CustomerId,
+        before: Option<OrderId>,
+        limit: u32,
+    ) -> StoreResult<Page<Order>>;
+
+    /// The checkout commitment: see [`PlaceOrder`] and [`PlaceOrderOutcome`].
+    async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome>;
+    async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>>;
+
+    /// Checks the invariants of DESIGN.md against the stored data.
+    async fn audit(&self) -> StoreResult<AuditReport>;
+}
+
+/// Connection settings shared by both backends.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Largest number of connections this process holds (PostgreSQL) or readers (SQLite).
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before getting 503.
+    pub acquire_timeout: Duration,
+    pub sqlite_durability: SqliteDurability,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            sqlite_durability: SqliteDurability::Full,
+        }
+    }
+}
+
+/// Opens the store named by `url` (`postgres://…` or `sqlite://path`) and applies migrations.
+pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url, options).await?))
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(Arc::new(SqliteStore::open(Path::new(path), options).await?))
+    } else {
+        anyhow::bail!(
+            "unsupported database URL `{}`: use postgres://user@host/db or sqlite://path/to/file.db",
+            redact_url(url)
+        )
+    }
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            super::redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

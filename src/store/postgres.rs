@@ -1,0 +1,581 @@
+//! The scaled-out store: PostgreSQL (or a PostgreSQL-compatible distributed SQL engine) shared by
+//! many orderflow processes.
+//!
+//! Nothing here assumes one process. Stock rows are locked in product-id order
+//! (`SELECT … ORDER BY id FOR UPDATE`) so multi-item orders cannot deadlock one another, and every
+//! write transaction is re-run with backoff on SQLSTATE 40001/40P01 (which serializable and
+//! optimistic engines raise in normal operation). The place-order path costs five round trips:
+//! claim the idempotency key, BEGIN, lock + read stock, one statement of data-modifying CTEs that
+//! writes everything else, COMMIT.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use super::audit::{self, AuditReport};
+use super::common::{
+    is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict,
+};
+use super::rows::{
+    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow,
+    PRODUCT_COLUMNS, ProductRow,
+};
+use super::{
+    AdjustOutcome, Backend, ConnectOptions, OrderDetails, Page, PlaceOrder, PlaceOrderOutcome,
+    ProductQuery, Store, StoreError, StoreResult,
+};
+use crate::domain::order::price_lines;
+use crate::domain::{
+    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId,
+    Product, ProductId, ProductPatch, StockAdjustment,
+};
+
+/// An in-flight idempotency claim older than this belongs to a request that died; a retry may
+/// take it over.
+const IN_FLIGHT_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(60);
+/// How many times a transaction is re-run after a serialization failure or deadlock.
+const MAX_TX_ATTEMPTS: u32 = 6;
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// The result of trying to claim an idempotency key for a new request.
+enum Claim {
+    Acquired,
+    Finished(PlaceOrderOutcome),
+}
+
+/// What the placing transaction decided.
+enum Placed {
+    Done(PlaceOrderOutcome),
+    /// The transaction must be re-run (serialization failure or deadlock).
+    Retry(sqlx::Error),
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Self> {
+        let connect: PgConnectOptions = url.parse().context("parsing the PostgreSQL URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect.application_name("orderflow"))
+            .await
+            .with_context(|| format!("connecting to PostgreSQL at {}", super::redact_url(url)))?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&pool)
+            .await
+            .context("applying PostgreSQL migrations")?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn order_items(&self, order_ids: &[Uuid]) -> StoreResult<Vec<OrderItemRow>> {
+        Ok(sqlx::query_as(
+            "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items \
+             WHERE order_id = ANY($1) ORDER BY order_id, line_no",
+        )
+        .bind(order_ids)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Phase 1 of placing an order: record that a request with this key is in flight, so a
+    /// concurrent duplicate gets 409 instead of waiting, and a later one replays the result.
+    /// The claim is committed without waiting for the WAL flush: if it is lost in a crash, so is
+    /// everything after it (the order's commit flushes the WAL up to and including the claim).
+    async fn claim_key(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Claim> {
+        for _ in 0..3 {
+            let inserted = sqlx::query(
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 INSERT INTO idempotency_keys (principal, key, fingerprint, state, lock_token, created_at, updated_at) \
+                 SELECT $1, $2, $3, 'in_flight', $4, $5, $5 FROM relaxed \
+                 ON CONFLICT (principal, key) DO NOTHING",
+            )
+            .bind(&request.principal)
+            .bind(&request.idempotency_key)
+            .bind(&request.fingerprint)
+            .bind(lock_token)
+            .bind(request.now)
+            .execute(&self.pool)
+            .await?;
+            if inserted.rows_affected() == 1 {
+                return Ok(Claim::Acquired);
+            }
+            let earlier: Option<(String, String, Option<String>, Option<Uuid>, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT fingerprint, state, response_body, lock_token, updated_at FROM idempotency_keys \
+                 WHERE principal = $1 AND key = $2",
+            )
+            .bind(&request.principal)
+            .bind(&request.idempotency_key)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some((fingerprint, state, body, old_token, updated_at)) = earlier else {
+                continue; // released between our two statements: try to claim again
+            };
+            if state == "completed" {
+                return replay_or_refuse(request, &fingerprint, body.as_deref())
+                    .map(Claim::Finished);
+            }
+            if fingerprint != request.fingerprint {
+                return Ok(Claim::Finished(PlaceOrderOutcome::KeyReused));
+            }
+            if request.now - updated_at < IN_FLIGHT_STALE_AFTER {
+                return Ok(Claim::Finished(PlaceOrderOutcome::KeyInUse));
+            }
+            let taken = sqlx::query(
+                "UPDATE idempotency_keys SET lock_token = $3, updated_at = $4 \
+                 WHERE principal = $1 AND key = $2 AND state = 'in_flight' AND lock_token IS NOT DISTINCT FROM $5",
+            )
+            .bind(&request.principal)
+            .bind(&request.idempotency_key)
+            .bind(lock_token)
+            .bind(request.now)
+            .bind(old_token)
+            .execute(&self.pool)
+            .await?;
+            return Ok(if taken.rows_affected() == 1 {
+                Claim::Acquired
+            } else {
+                Claim::Finished(PlaceOrderOutcome::KeyInUse)
+            });
+        }
+        Ok(Claim::Finished(PlaceOrderOutcome::KeyInUse))
+    }
+
+    /// Gives the key back after a request that created nothing, so the client may retry it.
+    async fn release_key(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND lock_token = $3 \
+             AND state = 'in_flight'",
+        )
+        .bind(&request.principal)
+        .bind(&request.idempotency_key)
+        .bind(lock_token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Phase 2: reserve stock and write the order, its lines, event, first job and the completed
+    /// idempotency record in one transaction.
+    async fn place_order_tx(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Placed> {
+        let mut tx = self.pool.begin().await?;
+        let mut product_ids: Vec<Uuid> = request
+            .cart
+            .lines()
+            .iter()
+            .map(|l| l.product_id.as_uuid())
+            .collect();
+        product_ids.sort();
+        let levels = sqlx::query_as::<_, (Uuid, i64, i64)>(
+            "SELECT id, price_minor, on_hand - reserved FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&product_ids)
+        .fetch_all(&mut *tx)
+        .await;
+        let levels = match levels {
+            Ok(levels) => stock_levels(levels)?,
+            Err(error) if is_retryable(&error) => return Ok(Placed::Retry(error)),
+            Err(error) => return Err(error.into()),
+        };
+        let (lines, total) = match price_lines(&request.cart, &levels) {
+            Ok(priced) => priced,
+            Err(rejection) => return Ok(Placed::Done(PlaceOrderOutcome::Rejected(rejection))),
+        };
+        let order = new_order(request, lines, total);
+        let reserve_ids: Vec<Uuid> = order.lines.iter().map(|l| l.product_id.as_uuid()).collect();
+        let quantities: Vec<i64> = order
+            .lines
+            .iter()
+            .map(|l| i64::from(l.quantity.get()))
+            .collect();
+        let line_numbers: Vec<i32> = (0..order.lines.len() as i32).collect();
+        let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price.minor()).collect();
+        let job = &request.first_job;
+
+        let written = sqlx::query_as::<_, (i64, i64)>(
+            "WITH reserve AS ( \
+                UPDATE products p SET reserved = p.reserved + v.quantity, version = p.version + 1, updated_at = $1 \
+                FROM unnest($2::uuid[], $3::bigint[]) AS v(id, quantity) \
+                WHERE p.id = v.id AND p.on_hand - p.reserved >= v.quantity RETURNING p.id), \
+             new_order AS ( \
+                INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, payment_token, \
+                    idempotency_principal, idempotency_key, correlation_id, created_at, updated_at) \
+                VALUES ($4, $5, $6, 'reserved', $7, $8, $9, $10, $11, $12, $1, $1)), \
+             lines AS ( \
+                INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
+                SELECT $4, v.id, v.line_no, v.quantity, v.price \
+                FROM unnest($2::uuid[], $13::int[], $3::bigint[], $14::bigint[]) AS v(id, line_no, quantity, price)), \
+             event AS ( \
+                INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
+                VALUES ($15, $4, 'order_placed', $6, NULL, $12, $1)), \
+             job AS ( \
+                INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
+                    correlation_id, created_at, updated_at) \
+                VALUES ($16, $17, $4, $18, 'ready', 0, $19, $20, $12, $1, $1)), \
+             completed AS ( \
+                UPDATE idempotency_keys SET state = 'completed', order_id = $4, response_status = 202, \
+                    response_body = $21, lock_token = NULL, updated_at = $1 \
+                WHERE principal = $10 AND key = $11 AND lock_token = $22 AND state = 'in_flight' RETURNING 1) \
+             SELECT (SELECT count(*) FROM reserve), (SELECT count(*) FROM completed)",
+        )
+        .bind(request.now) // $1
+        .bind(&reserve_ids) // $2
+        .bind(&quantities) // $3
+        .bind(order.id.as_uuid()) // $4
+        .bind(order.customer_id.as_uuid()) // $5
+        .bind(order.status.as_str()) // $6
+        .bind(order.currency.code()) // $7
+        .bind(order.total.minor()) // $8
+        .bind(order.payment_token.as_str()) // $9
+        .bind(&request.principal) // $10
+        .bind(&request.idempotency_key) // $11
+        .bind(&request.correlation_id) // $12
+        .bind(&line_numbers) // $13
+        .bind(&prices) // $14
+        .bind(Uuid::now_v7()) // $15
+        .bind(Uuid::now_v7()) // $16
+        .bind(job.kind) // $17
+        .bind(job.payload.to_string()) // $18
+        .bind(job.max_attempts as i32) // $19
+        .bind(job.run_at) // $20
+        .bind(rows::encode_snapshot(&order)) // $21
+        .bind(lock_token) // $22
+        .fetch_one(&mut *tx)
+        .await;
+        let (reserved_lines, completed) = match written {
+            Ok(counts) => counts,
+            Err(error) if is_foreign_key_violation(&error) => {
+                return Ok(Placed::Done(PlaceOrderOutcome::Rejected(
+                    CartRejection::UnknownCustomer(request.customer_id),
+                )));
+            }
+            Err(error) if is_retryable(&error) => return Ok(Placed::Retry(error)),
+            Err(error) => return Err(error.into()),
+        };
+        if completed != 1 {
+            // Our claim went stale and another request took the key over: it owns the outcome.
+            return Ok(Placed::Done(PlaceOrderOutcome::KeyInUse));
+        }
+        if reserved_lines != order.lines.len() as i64 {
+            return Err(StoreError::Corrupt(
+                "locked stock changed inside the transaction".into(),
+            ));
+        }
+        match tx.commit().await {
+            Ok(()) => Ok(Placed::Done(PlaceOrderOutcome::Created(order))),
+            Err(error) if is_retryable(&error) => Ok(Placed::Retry(error)),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// Serialization failures and deadlocks: the whole transaction may simply be run again.
+fn is_retryable(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if matches!(db.code().as_deref(), Some("40001") | Some("40P01")))
+}
+
+/// Exponential backoff with full jitter before re-running transaction attempt `attempt`.
+async fn backoff(attempt: u32) {
+    let cap_ms = 5u64 << attempt.min(6);
+    let wait = rand::rng().random_range(1..=cap_ms);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn is_empty(&self) -> StoreResult<bool> {
+        let (exists,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM products)")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(!exists)
+    }
+
+    async fn create_product(
+        &self,
+        product: &NewProduct,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Product> {
+        let mut tx = self.pool.begin().await?;
+        let row: ProductRow = sqlx::query_as(&format!(
+            "INSERT INTO products (id, sku, name, description, category, price_minor, on_hand, \
+             reserved, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 1, $8, $8) \
+             RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(product.id.as_uuid())
+        .bind(&product.sku)
+        .bind(&product.name)
+        .bind(&product.description)
+        .bind(&product.category)
+        .bind(product.price.minor())
+        .bind(product.stock)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unique_is_conflict("sku"))?;
+        if product.stock != 0 {
+            insert_ledger(
+                &mut tx,
+                product.id,
+                "initial",
+                product.stock,
+                "initial stock",
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        row.try_into()
+    }
+
+    async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {
+        let row: Option<ProductRow> = sqlx::query_as(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Product::try_from).transpose()
+    }
+
+    async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>> {
+        let mut sql = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE true"
+        ));
+        if let Some(category) = &query.category {
+            sql.push(" AND category = ").push_bind(category.clone());
+        }
+        if let Some(after) = query.after {
+            sql.push(" AND id > ").push_bind(after.as_uuid());
+        }
+        sql.push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(query.limit) + 1);
+        let rows: Vec<ProductRow> = sql.build_query_as().fetch_all(&self.pool).await?;
+        let products = rows
+            .into_iter()
+            .map(Product::try_from)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Page::from_rows(products, query.limit, |p| p.id.as_uuid()))
+    }
+
+    async fn update_product(
+        &self,
+        id: ProductId,
+        patch: &ProductPatch,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Product>> {
+        let row: Option<ProductRow> = sqlx::query_as(&format!(
+            "UPDATE products SET name = coalesce($1, name), \
+             description = CASE WHEN $2 THEN $3 ELSE description END, \
+             category = CASE WHEN $4 THEN $5 ELSE category END, \
+             price_minor = coalesce($6, price_minor), version = version + 1, updated_at = $7 \
+             WHERE id = $8 RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(&patch.name)
+        .bind(patch.description.is_some())
+        .bind(patch.description.clone().flatten())
+        .bind(patch.category.is_some())
+        .bind(patch.category.clone().flatten())
+        .bind(patch.price.map(|p| p.minor()))
+        .bind(now)
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Product::try_from).transpose()
+    }
+
+    async fn adjust_stock(
+        &self,
+        id: ProductId,
+        adjustment: &StockAdjustment,
+        now: DateTime<Utc>,
+    ) -> StoreResult<AdjustOutcome> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result: Result<AdjustOutcome, sqlx::Error> = async {
+                let mut tx = self.pool.begin().await?;
+                let current: Option<(i64, i64)> =
+                    sqlx::query_as("SELECT on_hand, reserved FROM products WHERE id = $1 FOR UPDATE")
+                        .bind(id.as_uuid())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some((on_hand, reserved)) = current else {
+                    return Ok(AdjustOutcome::NotFound);
+                };
+                if !adjustment.allowed_for(on_hand, reserved) {
+                    return Ok(AdjustOutcome::WouldBreakReservations { on_hand, reserved });
+                }
+                let row: ProductRow = sqlx::query_as(&format!(
+                    "UPDATE products SET on_hand = on_hand + $1, version = version + 1, updated_at = $2 \
+                     WHERE id = $3 RETURNING {PRODUCT_COLUMNS}"
+                ))
+                .bind(adjustment.delta)
+                .bind(now)
+                .bind(id.as_uuid())
+                .fetch_one(&mut *tx)
+                .await?;
+                insert_ledger(&mut tx, id, "adjustment", adjustment.delta, &adjustment.reason, now).await?;
+                tx.commit().await?;
+                let product = Product::try_from(row).map_err(|e| sqlx::Error::Decode(e.to_string().into()))?;
+                Ok(AdjustOutcome::Adjusted(product))
+            }
+            .await;
+            match result {
+                Err(error) if is_retryable(&error) && attempt < MAX_TX_ATTEMPTS => {
+                    backoff(attempt).await
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    async fn create_customer(
+        &self,
+        customer: &NewCustomer,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Customer> {
+        let row: Option<CustomerRow> = sqlx::query_as(&format!(
+            "INSERT INTO customers (id, email, first_name, last_name, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING {CUSTOMER_COLUMNS}"
+        ))
+        .bind(customer.id.as_uuid())
+        .bind(customer.email.as_str())
+        .bind(&customer.first_name)
+        .bind(&customer.last_name)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unique_is_conflict("email"))?;
+        row.ok_or(StoreError::Conflict("customer_id"))?.try_into()
+    }
+
+    async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>> {
+        let row: Option<CustomerRow> = sqlx::query_as(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Customer::try_from).transpose()
+    }
+
+    async fn list_customer_orders(
+        &self,
+        id: CustomerId,
+        before: Option<OrderId>,
+        limit: u32,
+    ) -> StoreResult<Page<Order>> {
+        let mut sql = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = "
+        ));
+        sql.push_bind(id.as_uuid());
+        if let Some(before) = before {
+            sql.push(" AND id < ").push_bind(before.as_uuid());
+        }
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(limit) + 1);
+        let rows: Vec<OrderRow> = sql.build_query_as().fetch_all(&self.pool).await?;
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+        let items = self.order_items(&ids).await?;
+        let orders = rows::assemble_orders(rows, &items)?;
+        Ok(Page::from_rows(orders, limit, |o| o.id.as_uuid()))
+    }
+
+    async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome> {
+        let lock_token = Uuid::now_v7();
+        if let Claim::Finished(outcome) = self.claim_key(request, lock_token).await? {
+            return Ok(outcome);
+        }
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match self.place_order_tx(request, lock_token).await {
+                Ok(Placed::Retry(error)) if attempt >= MAX_TX_ATTEMPTS => break Err(error.into()),
+                Ok(Placed::Retry(_)) => backoff(attempt).await,
+                Ok(Placed::Done(outcome)) => break Ok(outcome),
+                Err(error) => break Err(error),
+            }
+        };
+        if !matches!(
+            result,
+            Ok(PlaceOrderOutcome::Created(_)) | Ok(PlaceOrderOutcome::KeyInUse)
+        ) {
+            // Nothing was created: free the key. If this fails the claim simply goes stale.
+            if let Err(error) = self.release_key(request, lock_token).await {
+                tracing::warn!(%error, "could not release an idempotency claim");
+            }
+        }
+        result
+    }
+
+    async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>> {
+        let row: Option<OrderRow> =
+            sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+                .bind(id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(row) = row else { return Ok(None) };
+        let items = self.order_items(&[row.id]).await?;
+        let events: Vec<OrderEventRow> = sqlx::query_as(
+            "SELECT kind, status, detail, created_at FROM order_events WHERE order_id = $1 ORDER BY id",
+        )
+        .bind(id.as_uuid())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(OrderDetails {
+            order: row.into_order(&items)?,
+            events: events
+                .into_iter()
+                .map(OrderEvent::try_from)
+                .collect::<StoreResult<_>>()?,
+        }))
+    }
+
+    async fn audit(&self) -> StoreResult<AuditReport> {
+        audit::run(&self.pool).await
+    }
+}
+
+async fn insert_ledger(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    product: ProductId,
+    kind: &str,
+    delta: i64,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO inventory_ledger (id, product_id, order_id, kind, delta, reason, created_at) \
+         VALUES ($1, $2, NULL, $3, $4, $5, $6)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(product.as_uuid())
+    .bind(kind)
+    .bind(delta)
+    .bind(reason)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

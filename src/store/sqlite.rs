@@ -1,0 +1,561 @@
+//! The embedded store: one SQLite file in WAL mode, for the zero-set-up single-process default.
+//!
+//! SQLite allows one writer at a time. Rather than let concurrent transactions collide and surface
+//! `database is locked`, all writes go through a pool of exactly ONE connection (callers queue for
+//! it in the pool, bounded by the acquire timeout), and every write transaction starts with
+//! `BEGIN IMMEDIATE` so another process (e.g. `orderflow seed`) waits on `busy_timeout` instead
+//! of failing mid-transaction. Reads use a separate pool of read-only connections, which WAL lets
+//! run beside the writer.
+//!
+//! Because the embedded store is single-process, "a request with this idempotency key is in
+//! flight" is tracked in memory ([`InFlight`]); the completed record is in the database.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use uuid::Uuid;
+
+use super::audit::{self, AuditReport};
+use super::common::{
+    is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict,
+};
+use super::rows::{
+    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow,
+    PRODUCT_COLUMNS, ProductRow,
+};
+use super::{
+    AdjustOutcome, Backend, ConnectOptions, OrderDetails, Page, PlaceOrder, PlaceOrderOutcome,
+    ProductQuery, Store, StoreError, StoreResult,
+};
+use crate::domain::order::price_lines;
+use crate::domain::{
+    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId,
+    Product, ProductId, ProductPatch, StockAdjustment,
+};
+
+/// How hard SQLite works to make a commit survive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqliteDurability {
+    /// `synchronous=FULL`: every commit is fsynced; an accepted order survives power loss.
+    Full,
+    /// `synchronous=NORMAL`: survives a process crash (kill -9) but the last commits may be lost
+    /// on power failure. Faster; for development.
+    Normal,
+}
+
+pub struct SqliteStore {
+    /// The single writer connection (see module docs).
+    writer: SqlitePool,
+    /// Read-only connections for queries.
+    reader: SqlitePool,
+    in_flight: InFlight,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, options: &ConnectOptions) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        }
+        let synchronous = match options.sqlite_durability {
+            SqliteDurability::Full => SqliteSynchronous::Full,
+            SqliteDurability::Normal => SqliteSynchronous::Normal,
+        };
+        let connect = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(synchronous)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout.max(Duration::from_secs(10)))
+            .connect_with(connect.clone())
+            .await
+            .with_context(|| format!("opening SQLite database {}", path.display()))?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&writer)
+            .await
+            .context("applying SQLite migrations")?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.clamp(1, 8))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect.read_only(true))
+            .await?;
+        Ok(Self {
+            writer,
+            reader,
+            in_flight: InFlight::default(),
+        })
+    }
+
+    async fn order_items(&self, order_ids: &[Uuid]) -> StoreResult<Vec<OrderItemRow>> {
+        if order_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items WHERE order_id IN (",
+        );
+        let mut list = query.separated(", ");
+        for id in order_ids {
+            list.push_bind(*id);
+        }
+        query.push(") ORDER BY order_id, line_no");
+        Ok(query.build_query_as().fetch_all(&self.reader).await?)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn is_empty(&self) -> StoreResult<bool> {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM (SELECT 1 FROM products LIMIT 1)")
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(count == 0)
+    }
+
+    async fn create_product(
+        &self,
+        product: &NewProduct,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Product> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row: ProductRow = sqlx::query_as(&format!(
+            "INSERT INTO products (id, sku, name, description, category, price_minor, on_hand, \
+             reserved, version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 1, ?, ?) \
+             RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(product.id.as_uuid())
+        .bind(&product.sku)
+        .bind(&product.name)
+        .bind(&product.description)
+        .bind(&product.category)
+        .bind(product.price.minor())
+        .bind(product.stock)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unique_is_conflict("sku"))?;
+        if product.stock != 0 {
+            insert_ledger(
+                &mut tx,
+                product.id,
+                None,
+                "initial",
+                product.stock,
+                "initial stock",
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        row.try_into()
+    }
+
+    async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {
+        let row: Option<ProductRow> = sqlx::query_as(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ?"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(Product::try_from).transpose()
+    }
+
+    async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>> {
+        let mut sql = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE 1 = 1"
+        ));
+        if let Some(category) = &query.category {
+            sql.push(" AND category = ").push_bind(category.clone());
+        }
+        if let Some(after) = query.after {
+            sql.push(" AND id > ").push_bind(after.as_uuid());
+        }
+        sql.push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(query.limit) + 1);
+        let rows: Vec<ProductRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        let products = rows
+            .into_iter()
+            .map(Product::try_from)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Page::from_rows(products, query.limit, |p| p.id.as_uuid()))
+    }
+
+    async fn update_product(
+        &self,
+        id: ProductId,
+        patch: &ProductPatch,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Product>> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<ProductRow> = sqlx::query_as(&format!(
+            "UPDATE products SET name = coalesce(?, name), \
+             description = CASE WHEN ? THEN ? ELSE description END, \
+             category = CASE WHEN ? THEN ? ELSE category END, \
+             price_minor = coalesce(?, price_minor), version = version + 1, updated_at = ? \
+             WHERE id = ? RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(&patch.name)
+        .bind(patch.description.is_some())
+        .bind(patch.description.clone().flatten())
+        .bind(patch.category.is_some())
+        .bind(patch.category.clone().flatten())
+        .bind(patch.price.map(|p| p.minor()))
+        .bind(now)
+        .bind(id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row.map(Product::try_from).transpose()
+    }
+
+    async fn adjust_stock(
+        &self,
+        id: ProductId,
+        adjustment: &StockAdjustment,
+        now: DateTime<Utc>,
+    ) -> StoreResult<AdjustOutcome> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let current: Option<(i64, i64)> =
+            sqlx::query_as("SELECT on_hand, reserved FROM products WHERE id = ?")
+                .bind(id.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((on_hand, reserved)) = current else {
+            return Ok(AdjustOutcome::NotFound);
+        };
+        if !adjustment.allowed_for(on_hand, reserved) {
+            return Ok(AdjustOutcome::WouldBreakReservations { on_hand, reserved });
+        }
+        let row: ProductRow = sqlx::query_as(&format!(
+            "UPDATE products SET on_hand = on_hand + ?, version = version + 1, updated_at = ? \
+             WHERE id = ? RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(adjustment.delta)
+        .bind(now)
+        .bind(id.as_uuid())
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_ledger(
+            &mut tx,
+            id,
+            None,
+            "adjustment",
+            adjustment.delta,
+            &adjustment.reason,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(AdjustOutcome::Adjusted(row.try_into()?))
+    }
+
+    async fn create_customer(
+        &self,
+        customer: &NewCustomer,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Customer> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<CustomerRow> = sqlx::query_as(&format!(
+            "INSERT INTO customers (id, email, first_name, last_name, created_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING {CUSTOMER_COLUMNS}"
+        ))
+        .bind(customer.id.as_uuid())
+        .bind(customer.email.as_str())
+        .bind(&customer.first_name)
+        .bind(&customer.last_name)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unique_is_conflict("email"))?;
+        let row = row.ok_or(StoreError::Conflict("customer_id"))?;
+        tx.commit().await?;
+        row.try_into()
+    }
+
+    async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>> {
+        let row: Option<CustomerRow> = sqlx::query_as(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(Customer::try_from).transpose()
+    }
+
+    async fn list_customer_orders(
+        &self,
+        id: CustomerId,
+        before: Option<OrderId>,
+        limit: u32,
+    ) -> StoreResult<Page<Order>> {
+        let mut sql = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = "
+        ));
+        sql.push_bind(id.as_uuid());
+        if let Some(before) = before {
+            sql.push(" AND id < ").push_bind(before.as_uuid());
+        }
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(limit) + 1);
+        let rows: Vec<OrderRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+        let items = self.order_items(&ids).await?;
+        let orders = rows::assemble_orders(rows, &items)?;
+        Ok(Page::from_rows(orders, limit, |o| o.id.as_uuid()))
+    }
+
+    async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome> {
+        let _claim = match self.in_flight.claim(request) {
+            Ok(claim) => claim,
+            Err(busy) => return Ok(busy),
+        };
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+
+        let earlier: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT fingerprint, response_body FROM idempotency_keys WHERE principal = ? AND key = ?",
+        )
+        .bind(&request.principal)
+        .bind(&request.idempotency_key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((fingerprint, body)) = earlier {
+            return replay_or_refuse(request, &fingerprint, body.as_deref());
+        }
+
+        let mut levels_sql = QueryBuilder::<Sqlite>::new(
+            "SELECT id, price_minor, on_hand - reserved FROM products WHERE id IN (",
+        );
+        let mut list = levels_sql.separated(", ");
+        for line in request.cart.lines() {
+            list.push_bind(line.product_id.as_uuid());
+        }
+        levels_sql.push(")");
+        let levels: Vec<(Uuid, i64, i64)> = levels_sql.build_query_as().fetch_all(&mut *tx).await?;
+        let levels = stock_levels(levels)?;
+        let (lines, total) = match price_lines(&request.cart, &levels) {
+            Ok(priced) => priced,
+            Err(rejection) => return Ok(PlaceOrderOutcome::Rejected(rejection)),
+        };
+
+        let now = request.now;
+        for line in request.cart.lines_in_lock_order() {
+            // Conditional: even if a bug let two writers in, this can never oversell (I1).
+            let reserved = sqlx::query(
+                "UPDATE products SET reserved = reserved + ?1, version = version + 1, updated_at = ?2 \
+                 WHERE id = ?3 AND on_hand - reserved >= ?1",
+            )
+            .bind(i64::from(line.quantity.get()))
+            .bind(now)
+            .bind(line.product_id.as_uuid())
+            .execute(&mut *tx)
+            .await?;
+            if reserved.rows_affected() != 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "stock of {} changed inside the write transaction",
+                    line.product_id
+                )));
+            }
+        }
+
+        let order = new_order(request, lines, total);
+        let inserted = sqlx::query(
+            "INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, \
+             payment_token, idempotency_principal, idempotency_key, correlation_id, created_at, updated_at) \
+             VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(order.id.as_uuid())
+        .bind(order.customer_id.as_uuid())
+        .bind(order.status.as_str())
+        .bind(order.currency.code())
+        .bind(order.total.minor())
+        .bind(order.payment_token.as_str())
+        .bind(&request.principal)
+        .bind(&request.idempotency_key)
+        .bind(&request.correlation_id)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        if let Err(error) = inserted {
+            if is_foreign_key_violation(&error) {
+                return Ok(PlaceOrderOutcome::Rejected(CartRejection::UnknownCustomer(
+                    request.customer_id,
+                )));
+            }
+            return Err(error.into());
+        }
+        for (line_no, line) in order.lines.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(order.id.as_uuid())
+            .bind(line.product_id.as_uuid())
+            .bind(line_no as i64)
+            .bind(i64::from(line.quantity.get()))
+            .bind(line.unit_price.minor())
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
+             VALUES (?, ?, 'order_placed', ?, NULL, ?, ?)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(order.id.as_uuid())
+        .bind(order.status.as_str())
+        .bind(&request.correlation_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let job = &request.first_job;
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
+             correlation_id, created_at, updated_at) VALUES (?, ?, ?, ?, 'ready', 0, ?, ?, ?, ?, ?)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(job.kind)
+        .bind(order.id.as_uuid())
+        .bind(job.payload.to_string())
+        .bind(i64::from(job.max_attempts))
+        .bind(job.run_at)
+        .bind(&request.correlation_id)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO idempotency_keys (principal, key, fingerprint, state, order_id, \
+             response_status, response_body, created_at, updated_at) \
+             VALUES (?, ?, ?, 'completed', ?, 202, ?, ?, ?)",
+        )
+        .bind(&request.principal)
+        .bind(&request.idempotency_key)
+        .bind(&request.fingerprint)
+        .bind(order.id.as_uuid())
+        .bind(rows::encode_snapshot(&order))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(PlaceOrderOutcome::Created(order))
+    }
+
+    async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>> {
+        let row: Option<OrderRow> =
+            sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?"))
+                .bind(id.as_uuid())
+                .fetch_optional(&self.reader)
+                .await?;
+        let Some(row) = row else { return Ok(None) };
+        let items = self.order_items(&[row.id]).await?;
+        let events: Vec<OrderEventRow> = sqlx::query_as(
+            "SELECT kind, status, detail, created_at FROM order_events WHERE order_id = ? ORDER BY id",
+        )
+        .bind(id.as_uuid())
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(Some(OrderDetails {
+            order: row.into_order(&items)?,
+            events: events
+                .into_iter()
+                .map(OrderEvent::try_from)
+                .collect::<StoreResult<_>>()?,
+        }))
+    }
+
+    async fn audit(&self) -> StoreResult<AuditReport> {
+        audit::run(&self.reader).await
+    }
+}
+
+async fn insert_ledger(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    product: ProductId,
+    order: Option<OrderId>,
+    kind: &str,
+    delta: i64,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO inventory_ledger (id, product_id, order_id, kind, delta, reason, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(product.as_uuid())
+    .bind(order.map(|o| o.as_uuid()))
+    .bind(kind)
+    .bind(delta)
+    .bind(reason)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Keys of place-order requests currently being processed by this process.
+#[derive(Default)]
+struct InFlight(Arc<Mutex<HashMap<(String, String), String>>>);
+
+/// Releases an in-flight key when the request finishes, however it finishes.
+struct InFlightClaim {
+    map: Arc<Mutex<HashMap<(String, String), String>>>,
+    key: (String, String),
+}
+
+impl InFlight {
+    /// Claims the request's key, or says why not (another request with it is running).
+    fn claim(&self, request: &PlaceOrder) -> Result<InFlightClaim, PlaceOrderOutcome> {
+        let key = (request.principal.clone(), request.idempotency_key.clone());
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(fingerprint) = map.get(&key) {
+            return Err(if *fingerprint == request.fingerprint {
+                PlaceOrderOutcome::KeyInUse
+            } else {
+                PlaceOrderOutcome::KeyReused
+            });
+        }
+        map.insert(key.clone(), request.fingerprint.clone());
+        Ok(InFlightClaim {
+            map: self.0.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for InFlightClaim {
+    fn drop(&mut self) {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.remove(&self.key);
+    }
+}
