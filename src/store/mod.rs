@@ -148,6 +148,14 @@ pub enum PlaceOrderOutcome {
     Rejected(CartRejection),
 }
 
+/// A job as seen from its order: which step, in what state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobSummary {
+    pub kind: String,
+    pub state: String,
+    pub attempts: i32,
+}
+
 /// An order with its timeline, as read back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrderDetails {
@@ -205,6 +213,8 @@ pub trait Store: Send + Sync + 'static {
     /// The checkout commitment: see [`PlaceOrder`] and [`PlaceOrderOutcome`].
     async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome>;
     async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>>;
+    /// The jobs of an order, oldest first.
+    async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>>;
 
     /// Checks the invariants of DESIGN.md against the stored data.
     async fn audit(&self) -> StoreResult<AuditReport>;

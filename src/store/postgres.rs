@@ -27,8 +27,8 @@ use super::rows::{
     PRODUCT_COLUMNS, ProductRow,
 };
 use super::{
-    AdjustOutcome, Backend, ConnectOptions, OrderDetails, Page, PlaceOrder, PlaceOrderOutcome,
-    ProductQuery, Store, StoreError, StoreResult,
+    AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, Page, PlaceOrder,
+    PlaceOrderOutcome, ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::order::price_lines;
 use crate::domain::{
@@ -550,6 +550,23 @@ impl Store for PgStore {
                 .map(OrderEvent::try_from)
                 .collect::<StoreResult<_>>()?,
         }))
+    }
+
+    async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>> {
+        let rows: Vec<(String, String, i32)> = sqlx::query_as(
+            "SELECT kind, state, attempts FROM jobs WHERE order_id = $1 ORDER BY id",
+        )
+        .bind(id.as_uuid())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(kind, state, attempts)| JobSummary {
+                kind,
+                state,
+                attempts,
+            })
+            .collect())
     }
 
     async fn audit(&self) -> StoreResult<AuditReport> {

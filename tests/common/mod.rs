@@ -1,0 +1,334 @@
+//! Shared test helpers: a fresh database per test (a temp SQLite file, or a new PostgreSQL
+//! database created for the test and dropped after it), the real router served on a real socket,
+//! and a small client for the API.
+//!
+//! PostgreSQL tests use `ORDERFLOW_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) as the server to create databases on. When it
+//! cannot be reached they fail, naming the service and how to start it.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orderflow::http::{AppState, Authenticator, Secret};
+use orderflow::store::{self, ConnectOptions, SqliteDurability, Store};
+use orderflow::workflow::checkout::CheckoutSettings;
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+pub const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
+
+/// Runs each named `async fn name(backend: Backend)` once per backend, as `sqlite::name` and
+/// `postgres::name`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database that exists for one test.
+pub enum TestDb {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        url: String,
+    },
+    Postgres {
+        server_url: String,
+        name: String,
+        url: String,
+    },
+}
+
+pub fn pg_server_url() -> String {
+    std::env::var("ORDERFLOW_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("orderflow.db").display());
+                TestDb::Sqlite { _dir: dir, url }
+            }
+            Backend::Postgres => {
+                let server_url = pg_server_url();
+                let mut conn = sqlx::PgConnection::connect(&server_url).await.unwrap_or_else(|error| {
+                    panic!(
+                        "PostgreSQL is not reachable at {server_url} ({error}). Start it with \
+                         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+                         or point ORDERFLOW_TEST_DATABASE_URL at a server where this user may create databases."
+                    )
+                });
+                let name = format!("orderflow_test_{}", Uuid::now_v7().simple());
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let url = match server_url.rsplit_once('/') {
+                    Some((base, _)) => format!("{base}/{name}"),
+                    None => panic!("ORDERFLOW_TEST_DATABASE_URL must end with /<database>"),
+                };
+                TestDb::Postgres {
+                    server_url,
+                    name,
+                    url,
+                }
+            }
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        match self {
+            TestDb::Sqlite { url, .. } | TestDb::Postgres { url, .. } => url,
+        }
+    }
+
+    pub async fn connect(&self) -> Arc<dyn Store> {
+        store::connect(self.url(), &connect_options())
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+pub fn connect_options() -> ConnectOptions {
+    ConnectOptions {
+        max_connections: 10,
+        acquire_timeout: Duration::from_secs(30),
+        // Tests that need power-loss durability say so; kill -9 is survived by both settings.
+        sqlite_durability: SqliteDurability::Normal,
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres {
+            server_url, name, ..
+        } = self
+        {
+            let (server_url, name) = (server_url.clone(), name.clone());
+            // Drop runs inside the test's runtime: use a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async move {
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&server_url).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut conn)
+                                .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// The API served on a real socket over a fresh database.
+pub struct TestApp {
+    pub url: String,
+    pub client: reqwest::Client,
+    pub store: Arc<dyn Store>,
+    pub auth: Arc<Authenticator>,
+    pub admin: String,
+    pub backend: Backend,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    // Dropped last: the database outlives the server.
+    pub db: TestDb,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    pub async fn spawn_with(backend: Backend, configure: impl FnOnce(&mut AppState)) -> Self {
+        let db = TestDb::new(backend).await;
+        let store = db.connect().await;
+        let auth = Arc::new(Authenticator::hs256(&Secret::new(SECRET.to_vec())));
+        let mut state = AppState {
+            store: store.clone(),
+            auth: auth.clone(),
+            checkout: Arc::new(CheckoutSettings::default()),
+            body_limit: orderflow::http::DEFAULT_BODY_LIMIT,
+        };
+        configure(&mut state);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(orderflow::http::serve(listener, state, async move {
+            let _ = stop.await;
+        }));
+        let admin = auth
+            .issue("test-admin", &["admin".into()], Duration::from_secs(3600))
+            .expect("token");
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("client");
+        TestApp {
+            url,
+            client,
+            store,
+            auth,
+            admin,
+            backend,
+            shutdown: Some(shutdown),
+            db,
+        }
+    }
+
+    pub fn token(&self, subject: &str) -> String {
+        self.auth
+            .issue(subject, &[], Duration::from_secs(3600))
+            .expect("token")
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Response {
+        let mut request = self.client.get(format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("GET")
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Response {
+        let mut request = self.client.post(format!("{}{path}", self.url)).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("POST")
+    }
+
+    /// Creates a product as admin; returns its id.
+    pub async fn product(&self, price: &str, stock: i64) -> String {
+        let response = self
+            .client
+            .post(format!("{}/products", self.url))
+            .bearer_auth(&self.admin)
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"name":"Widget","price":{price},"stock_quantity":{stock},"category":"test"}}"#
+            ))
+            .send()
+            .await
+            .expect("create product");
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.expect("json");
+        body["product_id"].as_str().expect("product_id").to_string()
+    }
+
+    /// Creates a customer as admin; returns (customer id, a customer token for it).
+    pub async fn customer(&self) -> (String, String) {
+        let email = format!("{}@example.com", Uuid::now_v7().simple());
+        let response = self
+            .post(
+                "/customers",
+                Some(&self.admin),
+                &json!({ "email": email, "first_name": "Test", "last_name": "Buyer" }),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.expect("json");
+        let id = body["customer_id"]
+            .as_str()
+            .expect("customer_id")
+            .to_string();
+        let token = self.token(&id);
+        (id, token)
+    }
+
+    pub async fn place_order(&self, token: &str, key: &str, body: &Value) -> Response {
+        self.client
+            .post(format!("{}/orders", self.url))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("POST /orders")
+    }
+
+    /// Available stock of a product as the public API reports it.
+    pub async fn available(&self, product: &str) -> i64 {
+        let body: Value = self
+            .get(&format!("/products/{product}"), None)
+            .await
+            .json()
+            .await
+            .expect("json");
+        body["stock_quantity"].as_i64().expect("stock_quantity")
+    }
+
+    pub async fn assert_audit_clean(&self) {
+        let report = self.store.audit().await.expect("audit");
+        assert!(report.is_clean(), "audit found violations:\n{report}");
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Reads a problem+json body and checks its status and code.
+pub async fn expect_problem(response: Response, status: u16, code: &str) -> Value {
+    let actual = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body: Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(actual, status, "unexpected status; body: {body}");
+    assert_eq!(content_type, "application/problem+json");
+    assert_eq!(body["code"], code, "unexpected code; body: {body}");
+    assert_eq!(body["status"], status);
+    body
+}
+
+/// The `field` names in a problem's `errors`.
+pub fn error_fields(problem: &Value) -> Vec<String> {
+    problem["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .filter_map(|e| e["field"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
