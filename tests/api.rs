@@ -1013,49 +1013,61 @@ async fn hold_stock(app: &TestApp, product: &str) -> Box<dyn std::any::Any + Sen
 async fn idempotency_key_in_flight_gets_409(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let product = app.product("3.00", 10).await;
-    let (_, token) = app.customer().await;
+    let (customer, token) = app.customer().await;
     let body = json!({"items": [{"product_id": product, "quantity": 1}]});
-
-    let lock = hold_stock(&app, &product).await;
-    let first = {
-        let (client, url, token, body) = (
-            app.client.clone(),
-            app.url.clone(),
-            token.clone(),
-            body.clone(),
-        );
-        tokio::spawn(async move {
-            client
-                .post(format!("{url}/orders"))
-                .bearer_auth(token)
-                .header("idempotency-key", "slow")
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-        })
+    let send = |timeout: Duration| {
+        app.client
+            .post(format!("{}/orders", app.url))
+            .bearer_auth(&token)
+            .header("idempotency-key", "slow")
+            .timeout(timeout)
+            .json(&body)
+            .send()
     };
-    // Probe until the first request holds the key (deadline, no fixed sleep).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+
+    // While the stock is held, whichever request claims the key first cannot finish; every other
+    // request with the key must get 409 at once. (A probe that happens to claim the key first
+    // times out on our side; the server still finishes it after the hold is released.)
+    let lock = hold_stock(&app, &product).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let probe = app.place_order(&token, "slow", &body).await;
-        if probe.status() == 409 {
-            expect_problem(probe, 409, "idempotency_key_in_use").await;
-            break;
-        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "never saw 409 while the first request was in flight"
+            "never saw 409 while a request with the key was in flight"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        match send(Duration::from_millis(500)).await {
+            Ok(response) if response.status() == 409 => {
+                expect_problem(response, 409, "idempotency_key_in_use").await;
+                break;
+            }
+            Ok(response) => panic!("unexpected {} while the stock is held", response.status()),
+            Err(error) => assert!(error.is_timeout(), "{error}"),
+        }
     }
     drop(lock);
-    let first = first.await.unwrap();
-    assert_eq!(first.status(), 202);
-    let first_body = first.text().await.unwrap();
-    let replay = app.place_order(&token, "slow", &body).await;
+
+    // Once the in-flight request has finished, the key replays its order.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let replay = loop {
+        let response = send(Duration::from_secs(10)).await.unwrap();
+        if response.status() == 202 {
+            break response;
+        }
+        assert_eq!(response.status(), 409);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the in-flight request never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
-    assert_eq!(replay.text().await.unwrap(), first_body);
+    let orders: Value = app
+        .get(&format!("/customers/{customer}/orders"), Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(orders["data"].as_array().unwrap().len(), 1);
     assert_eq!(app.available(&product).await, 9);
 }
 

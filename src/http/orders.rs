@@ -229,7 +229,7 @@ async fn place(
         payment_token,
         correlation_id: Some(correlation.0),
     };
-    match checkout::place_order(state.store.as_ref(), &state.checkout, request).await? {
+    match checkout::place_order(state.store.clone(), &state.checkout, request).await? {
         PlaceOrderOutcome::Created(order) => Ok(accepted(order, false)),
         PlaceOrderOutcome::Replayed(order) => Ok(accepted(order, true)),
         PlaceOrderOutcome::KeyReused => Err(ApiError::unprocessable(

@@ -2,13 +2,15 @@
 //! the order `pending_payment`, record the idempotency key, enqueue the payment step, append the
 //! event — a single store call.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::CHARGE_PAYMENT;
 use crate::domain::{Cart, Currency, CustomerId, OrderId, PaymentToken};
-use crate::store::{NewJob, PlaceOrder, PlaceOrderOutcome, Store, StoreResult};
+use crate::store::{NewJob, PlaceOrder, PlaceOrderOutcome, Store, StoreError, StoreResult};
 
 /// Settings of the checkout commitment.
 #[derive(Clone, Debug)]
@@ -54,8 +56,12 @@ impl CheckoutRequest {
 }
 
 /// Places the order: one store call, one transaction.
+///
+/// The commitment runs in its own task, so a client that disconnects mid-request cannot cancel
+/// it halfway: it completes (and its idempotency record with it) or fails as a whole, and the
+/// client's retry with the same key then replays the outcome.
 pub async fn place_order(
-    store: &dyn Store,
+    store: Arc<dyn Store>,
     settings: &CheckoutSettings,
     request: CheckoutRequest,
 ) -> StoreResult<PlaceOrderOutcome> {
@@ -79,7 +85,9 @@ pub async fn place_order(
         },
         now,
     };
-    store.place_order(&place).await
+    tokio::spawn(async move { store.place_order(&place).await })
+        .await
+        .map_err(|error| StoreError::Corrupt(format!("the checkout task failed: {error}")))?
 }
 
 #[cfg(test)]
