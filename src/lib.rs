@@ -5,6 +5,7 @@
 //! `http` (axum API) ← `cli` (config, wiring). `telemetry` and `seed` are leaves used by `cli`.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod http;

@@ -1,8 +1,6 @@
 //! The small sample catalog loaded into an empty database on first start (and by `orderflow
 //! seed`), so a newcomer can place an order within a minute.
 
-use chrono::Utc;
-
 use crate::domain::{Currency, Money, NewProduct, ProductId};
 use crate::store::{Store, StoreError};
 
@@ -71,7 +69,7 @@ pub async fn load_sample_catalog(store: &dyn Store, currency: Currency) -> anyho
             price: Money::parse_decimal(price, currency).map_err(anyhow::Error::msg)?,
             stock: *stock,
         };
-        match store.create_product(&product, Utc::now()).await {
+        match store.create_product(&product, crate::clock::now()).await {
             Ok(_) => added += 1,
             Err(StoreError::Conflict(_)) => {}
             Err(error) => return Err(error.into()),

@@ -518,6 +518,10 @@ async fn order_is_accepted_reserved_and_readable(backend: Backend) {
     let read: Value = app.get(&location, Some(&token)).await.json().await.unwrap();
     assert_eq!(read["order_id"], order_id);
     assert_eq!(read["total_amount"].to_string(), "260.28");
+    assert_eq!(
+        read["created_at"], order["created_at"],
+        "a read shows exactly what the answer showed"
+    );
     let timeline = read["timeline"].as_array().unwrap();
     assert_eq!(timeline.len(), 1);
     assert_eq!(timeline[0]["kind"], "order_placed");

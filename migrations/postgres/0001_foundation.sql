@@ -9,10 +9,12 @@ CREATE TABLE products (
     category    text,
     price_minor bigint NOT NULL CHECK (price_minor >= 0),
     on_hand     bigint NOT NULL CHECK (on_hand >= 0),
-    reserved    bigint NOT NULL DEFAULT 0 CHECK (reserved >= 0 AND reserved <= on_hand),
+    reserved    bigint NOT NULL DEFAULT 0,
     version     bigint NOT NULL DEFAULT 1,
     created_at  timestamptz NOT NULL,
-    updated_at  timestamptz NOT NULL
+    updated_at  timestamptz NOT NULL,
+    -- invariant I1, held by the database itself as a last line of defence
+    CONSTRAINT products_no_oversell CHECK (reserved >= 0 AND reserved <= on_hand)
 );
 CREATE INDEX products_by_category ON products (category, id);
 

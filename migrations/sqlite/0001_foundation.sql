@@ -10,10 +10,12 @@ CREATE TABLE products (
     category    TEXT,
     price_minor INTEGER NOT NULL CHECK (price_minor >= 0),
     on_hand     INTEGER NOT NULL CHECK (on_hand >= 0),
-    reserved    INTEGER NOT NULL DEFAULT 0 CHECK (reserved >= 0 AND reserved <= on_hand),
+    reserved    INTEGER NOT NULL DEFAULT 0,
     version     INTEGER NOT NULL DEFAULT 1,
     created_at  TEXT NOT NULL,
-    updated_at  TEXT NOT NULL
+    updated_at  TEXT NOT NULL,
+    -- invariant I1, held by the database itself as a last line of defence
+    CONSTRAINT products_no_oversell CHECK (reserved >= 0 AND reserved <= on_hand)
 );
 CREATE INDEX products_by_category ON products (category, id);
 

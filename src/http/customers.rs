@@ -114,7 +114,7 @@ async fn create(
                 first_name,
                 last_name,
             },
-            Utc::now(),
+            crate::clock::now(),
         )
         .await?;
     let location = format!("/customers/{}", customer.id);

@@ -204,7 +204,10 @@ async fn create(
         price,
         stock,
     };
-    let product = state.store.create_product(&new, Utc::now()).await?;
+    let product = state
+        .store
+        .create_product(&new, crate::clock::now())
+        .await?;
     let location = format!("/products/{}", product.id);
     Ok((
         StatusCode::CREATED,
@@ -266,7 +269,7 @@ async fn update(
     }
     let product = state
         .store
-        .update_product(id, &patch, Utc::now())
+        .update_product(id, &patch, crate::clock::now())
         .await?
         .ok_or_else(|| ApiError::not_found("product"))?;
     Ok(axum::Json(ProductView::new(product, currency)).into_response())
@@ -294,7 +297,7 @@ async fn adjust_stock(
     let (Some(delta), Some(reason)) = (delta, reason) else {
         return Err(ApiError::validation(errors));
     };
-    match state.store.adjust_stock(id, &StockAdjustment { delta, reason }, Utc::now()).await? {
+    match state.store.adjust_stock(id, &StockAdjustment { delta, reason }, crate::clock::now()).await? {
         AdjustOutcome::Adjusted(product) => Ok(axum::Json(ProductView::new(product, state.checkout.currency)).into_response()),
         AdjustOutcome::NotFound => Err(ApiError::not_found("product")),
         AdjustOutcome::WouldBreakReservations { on_hand, reserved } => Err(ApiError::conflict(

@@ -130,6 +130,7 @@ pub struct PlaceOrder {
     pub currency: Currency,
     pub correlation_id: Option<String>,
     pub first_job: NewJob,
+    /// The order's creation time, at storage precision ([`crate::clock::now`]).
     pub now: DateTime<Utc>,
 }
 

@@ -82,10 +82,25 @@ impl SqliteStore {
             .connect_with(connect.clone())
             .await
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
+        // SQLite's migrator takes no lock: serialize processes that start at once (say `serve`
+        // and `audit`) with an exclusive lock on a file beside the database.
+        let lock_path = path.with_extension("migrate-lock");
+        let lock = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)?;
+            file.lock()?;
+            Ok(file)
+        })
+        .await?
+        .context("locking the database for migration")?;
         sqlx::migrate!("migrations/sqlite")
             .run(&writer)
             .await
             .context("applying SQLite migrations")?;
+        drop(lock);
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.clamp(1, 8))
             .acquire_timeout(options.acquire_timeout)

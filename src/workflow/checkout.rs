@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -65,7 +64,7 @@ pub async fn place_order(
     settings: &CheckoutSettings,
     request: CheckoutRequest,
 ) -> StoreResult<PlaceOrderOutcome> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let order_id = OrderId::new();
     let place = PlaceOrder {
         fingerprint: request.fingerprint(),

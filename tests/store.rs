@@ -1,0 +1,441 @@
+//! Store-level behaviour written once and run against SQLite and PostgreSQL: atomic placement,
+//! idempotency outcomes, stock adjustments racing orders, conflicts, and the audit catching each
+//! kind of broken invariant.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use common::{Backend, TestDb};
+use orderflow::domain::{
+    Cart, CartLine, CartRejection, Currency, CustomerId, Email, Money, NewCustomer, NewProduct,
+    OrderId, PaymentToken, ProductId, Quantity, StockAdjustment,
+};
+use orderflow::store::{AdjustOutcome, NewJob, PlaceOrder, PlaceOrderOutcome, Store, StoreError};
+use serde_json::json;
+use sqlx::Connection;
+
+on_both_backends!(
+    placement_is_all_or_nothing,
+    idempotency_outcomes,
+    adjustments_race_orders_without_breaking_invariants,
+    customer_conflicts_are_classified,
+    audit_catches_each_broken_invariant,
+    migrations_are_safe_to_rerun_concurrently,
+);
+
+async fn product(store: &dyn Store, price: i64, stock: i64) -> ProductId {
+    let new = NewProduct {
+        id: ProductId::new(),
+        sku: None,
+        name: "Thing".into(),
+        description: None,
+        category: None,
+        price: Money::from_minor(price).unwrap(),
+        stock,
+    };
+    store.create_product(&new, Utc::now()).await.unwrap().id
+}
+
+async fn customer(store: &dyn Store) -> CustomerId {
+    let id = CustomerId::new();
+    let new = NewCustomer {
+        id,
+        email: Email::parse(&format!("{id}@example.com")).unwrap(),
+        first_name: "A".into(),
+        last_name: "B".into(),
+    };
+    store.create_customer(&new, Utc::now()).await.unwrap();
+    id
+}
+
+fn request(customer: CustomerId, key: &str, lines: &[(ProductId, i64)]) -> PlaceOrder {
+    let now = orderflow::clock::now();
+    let order_id = OrderId::new();
+    let cart = Cart::new(
+        lines
+            .iter()
+            .map(|(id, q)| CartLine {
+                product_id: *id,
+                quantity: Quantity::parse(*q).unwrap(),
+            })
+            .collect(),
+    )
+    .unwrap();
+    PlaceOrder {
+        principal: customer.to_string(),
+        idempotency_key: key.into(),
+        fingerprint: format!("{lines:?}"),
+        order_id,
+        customer_id: customer,
+        cart,
+        payment_token: PaymentToken::default_sandbox(),
+        currency: Currency::USD,
+        correlation_id: Some("test".into()),
+        first_job: NewJob {
+            kind: "charge_payment",
+            payload: json!({"order_id": order_id}),
+            run_at: now,
+            max_attempts: 3,
+        },
+        now,
+    }
+}
+
+async fn available(store: &dyn Store, id: ProductId) -> i64 {
+    store.get_product(id).await.unwrap().unwrap().available()
+}
+
+async fn placement_is_all_or_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let (a, b) = (
+        product(store.as_ref(), 100, 5).await,
+        product(store.as_ref(), 250, 1).await,
+    );
+    let buyer = customer(store.as_ref()).await;
+
+    let short = store
+        .place_order(&request(buyer, "k", &[(a, 2), (b, 2)]))
+        .await
+        .unwrap();
+    let PlaceOrderOutcome::Rejected(CartRejection::InsufficientStock(shortages)) = short else {
+        panic!("expected a shortage, got {short:?}")
+    };
+    assert_eq!(
+        (
+            shortages.len(),
+            shortages[0].product_id,
+            shortages[0].available
+        ),
+        (1, b, 1)
+    );
+    assert_eq!(
+        available(store.as_ref(), a).await,
+        5,
+        "the good line was not reserved"
+    );
+
+    let ghost = ProductId::new();
+    let unknown = store
+        .place_order(&request(buyer, "k", &[(a, 1), (ghost, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        unknown,
+        PlaceOrderOutcome::Rejected(CartRejection::UnknownProducts(vec![ghost]))
+    );
+    let nobody = CustomerId::new();
+    let mut no_customer = request(nobody, "k", &[(a, 1)]);
+    no_customer.principal = buyer.to_string();
+    assert_eq!(
+        store.place_order(&no_customer).await.unwrap(),
+        PlaceOrderOutcome::Rejected(CartRejection::UnknownCustomer(nobody))
+    );
+    assert_eq!(available(store.as_ref(), a).await, 5);
+
+    // The refused attempts left the key free: the same key now places the order.
+    let placed = store
+        .place_order(&request(buyer, "k", &[(a, 2), (b, 1)]))
+        .await
+        .unwrap();
+    let PlaceOrderOutcome::Created(order) = placed else {
+        panic!("expected an order, got {placed:?}")
+    };
+    assert_eq!(order.total.minor(), 2 * 100 + 250);
+    assert_eq!(
+        (
+            available(store.as_ref(), a).await,
+            available(store.as_ref(), b).await
+        ),
+        (3, 0)
+    );
+    let details = store.get_order(order.id).await.unwrap().unwrap();
+    assert_eq!(details.order, order);
+    assert_eq!(details.events.len(), 1);
+    let jobs = store.jobs_for_order(order.id).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].kind, "charge_payment");
+    assert!(store.audit().await.unwrap().is_clean());
+}
+
+async fn idempotency_outcomes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let item = product(store.as_ref(), 100, 10).await;
+    let buyer = customer(store.as_ref()).await;
+    let first = request(buyer, "same", &[(item, 1)]);
+    let PlaceOrderOutcome::Created(order) = store.place_order(&first).await.unwrap() else {
+        panic!("not created")
+    };
+
+    // A retry (new order id, new clock) replays the first order exactly.
+    let retry = request(buyer, "same", &[(item, 1)]);
+    assert_eq!(
+        store.place_order(&retry).await.unwrap(),
+        PlaceOrderOutcome::Replayed(order.clone())
+    );
+    let different = request(buyer, "same", &[(item, 2)]);
+    assert_eq!(
+        store.place_order(&different).await.unwrap(),
+        PlaceOrderOutcome::KeyReused
+    );
+    assert_eq!(available(store.as_ref(), item).await, 9);
+
+    // The same key from another principal is another order.
+    let other = customer(store.as_ref()).await;
+    assert!(matches!(
+        store
+            .place_order(&request(other, "same", &[(item, 1)]))
+            .await
+            .unwrap(),
+        PlaceOrderOutcome::Created(_)
+    ));
+    assert!(store.audit().await.unwrap().is_clean());
+}
+
+async fn adjustments_race_orders_without_breaking_invariants(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let item = product(store.as_ref(), 100, 60).await;
+    let buyer = customer(store.as_ref()).await;
+    let mut tasks = Vec::new();
+    for n in 0..50 {
+        let adjuster: Arc<dyn Store> = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let adjustment = StockAdjustment {
+                delta: -1,
+                reason: format!("shrinkage {n}"),
+            };
+            match adjuster
+                .adjust_stock(item, &adjustment, Utc::now())
+                .await
+                .unwrap()
+            {
+                AdjustOutcome::Adjusted(_) => 1,
+                AdjustOutcome::WouldBreakReservations { .. } => 0,
+                AdjustOutcome::NotFound => panic!("product vanished"),
+            }
+        }));
+        let buyer_store: Arc<dyn Store> = store.clone();
+        tasks.push(tokio::spawn(async move {
+            match buyer_store
+                .place_order(&request(buyer, &format!("race-{n}"), &[(item, 1)]))
+                .await
+                .unwrap()
+            {
+                PlaceOrderOutcome::Created(_) => 100,
+                PlaceOrderOutcome::Rejected(CartRejection::InsufficientStock(_)) => 0,
+                other => panic!("unexpected {other:?}"),
+            }
+        }));
+    }
+    let mut adjusted = 0;
+    let mut ordered = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            1 => adjusted += 1,
+            100 => ordered += 1,
+            _ => {}
+        }
+    }
+    let product = store.get_product(item).await.unwrap().unwrap();
+    assert_eq!(product.on_hand, 60 - adjusted);
+    assert_eq!(product.reserved, ordered);
+    assert!(product.reserved <= product.on_hand);
+    assert_eq!(
+        adjusted + ordered,
+        60,
+        "every unit went to exactly one of the racers"
+    );
+    let report = store.audit().await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+async fn customer_conflicts_are_classified(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let id = customer(store.as_ref()).await;
+    let same_email = NewCustomer {
+        id: CustomerId::new(),
+        email: Email::parse(&format!("{}@EXAMPLE.com", id)).unwrap(),
+        first_name: "C".into(),
+        last_name: "D".into(),
+    };
+    assert!(matches!(
+        store.create_customer(&same_email, Utc::now()).await,
+        Err(StoreError::Conflict("email"))
+    ));
+    let same_id = NewCustomer {
+        id,
+        email: Email::parse("fresh@example.com").unwrap(),
+        first_name: "C".into(),
+        last_name: "D".into(),
+    };
+    assert!(matches!(
+        store.create_customer(&same_id, Utc::now()).await,
+        Err(StoreError::Conflict("customer_id"))
+    ));
+}
+
+/// Runs SQL directly on the test database, outside the store.
+async fn tamper(db: &TestDb, backend: Backend, sql: &str) {
+    match backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
+            sqlx::query("PRAGMA ignore_check_constraints = ON")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+    }
+}
+
+async fn audit_catches_each_broken_invariant(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let item = product(store.as_ref(), 100, 10).await;
+    let buyer = customer(store.as_ref()).await;
+    store
+        .place_order(&request(buyer, "a", &[(item, 2)]))
+        .await
+        .unwrap();
+    assert!(store.audit().await.unwrap().is_clean());
+
+    if backend == Backend::Postgres {
+        // The table refuses oversell outright; drop that guard to prove the audit sees it too.
+        tamper(
+            &db,
+            backend,
+            "ALTER TABLE products DROP CONSTRAINT products_no_oversell",
+        )
+        .await;
+    }
+    let cases = [
+        (
+            "UPDATE products SET on_hand = on_hand + 1",
+            "UPDATE products SET on_hand = on_hand - 1",
+            "stock_conservation",
+        ),
+        (
+            "UPDATE products SET reserved = reserved + 1",
+            "UPDATE products SET reserved = reserved - 1",
+            "reservations_explained",
+        ),
+        (
+            "UPDATE products SET reserved = on_hand + 5",
+            "UPDATE products SET reserved = 2",
+            "no_oversell",
+        ),
+        (
+            "UPDATE orders SET total_minor = total_minor + 1",
+            "UPDATE orders SET total_minor = total_minor - 1",
+            "order_totals",
+        ),
+        (
+            "UPDATE orders SET status = 'paid'",
+            "UPDATE orders SET status = 'pending_payment'",
+            "status_has_event",
+        ),
+        (
+            "UPDATE idempotency_keys SET key = 'b'",
+            "UPDATE idempotency_keys SET key = 'a'",
+            "key_records_match_orders",
+        ),
+    ];
+    for (break_it, mend_it, check) in cases {
+        tamper(&db, backend, break_it).await;
+        let report = store.audit().await.unwrap();
+        assert!(
+            report.violations.iter().any(|v| v.check == check),
+            "{check} not caught:\n{report}"
+        );
+        assert!(report.to_string().contains(&format!("FAIL {check}")));
+        tamper(&db, backend, mend_it).await;
+        assert!(
+            store.audit().await.unwrap().is_clean(),
+            "mending {check} restored a clean audit"
+        );
+    }
+}
+
+async fn migrations_are_safe_to_rerun_concurrently(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let opens: Vec<_> = (0..3)
+        .map(|_| {
+            let url = db.url().to_string();
+            tokio::spawn(async move {
+                orderflow::store::connect(&url, &common::connect_options())
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    for open in opens {
+        open.await
+            .unwrap()
+            .expect("several processes starting at once all migrate cleanly");
+    }
+    let store = db.connect().await;
+    assert!(store.is_empty().await.unwrap());
+}
+
+mod postgres_only {
+    use super::*;
+
+    async fn insert_claim(db: &TestDb, principal: &str, fingerprint: &str, age_secs: i64) {
+        let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        let at = Utc::now() - chrono::Duration::seconds(age_secs);
+        sqlx::query(
+            "INSERT INTO idempotency_keys (principal, key, fingerprint, state, lock_token, created_at, updated_at) \
+             VALUES ($1, 'k', $2, 'in_flight', $3, $4, $4)",
+        )
+        .bind(principal)
+        .bind(fingerprint)
+        .bind(uuid::Uuid::now_v7())
+        .bind(at)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+
+    /// A claim left by a process that died mid-request is taken over once stale; a fresh one
+    /// answers "in use"; a different request under the key is refused either way.
+    #[tokio::test]
+    async fn stale_in_flight_claims_are_taken_over() {
+        let db = TestDb::new(Backend::Postgres).await;
+        let store = db.connect().await;
+        let item = product(store.as_ref(), 100, 10).await;
+        let (fresh, stale) = (
+            customer(store.as_ref()).await,
+            customer(store.as_ref()).await,
+        );
+        let fresh_request = request(fresh, "k", &[(item, 1)]);
+        let stale_request = request(stale, "k", &[(item, 1)]);
+        insert_claim(&db, &fresh.to_string(), &fresh_request.fingerprint, 1).await;
+        insert_claim(&db, &stale.to_string(), &stale_request.fingerprint, 600).await;
+
+        assert_eq!(
+            store.place_order(&fresh_request).await.unwrap(),
+            PlaceOrderOutcome::KeyInUse
+        );
+        assert_eq!(
+            store
+                .place_order(&request(fresh, "k", &[(item, 2)]))
+                .await
+                .unwrap(),
+            PlaceOrderOutcome::KeyReused
+        );
+        assert!(matches!(
+            store.place_order(&stale_request).await.unwrap(),
+            PlaceOrderOutcome::Created(_)
+        ));
+        assert!(store.audit().await.unwrap().is_clean());
+    }
+}
