@@ -1,0 +1,332 @@
+//! The real `orderflow` binary as operators run it: accepted orders survive kill -9 (I5), the
+//! CLI's tokens are accepted by the server, `audit` exits non-zero on a broken invariant,
+//! SIGTERM shuts down cleanly, and bad configuration is refused with a clear message.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Backend, TestDb};
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+const SECRET: &str = "process-test-secret-process-test-secret";
+
+on_both_backends!(
+    accepted_orders_survive_sigkill,
+    audit_command_reports_and_exits_nonzero
+);
+
+fn command(db: &TestDb) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("--database-url")
+        .arg(db.url())
+        .arg("--jwt-secret")
+        .arg(SECRET)
+        .env("ORDERFLOW_LOG", "warn")
+        .kill_on_drop(true);
+    command
+}
+
+/// A running `orderflow serve` on a free port.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    async fn start(db: &TestDb) -> Server {
+        let mut child = command(db)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start orderflow");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(rest) = line.strip_prefix("orderflow listening on ") {
+                    return rest.split_whitespace().next().expect("url").to_string();
+                }
+            }
+            panic!("orderflow exited before listening")
+        })
+        .await
+        .expect("orderflow did not start listening within 30 s");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Server { child, url }
+    }
+
+    async fn kill9(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        self.child.wait().await.expect("reap");
+    }
+}
+
+async fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    command(db)
+        .args(args)
+        .output()
+        .await
+        .expect("run orderflow")
+}
+
+async fn token(db: &TestDb, args: &[&str]) -> String {
+    let mut all = vec!["token"];
+    all.extend_from_slice(args);
+    let output = cli(db, &all).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+async fn accepted_orders_survive_sigkill(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let http = reqwest::Client::new();
+    let admin = token(&db, &["--sub", "ops", "--role", "admin"]).await;
+
+    // The first start loaded the sample catalog.
+    let catalog: Value = http
+        .get(format!("{}/products", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let product = catalog["data"][4].clone();
+    let product_id = product["product_id"].as_str().unwrap().to_string();
+    let stock_before = product["stock_quantity"].as_i64().unwrap();
+    let customer: Value = http
+        .post(format!("{}/customers", server.url))
+        .bearer_auth(&admin)
+        .json(&json!({"email": "kill@example.com", "first_name": "K", "last_name": "Nine"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let buyer = token(&db, &["--sub", customer["customer_id"].as_str().unwrap()]).await;
+
+    // A burst of orders; the process is killed while it is still answering them.
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::unbounded_channel::<(String, i64)>();
+    let burst: Vec<_> = (0..60)
+        .map(|n| {
+            let (http, url, buyer, product_id, accepted) = (
+                http.clone(),
+                server.url.clone(),
+                buyer.clone(),
+                product_id.clone(),
+                accepted_tx.clone(),
+            );
+            tokio::spawn(async move {
+                let quantity = n % 3 + 1;
+                let response = http
+                    .post(format!("{url}/orders"))
+                    .bearer_auth(buyer)
+                    .header("idempotency-key", format!("burst-{n}"))
+                    .json(&json!({"items": [{"product_id": product_id, "quantity": quantity}]}))
+                    .send()
+                    .await;
+                if let Ok(response) = response {
+                    if response.status() == 202 {
+                        if let Ok(body) = response.json::<Value>().await {
+                            let _ = accepted
+                                .send((body["order_id"].as_str().unwrap().to_string(), quantity));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(accepted_tx);
+    let mut accepted = Vec::new();
+    while accepted.len() < 10 {
+        accepted.push(
+            tokio::time::timeout(Duration::from_secs(30), accepted_rx.recv())
+                .await
+                .unwrap()
+                .expect("orders accepted"),
+        );
+    }
+    server.kill9().await;
+    for task in burst {
+        task.await.unwrap();
+    }
+    while let Some(order) = accepted_rx.recv().await {
+        accepted.push(order);
+    }
+
+    let server = Server::start(&db).await;
+    let mut reserved = 0;
+    for (order_id, quantity) in &accepted {
+        let response = http
+            .get(format!("{}/orders/{order_id}", server.url))
+            .bearer_auth(&buyer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "accepted order {order_id} was lost");
+        let order: Value = response.json().await.unwrap();
+        assert_eq!(order["status"], "pending_payment");
+        assert_eq!(order["items"][0]["quantity"], *quantity);
+        reserved += quantity;
+    }
+    // Orders whose answer the kill swallowed may exist too; none is half-written.
+    let orders: Value = http
+        .get(format!(
+            "{}/customers/{}/orders?limit=200",
+            server.url,
+            customer["customer_id"].as_str().unwrap()
+        ))
+        .bearer_auth(&buyer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stored: i64 = orders["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["items"][0]["quantity"].as_i64().unwrap())
+        .sum();
+    assert!(stored >= reserved);
+    let after: Value = http
+        .get(format!("{}/products/{product_id}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        after["stock_quantity"].as_i64().unwrap(),
+        stock_before - stored,
+        "reservations survived with their orders"
+    );
+    let audit = cli(&db, &["audit"]).await;
+    assert!(
+        audit.status.success(),
+        "audit after kill -9:\n{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+    server.kill9().await;
+}
+
+async fn audit_command_reports_and_exits_nonzero(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let migrate = cli(&db, &["migrate"]).await;
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let seed = cli(&db, &["seed"]).await;
+    assert!(String::from_utf8_lossy(&seed.stdout).contains("6 product(s) added"));
+    let clean = cli(&db, &["audit"]).await;
+    assert_eq!(clean.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&clean.stdout).contains("all invariants hold"));
+
+    let sql = "UPDATE products SET on_hand = on_hand + 7 WHERE sku = 'KB-001'";
+    match backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+    }
+    let broken = cli(&db, &["audit"]).await;
+    assert_eq!(broken.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&broken.stdout);
+    assert!(report.contains("FAIL stock_conservation"), "{report}");
+    assert!(report.contains("found 47, expected 40"), "{report}");
+    let json_report: Value =
+        serde_json::from_slice(&cli(&db, &["audit", "--json"]).await.stdout).unwrap();
+    assert_eq!(json_report["violations"][0]["check"], "stock_conservation");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_cleanly() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut server = Server::start(&db).await;
+    let health = reqwest::get(format!("{}/health/ready", server.url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let pid = server.child.id().expect("pid").to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), server.child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        reqwest::get(format!("{}/health/live", server.url))
+            .await
+            .is_err(),
+        "no longer listening"
+    );
+}
+
+#[tokio::test]
+async fn bad_configuration_is_refused_clearly() {
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(BIN)
+            .args(args)
+            .output()
+            .expect("run");
+        (
+            output.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
+    };
+    let (code, text) = run(&["--database-url", "mysql://root@localhost/x", "migrate"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("unsupported database URL"), "{text}");
+    let (code, text) = run(&["--jwt-secret", "short", "token", "--sub", "x"]);
+    assert_ne!(code, Some(0));
+    assert!(text.contains("at least 32 bytes"), "{text}");
+    let (code, text) = run(&["--currency", "DOLLARS", "migrate"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("ISO 4217"), "{text}");
+    let (code, text) = run(&[
+        "--database-url",
+        "postgres://postgres:pw@127.0.0.1:1/none",
+        "--db-acquire-timeout",
+        "2s",
+        "migrate",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(
+        text.contains("connecting to PostgreSQL at postgres://postgres:***@127.0.0.1:1/none"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(":pw@"),
+        "the password is never printed: {text}"
+    );
+}
