@@ -4,11 +4,13 @@
 //! `domain` (pure rules) ← `store` (persistence, all SQL) ← `workflow` (checkout steps) ←
 //! `http` (axum API) ← `cli` (config, wiring). `telemetry` and `seed` are leaves used by `cli`.
 
+pub mod adapters;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod queue;
 pub mod seed;
 pub mod store;
 pub mod telemetry;

@@ -8,8 +8,11 @@
 
 mod audit;
 mod common;
+pub mod jobs;
+mod jobs_common;
 mod postgres;
 mod rows;
+pub mod sandbox;
 mod sqlite;
 
 use std::path::Path;
@@ -166,7 +169,7 @@ pub struct OrderDetails {
 
 /// The persistence contract. Implementations must give identical observable behaviour.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: jobs::JobStore + sandbox::SandboxBooks + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Cheap liveness check of the database (readiness probe).
@@ -214,6 +217,10 @@ pub trait Store: Send + Sync + 'static {
     /// The checkout commitment: see [`PlaceOrder`] and [`PlaceOrderOutcome`].
     async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome>;
     async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>>;
+    /// Wakes job workers in this process when jobs become ready (in-process for SQLite; fed by
+    /// LISTEN/NOTIFY across processes for PostgreSQL).
+    fn job_signal(&self) -> Arc<tokio::sync::Notify>;
+
     /// The jobs of an order, oldest first.
     async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>>;
 

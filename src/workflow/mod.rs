@@ -1,10 +1,43 @@
 //! The checkout saga: what happens to an order, step by step.
 //!
-//! Placing an order is the synchronous commitment ([`checkout::place_order`]). Everything after it
-//! runs as durable jobs whose kinds are named here; the first one (`charge_payment`) is written in
-//! the same transaction as the order.
+//! Placing an order is the synchronous commitment ([`checkout::place_order`]); it writes the first
+//! job, `charge_payment`. Each later step is a durable job ([`steps`]) whose database effects and
+//! completion commit in one transaction, and whose calls to the outside world carry idempotency
+//! keys derived from the order:
+//!
+//! ```text
+//! charge_payment ─┬─ approved ─┬─ commit_inventory ── fulfil_order ── send_confirmation
+//!                 │            └─ send_receipt
+//!                 └─ declined ─── (release stock, cancel) ── send_cancellation
+//! cancel (API) / expiry: pending → release stock, cancel ── send_cancellation
+//!                        paid    → release stock, cancel ── refund_payment ── send_cancellation
+//! ```
 
 pub mod checkout;
+pub mod steps;
 
-/// Job kind of the first step after checkout: take the payment.
+/// Take the payment.
 pub const CHARGE_PAYMENT: &str = "charge_payment";
+/// Reserved stock becomes sold stock.
+pub const COMMIT_INVENTORY: &str = "commit_inventory";
+/// Hand the order to fulfilment; it becomes `fulfilled`.
+pub const FULFIL_ORDER: &str = "fulfil_order";
+/// Refund a captured payment (compensation).
+pub const REFUND_PAYMENT: &str = "refund_payment";
+/// E-mail: payment received.
+pub const SEND_RECEIPT: &str = "send_receipt";
+/// E-mail: order fulfilled.
+pub const SEND_CONFIRMATION: &str = "send_confirmation";
+/// E-mail: order cancelled.
+pub const SEND_CANCELLATION: &str = "send_cancellation";
+
+/// Every step kind, for runners and dashboards.
+pub const ALL_STEPS: [&str; 7] = [
+    CHARGE_PAYMENT,
+    COMMIT_INVENTORY,
+    FULFIL_ORDER,
+    REFUND_PAYMENT,
+    SEND_RECEIPT,
+    SEND_CONFIRMATION,
+    SEND_CANCELLATION,
+];

@@ -8,6 +8,7 @@
 //! claim the idempotency key, BEGIN, lock + read stock, one statement of data-modifying CTEs that
 //! writes everything else, COMMIT.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,6 +18,8 @@ use rand::Rng;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
+
+mod jobs;
 
 use super::audit::{self, AuditReport};
 use super::common::{
@@ -44,6 +47,60 @@ const MAX_TX_ATTEMPTS: u32 = 6;
 
 pub struct PgStore {
     pool: PgPool,
+    /// Wakes this process's job workers; fed by our own enqueues and by LISTEN across processes.
+    jobs_ready: Arc<tokio::sync::Notify>,
+}
+
+/// The channel every enqueue notifies, in the enqueuing transaction (delivered on commit).
+const JOBS_CHANNEL: &str = "orderflow_jobs";
+
+/// Sends the wake-up for jobs written in `tx` (delivered to listeners when it commits).
+async fn notify_jobs(tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(JOBS_CHANNEL)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Forwards NOTIFYs on [`JOBS_CHANNEL`] to the in-process signal until the store is dropped.
+fn spawn_job_listener(pool: PgPool, signal: std::sync::Weak<tokio::sync::Notify>) {
+    tokio::spawn(async move {
+        let mut listener = loop {
+            match sqlx::postgres::PgListener::connect_with(&pool).await {
+                Ok(mut listener) => match listener.listen(JOBS_CHANNEL).await {
+                    Ok(()) => break listener,
+                    Err(error) => {
+                        tracing::warn!(%error, "LISTEN failed; job workers fall back to polling")
+                    }
+                },
+                Err(error) => tracing::debug!(%error, "job listener could not connect"),
+            }
+            if signal.strong_count() == 0 || pool.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => match signal.upgrade() {
+                    Some(signal) => signal.notify_waiters(),
+                    None => return,
+                },
+                // The connection dropped; sqlx reconnects on the next call. Wake workers in case
+                // something was missed.
+                Ok(None) => match signal.upgrade() {
+                    Some(signal) => signal.notify_waiters(),
+                    None => return,
+                },
+                Err(_) if signal.strong_count() == 0 || pool.is_closed() => return,
+                Err(error) => {
+                    tracing::debug!(%error, "job listener error");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
 }
 
 /// The result of trying to claim an idempotency key for a new request.
@@ -72,7 +129,9 @@ impl PgStore {
             .run(&pool)
             .await
             .context("applying PostgreSQL migrations")?;
-        Ok(Self { pool })
+        let jobs_ready = Arc::new(tokio::sync::Notify::new());
+        spawn_job_listener(pool.clone(), Arc::downgrade(&jobs_ready));
+        Ok(Self { pool, jobs_ready })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -221,13 +280,14 @@ impl PgStore {
                 VALUES ($15, $4, 'order_placed', $6, NULL, $12, $1)), \
              job AS ( \
                 INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
-                    correlation_id, created_at, updated_at) \
-                VALUES ($16, $17, $4, $18, 'ready', 0, $19, $20, $12, $1, $1)), \
+                    ready_since, correlation_id, created_at, updated_at) \
+                VALUES ($16, $17, $4, $18, 'ready', 0, $19, $20, $20, $12, $1, $1)), \
+             wake AS (SELECT pg_notify('orderflow_jobs', '')), \
              completed AS ( \
                 UPDATE idempotency_keys SET state = 'completed', order_id = $4, response_status = 202, \
                     response_body = $21, lock_token = NULL, updated_at = $1 \
                 WHERE principal = $10 AND key = $11 AND lock_token = $22 AND state = 'in_flight' RETURNING 1) \
-             SELECT (SELECT count(*) FROM reserve), (SELECT count(*) FROM completed)",
+             SELECT (SELECT count(*) FROM reserve), (SELECT count(*) FROM completed) + 0 * (SELECT count(*) FROM wake)",
         )
         .bind(request.now) // $1
         .bind(&reserve_ids) // $2
@@ -273,7 +333,10 @@ impl PgStore {
             ));
         }
         match tx.commit().await {
-            Ok(()) => Ok(Placed::Done(PlaceOrderOutcome::Created(order))),
+            Ok(()) => {
+                self.jobs_ready.notify_waiters();
+                Ok(Placed::Done(PlaceOrderOutcome::Created(order)))
+            }
             Err(error) if is_retryable(&error) => Ok(Placed::Retry(error)),
             Err(error) => Err(error.into()),
         }
@@ -552,6 +615,10 @@ impl Store for PgStore {
         }))
     }
 
+    fn job_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.jobs_ready.clone()
+    }
+
     async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>> {
         let rows: Vec<(String, String, i32)> = sqlx::query_as(
             "SELECT kind, state, attempts FROM jobs WHERE order_id = $1 ORDER BY id",
@@ -596,3 +663,5 @@ async fn insert_ledger(
     .await?;
     Ok(())
 }
+
+super::sandbox::impl_sandbox_books!(PgStore, pool, pool);

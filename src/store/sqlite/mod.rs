@@ -23,6 +23,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use uuid::Uuid;
 
+mod jobs;
+
 use super::audit::{self, AuditReport};
 use super::common::{
     is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict,
@@ -57,6 +59,8 @@ pub struct SqliteStore {
     /// Read-only connections for queries.
     reader: SqlitePool,
     in_flight: InFlight,
+    /// Wakes this process's job workers after jobs are enqueued or replayed.
+    jobs_ready: Arc<tokio::sync::Notify>,
 }
 
 impl SqliteStore {
@@ -110,6 +114,7 @@ impl SqliteStore {
             writer,
             reader,
             in_flight: InFlight::default(),
+            jobs_ready: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -448,13 +453,14 @@ impl Store for SqliteStore {
         let job = &request.first_job;
         sqlx::query(
             "INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
-             correlation_id, created_at, updated_at) VALUES (?, ?, ?, ?, 'ready', 0, ?, ?, ?, ?, ?)",
+             ready_since, correlation_id, created_at, updated_at) VALUES (?, ?, ?, ?, 'ready', 0, ?, ?, ?, ?, ?, ?)",
         )
         .bind(Uuid::now_v7())
         .bind(job.kind)
         .bind(order.id.as_uuid())
         .bind(job.payload.to_string())
         .bind(i64::from(job.max_attempts))
+        .bind(job.run_at)
         .bind(job.run_at)
         .bind(&request.correlation_id)
         .bind(now)
@@ -476,6 +482,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.jobs_ready.notify_waiters();
         Ok(PlaceOrderOutcome::Created(order))
     }
 
@@ -500,6 +507,10 @@ impl Store for SqliteStore {
                 .map(OrderEvent::try_from)
                 .collect::<StoreResult<_>>()?,
         }))
+    }
+
+    fn job_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.jobs_ready.clone()
     }
 
     async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>> {
@@ -590,3 +601,5 @@ impl Drop for InFlightClaim {
         map.remove(&self.key);
     }
 }
+
+super::sandbox::impl_sandbox_books!(SqliteStore, writer, reader);

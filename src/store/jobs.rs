@@ -1,0 +1,270 @@
+//! The durable job queue's persistence contract, and the effects a finished step commits.
+//!
+//! A step's database effects and its job's completion commit in ONE transaction
+//! ([`JobStore::complete_job`]), fenced by the lease token: a worker whose lease was taken over
+//! (it stalled past the visibility timeout) cannot complete the job, so its effects are refused.
+//! Effects are described as data ([`StepEffects`]) by the workflow layer and applied by the store.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{NewJob, Page, StoreResult};
+use crate::domain::{OrderId, OrderStatus};
+
+/// Proof that a worker holds a job: its id and the token of the claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobLease {
+    pub job_id: Uuid,
+    pub token: Uuid,
+}
+
+/// A job handed to a worker.
+#[derive(Clone, Debug)]
+pub struct ClaimedJob {
+    pub lease: JobLease,
+    pub kind: String,
+    pub order_id: Option<OrderId>,
+    pub payload: serde_json::Value,
+    /// 1 for the first try.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub correlation_id: Option<String>,
+}
+
+/// What happened when a failure was recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Scheduled to run again.
+    Retrying,
+    /// Out of attempts (or failed permanently): dead-lettered until replayed.
+    Dead,
+    /// Someone else holds the job now; nothing was recorded.
+    LeaseLost,
+}
+
+/// What happened when a step's effects were committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompleteOutcome {
+    Completed,
+    /// The lease was taken over: nothing was written.
+    LeaseLost,
+    /// The order was not in an expected status: nothing was written; the step should look again.
+    UnexpectedStatus(OrderStatus),
+}
+
+/// How an order's reserved stock moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InventoryAction {
+    /// Reserved → sold: on_hand and reserved go down, one `sale` ledger row per line.
+    Commit,
+    /// Give the stock back: a reservation is dropped; committed stock is returned to on_hand
+    /// with a `return` ledger row per line. Already released: nothing.
+    Release,
+}
+
+/// The state of an order's payment, as the shop records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentState {
+    Captured,
+    Declined,
+    Refunded,
+}
+
+impl PaymentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentState::Captured => "captured",
+            PaymentState::Declined => "declined",
+            PaymentState::Refunded => "refunded",
+        }
+    }
+}
+
+/// A payment row to write (insert or update by order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaymentChange {
+    pub provider: String,
+    pub idempotency_key: String,
+    pub state: PaymentState,
+    pub provider_ref: Option<String>,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub detail: Option<String>,
+}
+
+/// A message recorded as sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotificationSent {
+    pub kind: String,
+    pub message_id: String,
+}
+
+/// Everything a finished step writes, atomically with its job's completion.
+#[derive(Clone, Debug, Default)]
+pub struct StepEffects {
+    pub order_id: Option<OrderId>,
+    /// When not empty, the order must be in one of these statuses or nothing is written.
+    pub expect_status: Vec<OrderStatus>,
+    /// The order's new status; must be a legal transition (checked against the domain).
+    pub new_status: Option<OrderStatus>,
+    /// Timeline entries (kind, detail), recorded with the order's resulting status (I7).
+    pub events: Vec<(String, Option<String>)>,
+    pub inventory: Option<InventoryAction>,
+    pub payment: Option<PaymentChange>,
+    pub notification_sent: Option<NotificationSent>,
+    pub enqueue: Vec<NewJob>,
+}
+
+/// Per step kind: the numbers an operator watches.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct QueueStats {
+    pub kind: String,
+    /// Ready to run now or waiting for a retry.
+    pub ready: i64,
+    pub running: i64,
+    pub dead: i64,
+    pub succeeded: i64,
+    /// Seconds since the oldest ready job became ready (retries do not reset it).
+    pub oldest_ready_age_seconds: Option<f64>,
+}
+
+/// One entry of a job's error history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct JobError {
+    pub attempt: u32,
+    pub error: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A job as the admin API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobRecord {
+    pub job_id: Uuid,
+    pub kind: String,
+    pub order_id: Option<Uuid>,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub last_error: Option<String>,
+    pub errors: Vec<JobError>,
+    pub run_at: DateTime<Utc>,
+    pub correlation_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Which jobs to list.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub state: Option<String>,
+    pub kind: Option<String>,
+    pub after: Option<Uuid>,
+    pub limit: u32,
+}
+
+/// Which dead jobs to move back to ready.
+#[derive(Clone, Debug)]
+pub enum ReplaySelector {
+    One(Uuid),
+    /// Every dead job, or every dead job of one kind.
+    AllDead {
+        kind: Option<String>,
+    },
+}
+
+/// What preparing to send a notification found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotificationSlot {
+    /// Nothing recorded yet (or an earlier attempt crashed before recording "sent"): send now.
+    Send,
+    /// Already sent: do not send again.
+    AlreadySent,
+}
+
+/// An order's payment as the shop recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct PaymentRecord {
+    pub provider: String,
+    pub idempotency_key: String,
+    pub state: String,
+    pub provider_ref: Option<String>,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub detail: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A message recorded for an order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct NotificationRecord {
+    pub kind: String,
+    pub state: String,
+    pub recipient: String,
+    pub attempts: i32,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+pub(super) const PAYMENT_SQL: &str = "SELECT provider, idempotency_key, state, provider_ref, amount_minor, currency, detail, \
+     updated_at FROM payments WHERE order_id = $1";
+pub(super) const NOTIFICATIONS_SQL: &str = "SELECT kind, state, recipient, attempts, sent_at FROM notifications WHERE order_id = $1 ORDER BY created_at, kind";
+pub(super) const EXPIRED_SQL: &str = "SELECT id FROM orders WHERE status = 'pending_payment' AND created_at < $1 ORDER BY created_at LIMIT $2";
+
+/// The queue's persistence. Implementations: SQLite (single writer `UPDATE … RETURNING`) and
+/// PostgreSQL (`FOR UPDATE SKIP LOCKED`).
+#[async_trait]
+pub trait JobStore: Send + Sync {
+    /// Claims up to `limit` runnable jobs of `kind` (ready and due, or running with an expired
+    /// lease), leasing them for `lease`.
+    async fn claim_jobs(
+        &self,
+        kind: &str,
+        limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<ClaimedJob>>;
+    /// Extends a lease (heartbeat). False when the lease was lost.
+    async fn extend_lease(&self, lease: &JobLease, until: DateTime<Utc>) -> StoreResult<bool>;
+    /// Records a failed attempt: retried at `retry_at`, or dead when `retry_at` is `None` or the
+    /// job is out of attempts.
+    async fn fail_job(
+        &self,
+        lease: &JobLease,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<FailOutcome>;
+    /// Commits a step: its effects and its job's completion, in one transaction. Without a lease
+    /// (an API action such as cancel), only the effects are committed.
+    async fn complete_job(
+        &self,
+        lease: Option<&JobLease>,
+        effects: &StepEffects,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CompleteOutcome>;
+    /// Records that a notification is about to be sent (I8), unless it already was.
+    async fn prepare_notification(
+        &self,
+        order: OrderId,
+        kind: &str,
+        recipient: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<NotificationSlot>;
+    async fn queue_stats(&self, now: DateTime<Utc>) -> StoreResult<Vec<QueueStats>>;
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Page<JobRecord>>;
+    /// Moves dead jobs back to ready with fresh attempts, keeping their error history.
+    async fn replay_jobs(&self, selector: &ReplaySelector, now: DateTime<Utc>) -> StoreResult<u64>;
+    /// Deletes succeeded jobs finished before `before`.
+    async fn prune_jobs(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+    /// Whether any job is ready (due now or waiting for a retry) or running; draining the queue
+    /// means running jobs until this is false.
+    async fn has_pending_work(&self) -> StoreResult<bool>;
+    async fn payment(&self, order: OrderId) -> StoreResult<Option<PaymentRecord>>;
+    async fn notifications(&self, order: OrderId) -> StoreResult<Vec<NotificationRecord>>;
+    /// Orders still `pending_payment` that were placed before `before` (reservation expiry).
+    async fn expired_orders(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<Vec<OrderId>>;
+}

@@ -1,0 +1,270 @@
+//! Queue pieces both backends share: row shapes, the statistics query (the same SQL in both
+//! dialects), failure bookkeeping, legal status moves and the stock movements of an order.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::jobs::{
+    ClaimedJob, FailOutcome, InventoryAction, JobError, JobLease, JobRecord, QueueStats,
+};
+use super::{StoreError, StoreResult};
+use crate::domain::{OrderId, OrderStatus};
+
+pub const JOB_COLUMNS: &str = "id, kind, order_id, state, attempts, max_attempts, last_error, error_history, \
+     run_at, correlation_id, created_at, updated_at";
+
+/// Per kind: counts by state and when the oldest ready job became ready.
+pub const STATS_SQL: &str = "SELECT kind, \
+     CAST(sum(CASE WHEN state = 'ready' THEN 1 ELSE 0 END) AS BIGINT) AS ready, \
+     CAST(sum(CASE WHEN state = 'running' THEN 1 ELSE 0 END) AS BIGINT) AS running, \
+     CAST(sum(CASE WHEN state = 'dead' THEN 1 ELSE 0 END) AS BIGINT) AS dead, \
+     CAST(sum(CASE WHEN state = 'succeeded' THEN 1 ELSE 0 END) AS BIGINT) AS succeeded, \
+     min(CASE WHEN state = 'ready' THEN ready_since END) AS oldest_ready \
+     FROM jobs GROUP BY kind ORDER BY kind";
+
+/// Records "sending" unless the message was already sent; returns a row only when it should be
+/// sent (first time, or an earlier attempt died between sending and recording).
+pub const PREPARE_NOTIFICATION_SQLITE: &str = "INSERT INTO notifications (order_id, kind, state, recipient, attempts, created_at) \
+     VALUES (?1, ?2, 'sending', ?3, 1, ?4) ON CONFLICT (order_id, kind) DO UPDATE \
+     SET attempts = notifications.attempts + 1 WHERE notifications.state = 'sending' RETURNING state";
+pub const PREPARE_NOTIFICATION_POSTGRES: &str = "INSERT INTO notifications (order_id, kind, state, recipient, attempts, created_at) \
+     VALUES ($1, $2, 'sending', $3, 1, $4) ON CONFLICT (order_id, kind) DO UPDATE \
+     SET attempts = notifications.attempts + 1 WHERE notifications.state = 'sending' RETURNING state";
+
+#[derive(sqlx::FromRow)]
+pub struct ClaimedRow {
+    id: Uuid,
+    kind: String,
+    order_id: Option<Uuid>,
+    payload: String,
+    attempts: i32,
+    max_attempts: i32,
+    correlation_id: Option<String>,
+}
+
+impl ClaimedRow {
+    pub fn into_claimed(self, token: Uuid) -> StoreResult<ClaimedJob> {
+        Ok(ClaimedJob {
+            lease: JobLease {
+                job_id: self.id,
+                token,
+            },
+            kind: self.kind,
+            order_id: self.order_id.map(OrderId::from_uuid),
+            payload: serde_json::from_str(&self.payload)
+                .map_err(|e| StoreError::Corrupt(format!("jobs.payload: {e}")))?,
+            attempt: self.attempts.max(0) as u32,
+            max_attempts: self.max_attempts.max(0) as u32,
+            correlation_id: self.correlation_id,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub struct JobRow {
+    id: Uuid,
+    kind: String,
+    order_id: Option<Uuid>,
+    state: String,
+    attempts: i32,
+    max_attempts: i32,
+    last_error: Option<String>,
+    error_history: String,
+    run_at: DateTime<Utc>,
+    correlation_id: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl JobRow {
+    pub fn into_record(self) -> StoreResult<JobRecord> {
+        Ok(JobRecord {
+            job_id: self.id,
+            kind: self.kind,
+            order_id: self.order_id,
+            state: self.state,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            last_error: self.last_error,
+            errors: parse_history(&self.error_history)?,
+            run_at: self.run_at,
+            correlation_id: self.correlation_id,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub struct StatsRow {
+    kind: String,
+    ready: i64,
+    running: i64,
+    dead: i64,
+    succeeded: i64,
+    oldest_ready: Option<DateTime<Utc>>,
+}
+
+impl StatsRow {
+    pub fn into_stats(self, now: DateTime<Utc>) -> QueueStats {
+        QueueStats {
+            kind: self.kind,
+            ready: self.ready,
+            running: self.running,
+            dead: self.dead,
+            succeeded: self.succeeded,
+            oldest_ready_age_seconds: self
+                .oldest_ready
+                .map(|since| ((now - since).num_milliseconds().max(0) as f64) / 1000.0),
+        }
+    }
+}
+
+fn parse_history(history: &str) -> StoreResult<Vec<JobError>> {
+    serde_json::from_str(history)
+        .map_err(|e| StoreError::Corrupt(format!("jobs.error_history: {e}")))
+}
+
+/// The row values a failed attempt leaves behind.
+pub struct Failure {
+    pub state: &'static str,
+    pub run_at: DateTime<Utc>,
+    pub history: String,
+    pub outcome: FailOutcome,
+}
+
+/// Appends the error to the history and decides between retry and dead-letter.
+pub fn record_failure(
+    attempts: i32,
+    max_attempts: i32,
+    history: &str,
+    error: &str,
+    retry_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Failure {
+    let mut entries = parse_history(history).unwrap_or_default();
+    entries.push(JobError {
+        attempt: attempts.max(0) as u32,
+        error: error.to_string(),
+        at: now,
+    });
+    let history = serde_json::to_string(&entries).expect("history serializes");
+    match retry_at {
+        Some(at) if attempts < max_attempts => Failure {
+            state: "ready",
+            run_at: at,
+            history,
+            outcome: FailOutcome::Retrying,
+        },
+        _ => Failure {
+            state: "dead",
+            run_at: now,
+            history,
+            outcome: FailOutcome::Dead,
+        },
+    }
+}
+
+/// The status an order ends in; refuses moves the state machine does not allow.
+pub fn next_status(
+    current: OrderStatus,
+    requested: Option<OrderStatus>,
+) -> StoreResult<OrderStatus> {
+    match requested {
+        None => Ok(current),
+        Some(next) if next == current => Ok(current),
+        Some(next) if current.can_become(next) => Ok(next),
+        Some(next) => Err(StoreError::Corrupt(format!(
+            "illegal order transition {current} → {next}"
+        ))),
+    }
+}
+
+/// How each line's stock moves for an inventory action.
+pub struct InventoryPlan {
+    /// Multiplier of the line quantity added to on_hand (and written to the ledger).
+    pub on_hand_sign: i64,
+    /// Multiplier of the line quantity added to reserved.
+    pub reserved_sign: i64,
+    pub ledger_kind: Option<&'static str>,
+    pub next_state: &'static str,
+}
+
+/// `None` when there is nothing to do (the action already happened).
+pub fn inventory_plan(state: &str, action: InventoryAction) -> StoreResult<Option<InventoryPlan>> {
+    let plan = |on_hand_sign, reserved_sign, ledger_kind, next_state| {
+        Ok(Some(InventoryPlan {
+            on_hand_sign,
+            reserved_sign,
+            ledger_kind,
+            next_state,
+        }))
+    };
+    match (state, action) {
+        ("reserved", InventoryAction::Commit) => plan(-1, -1, Some("sale"), "committed"),
+        ("reserved", InventoryAction::Release) => plan(0, -1, None, "released"),
+        ("committed", InventoryAction::Release) => plan(1, 0, Some("return"), "released"),
+        ("committed", InventoryAction::Commit) | ("released", InventoryAction::Release) => Ok(None),
+        (state, action) => Err(StoreError::Corrupt(format!(
+            "cannot {action:?} stock of an order whose stock is {state}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_retry_until_out_of_attempts() {
+        let now = Utc::now();
+        let later = now + chrono::Duration::seconds(5);
+        let first = record_failure(1, 3, "[]", "boom", Some(later), now);
+        assert_eq!(
+            (first.state, first.outcome, first.run_at),
+            ("ready", FailOutcome::Retrying, later)
+        );
+        let last = record_failure(3, 3, &first.history, "boom again", Some(later), now);
+        assert_eq!((last.state, last.outcome), ("dead", FailOutcome::Dead));
+        let history = parse_history(&last.history).unwrap();
+        assert_eq!(
+            history.iter().map(|e| e.attempt).collect::<Vec<_>>(),
+            [1, 3]
+        );
+        assert_eq!(
+            record_failure(1, 3, "[]", "fatal", None, now).outcome,
+            FailOutcome::Dead
+        );
+    }
+
+    #[test]
+    fn stock_moves_once() {
+        assert!(
+            inventory_plan("committed", InventoryAction::Commit)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            inventory_plan("released", InventoryAction::Release)
+                .unwrap()
+                .is_none()
+        );
+        assert!(inventory_plan("released", InventoryAction::Commit).is_err());
+        let give_back = inventory_plan("committed", InventoryAction::Release)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (give_back.on_hand_sign, give_back.ledger_kind),
+            (1, Some("return"))
+        );
+    }
+
+    #[test]
+    fn illegal_moves_are_refused() {
+        assert!(next_status(OrderStatus::Fulfilled, Some(OrderStatus::Cancelled)).is_err());
+        assert_eq!(
+            next_status(OrderStatus::Paid, Some(OrderStatus::Fulfilled)).unwrap(),
+            OrderStatus::Fulfilled
+        );
+    }
+}

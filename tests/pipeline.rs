@@ -1,0 +1,613 @@
+//! The order pipeline on SQLite and PostgreSQL: the saga's outcomes for every sandbox token,
+//! compensation on cancel, dead letters and replay, lease fencing, and concurrent runners.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Backend, TestDb};
+use orderflow::adapters::notify::FileNotifier;
+use orderflow::adapters::payment::sandbox::Sandbox;
+use orderflow::clock;
+use orderflow::domain::{
+    Cart, CartLine, CustomerId, Email, Money, NewCustomer, NewProduct, OrderId, OrderStatus,
+    PaymentToken, ProductId, Quantity,
+};
+use orderflow::queue::{QueueSettings, Runner};
+use orderflow::store::jobs::{
+    CompleteOutcome, FailOutcome, JobFilter, ReplaySelector, StepEffects,
+};
+use orderflow::store::sandbox::SandboxBooks;
+use orderflow::store::{PlaceOrderOutcome, Store};
+use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
+use orderflow::workflow::steps::{CancelOutcome, Saga, SagaSettings, cancel_order};
+use orderflow::workflow::{CHARGE_PAYMENT, SEND_RECEIPT};
+
+on_both_backends!(
+    visa_order_is_fulfilled_exactly_once,
+    declined_payment_cancels_and_releases_stock,
+    ambiguous_timeout_charges_once,
+    flaky_provider_succeeds_after_retries,
+    outage_dead_letters_then_replay_fulfils,
+    cancel_before_payment_releases_stock,
+    cancel_after_payment_refunds_and_releases,
+    expired_lease_is_taken_over_and_late_completion_refused,
+    concurrent_runners_never_repeat_effects,
+);
+
+struct Pipeline {
+    store: Arc<dyn Store>,
+    sandbox: Arc<Sandbox>,
+    runner: Arc<Runner>,
+    mail_dir: PathBuf,
+    product: ProductId,
+    customer: CustomerId,
+    _mail: tempfile::TempDir,
+    _db: TestDb,
+}
+
+fn fast_queue() -> QueueSettings {
+    QueueSettings {
+        lease: Duration::from_secs(5),
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(20),
+        poll_interval: Duration::from_millis(50),
+        concurrency: 8,
+        retention: Duration::from_secs(3600),
+    }
+}
+
+impl Pipeline {
+    async fn new(backend: Backend) -> Self {
+        let db = TestDb::new(backend).await;
+        let store = db.connect().await;
+        let books: Arc<dyn SandboxBooks> = store.clone();
+        let sandbox = Arc::new(Sandbox::new(books));
+        let mail = tempfile::tempdir().unwrap();
+        let notifier = Arc::new(FileNotifier::new(
+            mail.path().to_path_buf(),
+            "shop@example.com".into(),
+        ));
+        let saga = Arc::new(Saga {
+            store: store.clone(),
+            payments: sandbox.clone(),
+            notifier,
+            settings: SagaSettings::default(),
+        });
+        let mut runner = Runner::new(store.clone(), fast_queue());
+        saga.register(&mut runner);
+        let product = store
+            .create_product(
+                &NewProduct {
+                    id: ProductId::new(),
+                    sku: None,
+                    name: "Lamp".into(),
+                    description: None,
+                    category: None,
+                    price: Money::from_minor(2500).unwrap(),
+                    stock: 100,
+                },
+                clock::now(),
+            )
+            .await
+            .unwrap()
+            .id;
+        let customer = CustomerId::new();
+        store
+            .create_customer(
+                &NewCustomer {
+                    id: customer,
+                    email: Email::parse("buyer@example.com").unwrap(),
+                    first_name: "Bea".into(),
+                    last_name: "Buyer".into(),
+                },
+                clock::now(),
+            )
+            .await
+            .unwrap();
+        Pipeline {
+            store,
+            sandbox,
+            runner: Arc::new(runner),
+            mail_dir: mail.path().to_path_buf(),
+            product,
+            customer,
+            _mail: mail,
+            _db: db,
+        }
+    }
+
+    async fn place(&self, token: &str, quantity: i64) -> OrderId {
+        let request = CheckoutRequest {
+            principal: self.customer.to_string(),
+            idempotency_key: uuid::Uuid::now_v7().to_string(),
+            customer_id: self.customer,
+            cart: Cart::new(vec![CartLine {
+                product_id: self.product,
+                quantity: Quantity::parse(quantity).unwrap(),
+            }])
+            .unwrap(),
+            payment_token: PaymentToken::parse(token).unwrap(),
+            correlation_id: Some(format!("corr-{token}")),
+        };
+        match checkout::place_order(self.store.clone(), &CheckoutSettings::default(), request)
+            .await
+            .unwrap()
+        {
+            PlaceOrderOutcome::Created(order) => order.id,
+            other => panic!("not placed: {other:?}"),
+        }
+    }
+
+    async fn drain(&self) {
+        self.runner
+            .drain(Duration::from_secs(30))
+            .await
+            .expect("queue drains");
+    }
+
+    async fn status(&self, order: OrderId) -> OrderStatus {
+        self.store
+            .get_order(order)
+            .await
+            .unwrap()
+            .unwrap()
+            .order
+            .status
+    }
+
+    async fn stock(&self) -> (i64, i64) {
+        let product = self.store.get_product(self.product).await.unwrap().unwrap();
+        (product.on_hand, product.reserved)
+    }
+
+    async fn events(&self, order: OrderId) -> Vec<String> {
+        self.store
+            .get_order(order)
+            .await
+            .unwrap()
+            .unwrap()
+            .events
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    fn mails(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.mail_dir)
+            .map(|dir| {
+                dir.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    async fn assert_audit_clean(&self) {
+        let report = self.store.audit().await.unwrap();
+        assert!(report.is_clean(), "{report}");
+    }
+}
+
+async fn visa_order_is_fulfilled_exactly_once(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_visa", 3).await;
+    assert_eq!(p.stock().await, (100, 3));
+    p.drain().await;
+
+    assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
+    assert_eq!(p.stock().await, (97, 0), "reserved stock became sold stock");
+    let charges = p
+        .sandbox
+        .books()
+        .charges_for(&order.to_string())
+        .await
+        .unwrap();
+    assert_eq!(charges.len(), 1);
+    assert_eq!((charges[0].amount_minor, charges[0].calls), (7500, 1));
+    let payment = p.store.payment(order).await.unwrap().unwrap();
+    assert_eq!(
+        (payment.state.as_str(), payment.provider_ref.as_deref()),
+        ("captured", Some(charges[0].id.as_str()))
+    );
+    let events = p.events(order).await;
+    for kind in [
+        "order_placed",
+        "payment_captured",
+        "inventory_committed",
+        "fulfilled",
+    ] {
+        assert_eq!(
+            events.iter().filter(|e| *e == kind).count(),
+            1,
+            "{kind} once in {events:?}"
+        );
+    }
+    assert_eq!(
+        events.iter().filter(|e| *e == "notification_sent").count(),
+        2
+    );
+    let notifications = p.store.notifications(order).await.unwrap();
+    let mut sent: Vec<_> = notifications
+        .iter()
+        .map(|n| (n.kind.as_str(), n.state.as_str(), n.attempts))
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            ("send_confirmation", "sent", 1),
+            ("send_receipt", "sent", 1)
+        ]
+    );
+    assert_eq!(notifications.len(), 2);
+    assert_eq!(
+        p.mails(),
+        [
+            format!("confirmation.{order}.eml"),
+            format!("receipt.{order}.eml")
+        ]
+    );
+    let receipt = std::fs::read_to_string(p.mail_dir.join(format!("receipt.{order}.eml"))).unwrap();
+    assert!(
+        receipt.contains("To: buyer@example.com") && receipt.contains("75.00 USD"),
+        "{receipt}"
+    );
+    assert!(receipt.contains("X-Correlation-Id: corr-tok_visa"));
+    let jobs = p.store.jobs_for_order(order).await.unwrap();
+    assert!(jobs.iter().all(|j| j.state == "succeeded"), "{jobs:?}");
+    p.assert_audit_clean().await;
+}
+
+async fn declined_payment_cancels_and_releases_stock(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_chargeDeclined", 4).await;
+    p.drain().await;
+    assert_eq!(p.status(order).await, OrderStatus::Cancelled);
+    assert_eq!(p.stock().await, (100, 0), "stock available again");
+    assert!(
+        p.sandbox
+            .books()
+            .charges_for(&order.to_string())
+            .await
+            .unwrap()
+            .is_empty(),
+        "no charge left standing"
+    );
+    assert_eq!(
+        p.store.payment(order).await.unwrap().unwrap().state,
+        "declined"
+    );
+    assert!(
+        p.events(order)
+            .await
+            .contains(&"payment_declined".to_string())
+    );
+    assert_eq!(p.mails(), [format!("cancellation.{order}.eml")]);
+    p.assert_audit_clean().await;
+}
+
+async fn ambiguous_timeout_charges_once(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_timeout", 1).await;
+    p.drain().await;
+    assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
+    let charges = p
+        .sandbox
+        .books()
+        .charges_for(&order.to_string())
+        .await
+        .unwrap();
+    assert_eq!(charges.len(), 1, "the retry found the first charge");
+    assert_eq!(charges[0].calls, 2, "two calls, one charge");
+    let charge_job = p
+        .store
+        .jobs_for_order(order)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.kind == CHARGE_PAYMENT)
+        .unwrap();
+    assert_eq!(charge_job.attempts, 2);
+    p.assert_audit_clean().await;
+}
+
+async fn flaky_provider_succeeds_after_retries(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_flaky", 1).await;
+    p.drain().await;
+    assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
+    let charge_job = p
+        .store
+        .jobs_for_order(order)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.kind == CHARGE_PAYMENT)
+        .unwrap();
+    assert_eq!(
+        charge_job.attempts, 3,
+        "two transient failures, then success"
+    );
+    assert_eq!(
+        p.sandbox
+            .books()
+            .charges_for(&order.to_string())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    p.assert_audit_clean().await;
+}
+
+async fn outage_dead_letters_then_replay_fulfils(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_unavailable", 2).await;
+    p.drain().await;
+
+    // Parked visibly: the order waits, its job is dead with every error kept.
+    assert_eq!(p.status(order).await, OrderStatus::PendingPayment);
+    assert_eq!(
+        p.stock().await,
+        (100, 2),
+        "the reservation is held while parked"
+    );
+    let stats = p.store.queue_stats(clock::now()).await.unwrap();
+    let charge = stats.iter().find(|s| s.kind == CHARGE_PAYMENT).unwrap();
+    assert_eq!((charge.dead, charge.ready, charge.running), (1, 0, 0));
+    let dead = p
+        .store
+        .list_jobs(&JobFilter {
+            state: Some("dead".into()),
+            kind: None,
+            after: None,
+            limit: 50,
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead.items.len(), 1);
+    assert_eq!(dead.items[0].attempts, 3);
+    assert_eq!(dead.items[0].errors.len(), 3);
+    assert!(dead.items[0].last_error.as_deref().unwrap().contains("503"));
+
+    p.sandbox.set_outage(false);
+    let replayed = p
+        .store
+        .replay_jobs(&ReplaySelector::One(dead.items[0].job_id), clock::now())
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    p.drain().await;
+    assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
+    let jobs = p
+        .store
+        .list_jobs(&JobFilter {
+            state: None,
+            kind: Some(CHARGE_PAYMENT.into()),
+            after: None,
+            limit: 50,
+        })
+        .await
+        .unwrap();
+    assert_eq!(jobs.items[0].errors.len(), 3, "replay keeps the history");
+    assert_eq!(
+        p.store
+            .replay_jobs(&ReplaySelector::AllDead { kind: None }, clock::now())
+            .await
+            .unwrap(),
+        0
+    );
+    p.assert_audit_clean().await;
+}
+
+async fn cancel_before_payment_releases_stock(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_visa", 5).await;
+    let outcome = cancel_order(
+        p.store.as_ref(),
+        &SagaSettings::default(),
+        order,
+        "customer changed their mind",
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome, CancelOutcome::Cancelled);
+    assert_eq!(p.stock().await, (100, 0));
+    p.drain().await;
+    assert_eq!(p.status(order).await, OrderStatus::Cancelled);
+    assert!(
+        p.sandbox
+            .books()
+            .charges_for(&order.to_string())
+            .await
+            .unwrap()
+            .is_empty(),
+        "the charge step saw the cancel"
+    );
+    assert_eq!(p.mails(), [format!("cancellation.{order}.eml")]);
+    assert_eq!(
+        cancel_order(p.store.as_ref(), &SagaSettings::default(), order, "again")
+            .await
+            .unwrap(),
+        CancelOutcome::AlreadyCancelled
+    );
+    p.assert_audit_clean().await;
+}
+
+async fn cancel_after_payment_refunds_and_releases(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_visa", 5).await;
+    assert_eq!(p.runner.run_batch(CHARGE_PAYMENT, 10).await.unwrap(), 1);
+    assert_eq!(p.status(order).await, OrderStatus::Paid);
+    let outcome = cancel_order(
+        p.store.as_ref(),
+        &SagaSettings::default(),
+        order,
+        "customer request",
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome, CancelOutcome::RefundQueued);
+    p.drain().await;
+    assert_eq!(p.status(order).await, OrderStatus::Cancelled);
+    assert_eq!(
+        p.stock().await,
+        (100, 0),
+        "stock back whether or not it had been committed"
+    );
+    let charges = p
+        .sandbox
+        .books()
+        .charges_for(&order.to_string())
+        .await
+        .unwrap();
+    assert_eq!((charges.len(), charges[0].state.as_str()), (1, "refunded"));
+    assert_eq!(
+        p.store.payment(order).await.unwrap().unwrap().state,
+        "refunded"
+    );
+    assert!(
+        p.events(order)
+            .await
+            .contains(&"payment_refunded".to_string())
+    );
+    assert!(p.mails().contains(&format!("cancellation.{order}.eml")));
+    p.assert_audit_clean().await;
+}
+
+async fn expired_lease_is_taken_over_and_late_completion_refused(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_visa", 1).await;
+    let lease = Duration::from_millis(200);
+    let stalled = p
+        .store
+        .claim_jobs(CHARGE_PAYMENT, 1, lease, clock::now())
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        p.store
+            .claim_jobs(CHARGE_PAYMENT, 1, lease, clock::now())
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased jobs are invisible"
+    );
+
+    // Once the lease runs out, another worker takes the job over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let taken = loop {
+        let claimed = p
+            .store
+            .claim_jobs(CHARGE_PAYMENT, 1, Duration::from_secs(30), clock::now())
+            .await
+            .unwrap();
+        if let Some(job) = claimed.into_iter().next() {
+            break job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expired lease was never taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(taken.lease.job_id, stalled.lease.job_id);
+    assert_eq!(taken.attempt, 2);
+
+    // The stalled worker wakes up: its completion and its failure are both refused.
+    let effects = StepEffects {
+        order_id: Some(order),
+        events: vec![("late".into(), None)],
+        ..Default::default()
+    };
+    assert_eq!(
+        p.store
+            .complete_job(Some(&stalled.lease), &effects, clock::now())
+            .await
+            .unwrap(),
+        CompleteOutcome::LeaseLost
+    );
+    assert_eq!(
+        p.store
+            .fail_job(&stalled.lease, "late", None, clock::now())
+            .await
+            .unwrap(),
+        FailOutcome::LeaseLost
+    );
+    assert!(
+        !p.store
+            .extend_lease(&stalled.lease, clock::now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !p.events(order).await.contains(&"late".to_string()),
+        "nothing of the late completion was written"
+    );
+    assert_eq!(
+        p.store
+            .complete_job(Some(&taken.lease), &StepEffects::default(), clock::now())
+            .await
+            .unwrap(),
+        CompleteOutcome::Completed
+    );
+}
+
+async fn concurrent_runners_never_repeat_effects(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let mut orders = Vec::new();
+    for n in 0..30 {
+        let token = ["tok_visa", "tok_timeout", "tok_flaky", "tok_chargeDeclined"][n % 4];
+        orders.push((p.place(token, 1).await, token));
+    }
+    // Several runners (as several processes would) drain the same queue at once.
+    let drains: Vec<_> = (0..3)
+        .map(|_| {
+            let runner = p.runner.clone();
+            tokio::spawn(async move { runner.drain(Duration::from_secs(60)).await })
+        })
+        .collect();
+    for drain in drains {
+        drain.await.unwrap().unwrap();
+    }
+    for (order, token) in orders {
+        let expected = if token == "tok_chargeDeclined" {
+            OrderStatus::Cancelled
+        } else {
+            OrderStatus::Fulfilled
+        };
+        assert_eq!(p.status(order).await, expected, "{token}");
+        let charges = p
+            .sandbox
+            .books()
+            .charges_for(&order.to_string())
+            .await
+            .unwrap();
+        assert_eq!(
+            charges.len(),
+            usize::from(expected == OrderStatus::Fulfilled),
+            "{token}: at most one charge"
+        );
+        let events = p.events(order).await;
+        assert!(
+            events.iter().filter(|e| *e == "payment_captured").count() <= 1,
+            "{events:?}"
+        );
+        let receipts = p
+            .store
+            .notifications(order)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.kind == SEND_RECEIPT)
+            .count();
+        assert!(receipts <= 1);
+    }
+    assert_eq!(p.stock().await.1, 0);
+    p.assert_audit_clean().await;
+}
