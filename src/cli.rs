@@ -3,15 +3,23 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 
-use crate::config::{AuditArgs, Cli, Command, GlobalArgs, ServeArgs, TokenArgs};
+use crate::adapters::notify::FileNotifier;
+use crate::adapters::payment::sandbox::Sandbox;
+use crate::clock;
+use crate::config::{AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, ServeArgs, TokenArgs};
 use crate::http::{AppState, Authenticator};
+use crate::queue::{QueueSettings, Runner};
+use crate::store::jobs::{JobFilter, ReplaySelector};
+use crate::store::sandbox::SandboxBooks;
 use crate::store::{self, Store, redact_url};
 use crate::workflow::checkout::CheckoutSettings;
+use crate::workflow::steps::{Saga, SagaSettings, expire_reservations};
 use crate::{http, seed, telemetry};
 
 /// Parses the command line and runs the command. `orderflow` alone means `orderflow serve`.
@@ -24,6 +32,7 @@ pub async fn run() -> ExitCode {
         Command::Migrate => migrate(&cli.global).await,
         Command::Seed => seed_catalog(&cli.global).await,
         Command::Audit(args) => return audit(&cli.global, args).await,
+        Command::Jobs { action } => jobs(&cli.global, action).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,47 +55,125 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     let store = open_store(global).await?;
     let checkout = CheckoutSettings {
         currency: global.currency,
-        payment_max_attempts: args.payment_max_attempts,
+        payment_max_attempts: args.max_attempts,
     };
-    if !args.no_seed && store.is_empty().await? {
+    let saga_settings = SagaSettings {
+        max_attempts: args.max_attempts,
+        compensation_max_attempts: args.compensation_max_attempts,
+    };
+    if !args.no_seed && args.mode != Mode::Worker && store.is_empty().await? {
         let added = seed::load_sample_catalog(store.as_ref(), checkout.currency).await?;
         tracing::info!(added, "loaded the sample catalog into the empty database");
     }
-    let state = AppState {
-        store,
-        auth: Arc::new(Authenticator::hs256(&secret)),
-        checkout: Arc::new(checkout),
-        body_limit: args.body_limit,
-    };
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let address = listener.local_addr()?;
-    println!(
-        "orderflow listening on http://{address} (database: {})",
-        redact_url(&global.database_url())
-    );
-    println!("  admin token:    orderflow token --sub admin --role admin");
-    println!("  customer token: orderflow token --sub <customer-uuid>");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
 
-    let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
-    let shutdown = async move {
+    if args.mode != Mode::Api {
+        let books: Arc<dyn SandboxBooks> = store.clone();
+        let payments = Arc::new(Sandbox::new(books));
+        let notifier = Arc::new(FileNotifier::new(global.mail_dir(&args), args.mail_from.clone()));
+        let saga = Arc::new(Saga {
+            store: store.clone(),
+            payments,
+            notifier,
+            settings: saga_settings.clone(),
+        });
+        let queue = QueueSettings {
+            lease: args.job_lease,
+            backoff_base: args.job_backoff,
+            backoff_max: args.job_backoff_max,
+            poll_interval: args.job_poll,
+            concurrency: args.job_concurrency as usize,
+            retention: args.job_retention,
+        };
+        let mut runner = Runner::new(store.clone(), queue);
+        saga.register(&mut runner);
+        tasks.spawn(Arc::new(runner).run(stop_rx.clone()));
+        tasks.spawn(expire_reservations_periodically(
+            store.clone(),
+            saga_settings.clone(),
+            args.reservation_ttl,
+            stop_rx.clone(),
+        ));
+        tracing::info!("job workers started");
+    }
+
+    if args.mode == Mode::Worker {
+        println!(
+            "orderflow worker running (database: {})",
+            redact_url(&global.database_url())
+        );
         shutdown_signal().await;
-        tracing::info!("shutting down: finishing in-flight requests");
-        let _ = signalled_tx.send(true);
-    };
-    let server = http::serve(listener, state, shutdown);
-    let deadline = async move {
-        let mut signalled = signalled_rx;
-        let _ = signalled.wait_for(|s| *s).await;
-        tokio::time::sleep(args.shutdown_timeout).await;
-    };
-    tokio::select! {
-        result = server => result.context("serving HTTP")?,
-        () = deadline => tracing::warn!("shutdown timeout reached with requests still in flight"),
+        tracing::info!("shutting down: finishing running steps");
+    } else {
+        let state = AppState {
+            store,
+            auth: Arc::new(Authenticator::hs256(&secret)),
+            checkout: Arc::new(checkout),
+            saga: Arc::new(saga_settings),
+            body_limit: args.body_limit,
+        };
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let address = listener.local_addr()?;
+        println!(
+            "orderflow listening on http://{address} (database: {})",
+            redact_url(&global.database_url())
+        );
+        println!("  admin token:    orderflow token --sub admin --role admin");
+        println!("  customer token: orderflow token --sub <customer-uuid>");
+        let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing in-flight requests and steps");
+            let _ = signalled_tx.send(true);
+        };
+        let server = http::serve(listener, state, shutdown);
+        let deadline = async {
+            let mut signalled = signalled_rx;
+            let _ = signalled.wait_for(|s| *s).await;
+            tokio::time::sleep(args.shutdown_timeout).await;
+        };
+        tokio::select! {
+            result = server => result.context("serving HTTP")?,
+            () = deadline => tracing::warn!("shutdown timeout reached with requests still in flight"),
+        }
+    }
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(args.shutdown_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            "shutdown timeout reached with steps still running; their leases will expire and they will run again"
+        );
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Cancels unpaid orders past their reservation time, a few times per TTL.
+async fn expire_reservations_periodically(
+    store: Arc<dyn Store>,
+    settings: SagaSettings,
+    ttl: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        match expire_reservations(store.as_ref(), &settings, ttl).await {
+            Ok(0) => {}
+            Ok(expired) => tracing::info!(expired, "cancelled orders whose reservation expired"),
+            Err(error) => tracing::warn!(%error, "expiring reservations failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -122,10 +209,7 @@ fn token(global: &GlobalArgs, args: TokenArgs) -> anyhow::Result<()> {
 
 async fn migrate(global: &GlobalArgs) -> anyhow::Result<()> {
     open_store(global).await?;
-    println!(
-        "migrations applied to {}",
-        redact_url(&global.database_url())
-    );
+    println!("migrations applied to {}", redact_url(&global.database_url()));
     Ok(())
 }
 
@@ -144,10 +228,7 @@ async fn audit(global: &GlobalArgs, args: AuditArgs) -> ExitCode {
     match report {
         Ok(report) => {
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("reports serialize")
-                );
+                println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize"));
             } else {
                 println!("{report}");
             }
@@ -162,4 +243,47 @@ async fn audit(global: &GlobalArgs, args: AuditArgs) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+async fn jobs(global: &GlobalArgs, action: JobsAction) -> anyhow::Result<()> {
+    let store = open_store(global).await?;
+    match action {
+        JobsAction::List { state, kind, limit } => {
+            let filter = JobFilter {
+                state: Some(state),
+                kind,
+                after: None,
+                limit: limit.clamp(1, 1000),
+            };
+            let page = store.list_jobs(&filter).await?;
+            if page.items.is_empty() {
+                println!("no jobs");
+            }
+            for job in page.items {
+                let order = job.order_id.map(|id| id.to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{}  {:<18} {:<9} attempts {}/{}  order {}  {}",
+                    job.job_id,
+                    job.kind,
+                    job.state,
+                    job.attempts,
+                    job.max_attempts,
+                    order,
+                    job.last_error.unwrap_or_default()
+                );
+            }
+        }
+        JobsAction::Replay { id, all, kind } => {
+            let selector = match (id, all) {
+                (Some(id), _) => ReplaySelector::One(id),
+                (None, _) => ReplaySelector::AllDead { kind },
+            };
+            let replayed = store.replay_jobs(&selector, clock::now()).await?;
+            println!("replayed {replayed} job(s)");
+            if replayed == 0 && matches!(selector, ReplaySelector::One(_)) {
+                anyhow::bail!("no dead job with that id");
+            }
+        }
+    }
+    Ok(())
 }

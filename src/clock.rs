@@ -7,8 +7,7 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 /// The current time at storage precision.
 pub fn now() -> DateTime<Utc> {
     let now = Utc::now();
-    now.duration_trunc(TimeDelta::microseconds(1))
-        .unwrap_or(now)
+    now.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(now)
 }
 
 #[cfg(test)]

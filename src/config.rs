@@ -42,6 +42,37 @@ pub enum Command {
     Seed,
     /// Check the invariants against the database; exit 0 when all hold, 1 otherwise.
     Audit(AuditArgs),
+    /// Inspect and replay durable jobs.
+    Jobs {
+        #[command(subcommand)]
+        action: JobsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsAction {
+    /// List jobs (dead-lettered ones by default) with their errors.
+    List {
+        /// ready, running, succeeded or dead.
+        #[arg(long, default_value = "dead")]
+        state: String,
+        /// Only this step kind, e.g. charge_payment.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Move dead jobs back to ready (their error history is kept).
+    Replay {
+        /// The job to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<uuid::Uuid>,
+        /// Replay every dead job (of `--kind`, when given).
+        #[arg(long)]
+        all: bool,
+        #[arg(long, requires = "all")]
+        kind: Option<String>,
+    },
 }
 
 /// Settings every command shares.
@@ -49,37 +80,17 @@ pub enum Command {
 pub struct GlobalArgs {
     /// Database URL: `postgres://user@host/db`, or `sqlite://path`. Default: an embedded SQLite
     /// file in the data directory.
-    #[arg(
-        long,
-        env = "ORDERFLOW_DATABASE_URL",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "ORDERFLOW_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
     /// Directory for the embedded database and the generated token secret.
-    #[arg(
-        long,
-        env = "ORDERFLOW_DATA_DIR",
-        default_value = "orderflow-data",
-        global = true
-    )]
+    #[arg(long, env = "ORDERFLOW_DATA_DIR", default_value = "orderflow-data", global = true)]
     pub data_dir: PathBuf,
     /// HS256 signing secret for bearer tokens (at least 32 bytes). Default: a random secret kept
     /// in `<data-dir>/jwt-secret`. Set it explicitly when several processes share a database.
-    #[arg(
-        long,
-        env = "ORDERFLOW_JWT_SECRET",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "ORDERFLOW_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// Most database connections this process holds.
-    #[arg(
-        long,
-        env = "ORDERFLOW_DB_MAX_CONNECTIONS",
-        default_value_t = 16,
-        global = true
-    )]
+    #[arg(long, env = "ORDERFLOW_DB_MAX_CONNECTIONS", default_value_t = 16, global = true)]
     pub db_max_connections: u32,
     /// Longest wait for a free database connection before answering 503 (e.g. 5s, 500ms).
     #[arg(long, env = "ORDERFLOW_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
@@ -108,6 +119,17 @@ pub struct GlobalArgs {
     pub log_format: LogFormat,
 }
 
+/// The parts of the system one process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// HTTP API and job workers.
+    All,
+    /// HTTP API only.
+    Api,
+    /// Job workers only.
+    Worker,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -118,12 +140,7 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on.
-    #[arg(
-        long,
-        env = "ORDERFLOW_LISTEN",
-        global = true,
-        default_value = "127.0.0.1:8080"
-    )]
+    #[arg(long, env = "ORDERFLOW_LISTEN", global = true, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Do not load the sample catalog into an empty database.
     #[arg(long, env = "ORDERFLOW_NO_SEED", global = true)]
@@ -134,9 +151,48 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_TIMEOUT", global = true, default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
-    /// Attempts the payment step gets before it is dead-lettered.
-    #[arg(long, env = "ORDERFLOW_PAYMENT_MAX_ATTEMPTS", global = true, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub payment_max_attempts: u32,
+    /// Attempts each forward step (payment, inventory, fulfilment, e-mail) gets before it is
+    /// dead-lettered: the first try plus retries.
+    #[arg(long, env = "ORDERFLOW_MAX_ATTEMPTS", global = true, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// Attempts of compensations (refunds) before they are dead-lettered.
+    #[arg(long, env = "ORDERFLOW_COMPENSATION_MAX_ATTEMPTS", global = true, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub compensation_max_attempts: u32,
+    /// What this process runs: `all` (API and workers), `api` or `worker`.
+    #[arg(long, env = "ORDERFLOW_MODE", global = true, value_enum, default_value = "all")]
+    pub mode: Mode,
+    /// How long a claimed job stays invisible to other workers without a heartbeat.
+    #[arg(long, env = "ORDERFLOW_JOB_LEASE", global = true, default_value = "30s", value_parser = parse_duration)]
+    pub job_lease: Duration,
+    /// Jobs of one step kind running at once in this process.
+    #[arg(long, env = "ORDERFLOW_JOB_CONCURRENCY", global = true, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub job_concurrency: u32,
+    /// First retry delay of a failed step; doubles per attempt (with jitter).
+    #[arg(long, env = "ORDERFLOW_JOB_BACKOFF", global = true, default_value = "1s", value_parser = parse_duration)]
+    pub job_backoff: Duration,
+    /// Longest retry delay.
+    #[arg(long, env = "ORDERFLOW_JOB_BACKOFF_MAX", global = true, default_value = "5m", value_parser = parse_duration)]
+    pub job_backoff_max: Duration,
+    /// Longest idle sleep of a worker when no wake-up arrives.
+    #[arg(long, env = "ORDERFLOW_JOB_POLL", global = true, default_value = "5s", value_parser = parse_duration)]
+    pub job_poll: Duration,
+    /// How long finished jobs are kept.
+    #[arg(long, env = "ORDERFLOW_JOB_RETENTION", global = true, default_value = "7d", value_parser = parse_duration)]
+    pub job_retention: Duration,
+    /// Orders unpaid this long after checkout are cancelled and their stock released.
+    #[arg(long, env = "ORDERFLOW_RESERVATION_TTL", global = true, default_value = "30m", value_parser = parse_duration)]
+    pub reservation_ttl: Duration,
+    /// Where the file notifier writes e-mails (one `.eml` per message). Default: `<data-dir>/mail`.
+    #[arg(long, env = "ORDERFLOW_MAIL_DIR", global = true)]
+    pub mail_dir: Option<PathBuf>,
+    /// The From address of e-mails.
+    #[arg(
+        long,
+        env = "ORDERFLOW_MAIL_FROM",
+        global = true,
+        default_value = "orderflow <orders@localhost>"
+    )]
+    pub mail_from: String,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +222,11 @@ impl GlobalArgs {
             Some(url) => url.clone(),
             None => format!("sqlite://{}", self.data_dir.join("orderflow.db").display()),
         }
+    }
+
+    /// Where the file notifier writes.
+    pub fn mail_dir(&self, serve: &ServeArgs) -> PathBuf {
+        serve.mail_dir.clone().unwrap_or_else(|| self.data_dir.join("mail"))
     }
 
     pub fn connect_options(&self) -> anyhow::Result<ConnectOptions> {
@@ -206,9 +267,7 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Secret> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let secret: String = (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
+    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -220,12 +279,8 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Secret> {
             Ok(Secret::new(secret.into_bytes()))
         }
         // Another process created it first: use theirs.
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-            load_or_create_secret(path)
-        }
-        Err(error) => {
-            Err(error).with_context(|| format!("writing the token secret {}", path.display()))
-        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_secret(path),
+        Err(error) => Err(error).with_context(|| format!("writing the token secret {}", path.display())),
     }
 }
 
@@ -257,9 +312,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("--listen"), "{error}");
-        assert!(
-            Cli::try_parse_from(["orderflow", "token", "--sub", "x", "--ttl", "forever"]).is_err()
-        );
+        assert!(Cli::try_parse_from(["orderflow", "token", "--sub", "x", "--ttl", "forever"]).is_err());
     }
 
     #[test]
@@ -278,10 +331,6 @@ mod tests {
         assert_eq!(format!("{first:?}"), "Secret(***)");
         let auth = crate::http::Authenticator::hs256(&first);
         let token = auth.issue("x", &[], Duration::from_secs(60)).unwrap();
-        assert!(
-            crate::http::Authenticator::hs256(&second)
-                .verify(&token)
-                .is_ok()
-        );
+        assert!(crate::http::Authenticator::hs256(&second).verify(&token).is_ok());
     }
 }

@@ -79,11 +79,7 @@ async fn catalog_admin_crud_and_stock_ledger(backend: Backend) {
     // Reserve 4 units with an order, then adjust stock around the reservation.
     let (_, buyer) = app.customer().await;
     let placed = app
-        .place_order(
-            &buyer,
-            "lamp-1",
-            &json!({"items": [{"product_id": id, "quantity": 4}]}),
-        )
+        .place_order(&buyer, "lamp-1", &json!({"items": [{"product_id": id, "quantity": 4}]}))
         .await;
     assert_eq!(placed.status(), 202);
     assert_eq!(app.available(&id).await, 6);
@@ -135,7 +131,11 @@ async fn catalog_list_filters_and_paginates(backend: Backend) {
     for index in 0..5 {
         let category = if index % 2 == 0 { "even" } else { "odd" };
         let response = app
-            .post("/products", Some(&app.admin), &json!({"name": format!("P{index}"), "price": 1, "stock_quantity": 1, "category": category}))
+            .post(
+                "/products",
+                Some(&app.admin),
+                &json!({"name": format!("P{index}"), "price": 1, "stock_quantity": 1, "category": category}),
+            )
             .await;
         assert_eq!(response.status(), 201);
     }
@@ -171,16 +171,10 @@ async fn catalog_list_filters_and_paginates(backend: Backend) {
         .await;
         assert_eq!(error_fields(&problem), [field], "{query}");
     }
-    let problem = expect_problem(
-        app.get("/products/not-a-uuid", None).await,
-        400,
-        "validation_failed",
-    )
-    .await;
+    let problem = expect_problem(app.get("/products/not-a-uuid", None).await, 400, "validation_failed").await;
     assert_eq!(error_fields(&problem), ["path.id"]);
     expect_problem(
-        app.get(&format!("/products/{}", uuid::Uuid::now_v7()), None)
-            .await,
+        app.get(&format!("/products/{}", uuid::Uuid::now_v7()), None).await,
         404,
         "not_found",
     )
@@ -193,12 +187,7 @@ async fn catalog_etag_round_trip(backend: Backend) {
     let first = app.get(&format!("/products/{id}"), None).await;
     assert_eq!(first.status(), 200);
     let etag = first.headers()["etag"].to_str().unwrap().to_string();
-    assert!(
-        first.headers()["cache-control"]
-            .to_str()
-            .unwrap()
-            .starts_with("public")
-    );
+    assert!(first.headers()["cache-control"].to_str().unwrap().starts_with("public"));
 
     let cached = app
         .client
@@ -213,13 +202,9 @@ async fn catalog_etag_round_trip(backend: Backend) {
     // A change to the product (here its available stock, via an order) changes the ETag.
     let (_, buyer) = app.customer().await;
     assert_eq!(
-        app.place_order(
-            &buyer,
-            "etag",
-            &json!({"items": [{"product_id": id, "quantity": 1}]})
-        )
-        .await
-        .status(),
+        app.place_order(&buyer, "etag", &json!({"items": [{"product_id": id, "quantity": 1}]}))
+            .await
+            .status(),
         202
     );
     let changed = app
@@ -252,10 +237,7 @@ async fn catalog_rejects_bad_input(backend: Backend) {
             json!({"name": "x", "price": 1.999, "stock_quantity": 1}),
             vec!["/price"],
         ),
-        (
-            json!({"name": "x", "price": -1, "stock_quantity": 1}),
-            vec!["/price"],
-        ),
+        (json!({"name": "x", "price": -1, "stock_quantity": 1}), vec!["/price"]),
         (
             json!({"name": "x", "price": "12.00", "stock_quantity": 1}),
             vec!["/price"],
@@ -354,10 +336,7 @@ async fn customers_create_read_and_conflict(backend: Backend) {
         )
         .await;
     assert_eq!(own.status(), 201);
-    assert_eq!(
-        own.json::<Value>().await.unwrap()["customer_id"],
-        bob.as_str()
-    );
+    assert_eq!(own.json::<Value>().await.unwrap()["customer_id"], bob.as_str());
     let again = app
         .post(
             "/customers",
@@ -367,7 +346,11 @@ async fn customers_create_read_and_conflict(backend: Backend) {
         .await;
     expect_problem(again, 409, "already_exists").await;
     let for_other = app
-        .post("/customers", Some(&app.token(&uuid::Uuid::now_v7().to_string())), &json!({"customer_id": ann, "email": "x@example.com", "first_name": "X", "last_name": "Y"}))
+        .post(
+            "/customers",
+            Some(&app.token(&uuid::Uuid::now_v7().to_string())),
+            &json!({"customer_id": ann, "email": "x@example.com", "first_name": "X", "last_name": "Y"}),
+        )
         .await;
     assert_eq!(
         error_fields(&expect_problem(for_other, 403, "forbidden").await),
@@ -405,30 +388,20 @@ async fn customers_create_read_and_conflict(backend: Backend) {
     assert_eq!(fields, ["/email", "/first_name", "/last_name"]);
 
     assert_eq!(
-        app.get(&format!("/customers/{bob}"), Some(&bob_token))
-            .await
-            .status(),
+        app.get(&format!("/customers/{bob}"), Some(&bob_token)).await.status(),
         200
     );
     assert_eq!(
-        app.get(&format!("/customers/{ann}"), Some(&app.admin))
-            .await
-            .status(),
+        app.get(&format!("/customers/{ann}"), Some(&app.admin)).await.status(),
         200
     );
     expect_problem(
-        app.get(&format!("/customers/{ann}"), Some(&bob_token))
-            .await,
+        app.get(&format!("/customers/{ann}"), Some(&bob_token)).await,
         404,
         "not_found",
     )
     .await;
-    expect_problem(
-        app.get(&format!("/customers/{ann}"), None).await,
-        401,
-        "unauthorized",
-    )
-    .await;
+    expect_problem(app.get(&format!("/customers/{ann}"), None).await, 401, "unauthorized").await;
 }
 
 async fn customer_orders_newest_first(backend: Backend) {
@@ -472,8 +445,7 @@ async fn customer_orders_newest_first(backend: Backend) {
     assert_eq!(listed, placed, "newest first, every order once");
     let (_, stranger) = app.customer().await;
     expect_problem(
-        app.get(&format!("/customers/{customer}/orders"), Some(&stranger))
-            .await,
+        app.get(&format!("/customers/{customer}/orders"), Some(&stranger)).await,
         404,
         "not_found",
     )
@@ -492,10 +464,14 @@ async fn order_is_accepted_reserved_and_readable(backend: Backend) {
     let cable = app.product("0.10", 100).await;
     let (customer, token) = app.customer().await;
     let response = app
-        .place_order(&token, "checkout-1", &json!({
-            "items": [{"product_id": keyboard, "quantity": 2}, {"product_id": cable, "quantity": 3}],
-            "payment": {"token": "tok_visa"}
-        }))
+        .place_order(
+            &token,
+            "checkout-1",
+            &json!({
+                "items": [{"product_id": keyboard, "quantity": 2}, {"product_id": cable, "quantity": 3}],
+                "payment": {"token": "tok_visa"}
+            }),
+        )
         .await;
     assert_eq!(response.status(), 202);
     assert!(response.headers().get("idempotent-replayed").is_none());
@@ -528,18 +504,10 @@ async fn order_is_accepted_reserved_and_readable(backend: Backend) {
     assert_eq!(timeline[0]["status"], "pending_payment");
 
     // The first follow-up job was written with the order and waits for the pipeline.
-    let jobs = app
-        .store
-        .jobs_for_order(order_id.parse().unwrap())
-        .await
-        .unwrap();
+    let jobs = app.store.jobs_for_order(order_id.parse().unwrap()).await.unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(
-        (
-            jobs[0].kind.as_str(),
-            jobs[0].state.as_str(),
-            jobs[0].attempts
-        ),
+        (jobs[0].kind.as_str(), jobs[0].state.as_str(), jobs[0].attempts),
         ("charge_payment", "ready", 0)
     );
     app.assert_audit_clean().await;
@@ -562,16 +530,10 @@ async fn order_validation_errors_name_the_field(backend: Backend) {
         .await
         .unwrap();
     let problem = expect_problem(missing, 400, "idempotency_key_missing").await;
-    assert!(
-        problem["detail"]
-            .as_str()
-            .unwrap()
-            .contains("Idempotency-Key")
-    );
+    assert!(problem["detail"].as_str().unwrap().contains("Idempotency-Key"));
     let long_key = "k".repeat(256);
     let problem = expect_problem(
-        app.place_order(&token, &long_key, &json!({"items": [line(1)]}))
-            .await,
+        app.place_order(&token, &long_key, &json!({"items": [line(1)]})).await,
         400,
         "validation_failed",
     )
@@ -595,18 +557,12 @@ async fn order_validation_errors_name_the_field(backend: Backend) {
             json!({"items": [{"product_id": "nope", "quantity": 1}, {"quantity": 1}]}),
             vec!["/items/0/product_id", "/items/1/product_id"],
         ),
-        (
-            json!({"items": [line(1), line(2)]}),
-            vec!["/items/1/product_id"],
-        ),
+        (json!({"items": [line(1), line(2)]}), vec!["/items/1/product_id"]),
         (
             json!({"items": [{"product_id": product, "quantity": 1, "unit_price": 0.01}]}),
             vec!["/items/0/unit_price"],
         ),
-        (
-            json!({"items": [line(1)], "total_amount": 0}),
-            vec!["/total_amount"],
-        ),
+        (json!({"items": [line(1)], "total_amount": 0}), vec!["/total_amount"]),
         (
             json!({"items": [{"product_id": product, "quantity": 1.5}]}),
             vec!["/items/0/quantity"],
@@ -615,10 +571,7 @@ async fn order_validation_errors_name_the_field(backend: Backend) {
             json!({"items": [line(1)], "payment": {"token": ""}}),
             vec!["/payment/token"],
         ),
-        (
-            json!({"items": [line(1)], "payment": {}}),
-            vec!["/payment/token"],
-        ),
+        (json!({"items": [line(1)], "payment": {}}), vec!["/payment/token"]),
         (
             json!({"items": [line(1)], "customer_id": "someone"}),
             vec!["/customer_id"],
@@ -649,9 +602,7 @@ async fn order_validation_errors_name_the_field(backend: Backend) {
     )
     .await;
     expect_problem(
-        send_raw("items=1", "application/x-www-form-urlencoded")
-            .await
-            .unwrap(),
+        send_raw("items=1", "application/x-www-form-urlencoded").await.unwrap(),
         415,
         "unsupported_media_type",
     )
@@ -683,7 +634,13 @@ async fn order_business_rejections_reserve_nothing(backend: Backend) {
     let (_, token) = app.customer().await;
 
     let ghost = uuid::Uuid::now_v7().to_string();
-    let unknown = app.place_order(&token, "u1", &json!({"items": [{"product_id": a, "quantity": 1}, {"product_id": ghost, "quantity": 1}]})).await;
+    let unknown = app
+        .place_order(
+            &token,
+            "u1",
+            &json!({"items": [{"product_id": a, "quantity": 1}, {"product_id": ghost, "quantity": 1}]}),
+        )
+        .await;
     let problem = expect_problem(unknown, 422, "unknown_product").await;
     assert_eq!(problem["product_ids"], json!([ghost]));
     assert!(problem["detail"].as_str().unwrap().contains(&ghost));
@@ -691,21 +648,19 @@ async fn order_business_rejections_reserve_nothing(backend: Backend) {
     // Two of three lines are short: both are listed with requested and available; the good
     // line is not reserved either.
     let short = app
-        .place_order(&token, "s1", &json!({"items": [
-            {"product_id": a, "quantity": 5}, {"product_id": b, "quantity": 3}, {"product_id": c, "quantity": 2}
-        ]}))
+        .place_order(
+            &token,
+            "s1",
+            &json!({"items": [
+                {"product_id": a, "quantity": 5}, {"product_id": b, "quantity": 3}, {"product_id": c, "quantity": 2}
+            ]}),
+        )
         .await;
     let problem = expect_problem(short, 422, "insufficient_stock").await;
     let items = problem["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
-    assert_eq!(
-        items[0],
-        json!({"product_id": b, "requested": 3, "available": 2})
-    );
-    assert_eq!(
-        items[1],
-        json!({"product_id": c, "requested": 2, "available": 1})
-    );
+    assert_eq!(items[0], json!({"product_id": b, "requested": 3, "available": 2}));
+    assert_eq!(items[1], json!({"product_id": c, "requested": 2, "available": 1}));
     assert_eq!(app.available(&a).await, 5);
     assert_eq!(app.available(&b).await, 2);
 
@@ -778,16 +733,10 @@ async fn auth_rules(backend: Backend) {
     let order_path = format!("/orders/{}", order["order_id"].as_str().unwrap());
 
     // 401 with a Bearer challenge for missing, garbage, forged, expired, future and foreign tokens.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let claims = |extra: Value| {
-        let mut base =
-            json!({"sub": alice, "exp": now + 600, "iss": "orderflow", "aud": "orderflow"});
-        base.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
+        let mut base = json!({"sub": alice, "exp": now + 600, "iss": "orderflow", "aud": "orderflow"});
+        base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         base
     };
     let bad_tokens = [
@@ -796,26 +745,17 @@ async fn auth_rules(backend: Backend) {
             "forged",
             hs256(&claims(json!({})), b"some-other-secret-some-other-secret"),
         ),
-        (
-            "expired",
-            hs256(&claims(json!({"exp": now - 3600})), common::SECRET),
-        ),
+        ("expired", hs256(&claims(json!({"exp": now - 3600})), common::SECRET)),
         (
             "not yet valid",
             hs256(&claims(json!({"nbf": now + 3600})), common::SECRET),
         ),
-        (
-            "wrong issuer",
-            hs256(&claims(json!({"iss": "evil"})), common::SECRET),
-        ),
+        ("wrong issuer", hs256(&claims(json!({"iss": "evil"})), common::SECRET)),
         (
             "wrong audience",
             hs256(&claims(json!({"aud": "other"})), common::SECRET),
         ),
-        (
-            "empty subject",
-            hs256(&claims(json!({"sub": ""})), common::SECRET),
-        ),
+        ("empty subject", hs256(&claims(json!({"sub": ""})), common::SECRET)),
     ];
     let missing = app.get(&order_path, None).await;
     assert_eq!(missing.headers()["www-authenticate"], "Bearer");
@@ -833,8 +773,7 @@ async fn auth_rules(backend: Backend) {
     }
     let no_sub = json!({"exp": now + 600, "iss": "orderflow", "aud": "orderflow"});
     expect_problem(
-        app.get(&order_path, Some(&hs256(&no_sub, common::SECRET)))
-            .await,
+        app.get(&order_path, Some(&hs256(&no_sub, common::SECRET))).await,
         401,
         "unauthorized",
     )
@@ -851,33 +790,19 @@ async fn auth_rules(backend: Backend) {
     // Owners and admins see the order; another customer gets 404, not 403.
     assert_eq!(app.get(&order_path, Some(&alice_token)).await.status(), 200);
     assert_eq!(app.get(&order_path, Some(&app.admin)).await.status(), 200);
-    expect_problem(
-        app.get(&order_path, Some(&bob_token)).await,
-        404,
-        "not_found",
-    )
-    .await;
+    expect_problem(app.get(&order_path, Some(&bob_token)).await, 404, "not_found").await;
     // Roles also come from Cognito groups.
     let cognito_admin = hs256(
         &claims(json!({"sub": "ops", "cognito:groups": ["admin"]})),
         common::SECRET,
     );
-    assert_eq!(
-        app.get(&order_path, Some(&cognito_admin)).await.status(),
-        200
-    );
+    assert_eq!(app.get(&order_path, Some(&cognito_admin)).await.status(), 200);
 
     // Admin-only routes: 401 anonymous, 403 customers.
     let new_product = json!({"name": "x", "price": 1, "stock_quantity": 1});
+    expect_problem(app.post("/products", None, &new_product).await, 401, "unauthorized").await;
     expect_problem(
-        app.post("/products", None, &new_product).await,
-        401,
-        "unauthorized",
-    )
-    .await;
-    expect_problem(
-        app.post("/products", Some(&alice_token), &new_product)
-            .await,
+        app.post("/products", Some(&alice_token), &new_product).await,
         403,
         "forbidden",
     )
@@ -903,7 +828,13 @@ async fn auth_rules(backend: Backend) {
         .unwrap();
     expect_problem(patch, 403, "forbidden").await;
     // Customers order only for themselves; anonymous may not order.
-    let for_bob = app.place_order(&alice_token, "a2", &json!({"customer_id": uuid::Uuid::now_v7(), "items": [{"product_id": product, "quantity": 1}]})).await;
+    let for_bob = app
+        .place_order(
+            &alice_token,
+            "a2",
+            &json!({"customer_id": uuid::Uuid::now_v7(), "items": [{"product_id": product, "quantity": 1}]}),
+        )
+        .await;
     assert_eq!(
         error_fields(&expect_problem(for_bob, 403, "forbidden").await),
         ["/customer_id"]
@@ -942,11 +873,7 @@ async fn idempotency_replay_reuse_and_scope(backend: Backend) {
         first_body,
         "the replay is the first response"
     );
-    assert_eq!(
-        app.available(&product).await,
-        8,
-        "a replay reserves nothing"
-    );
+    assert_eq!(app.available(&product).await, 8, "a replay reserves nothing");
 
     let changed = app
         .place_order(
@@ -980,12 +907,7 @@ async fn idempotency_replay_reuse_and_scope(backend: Backend) {
         )
         .await;
     assert_eq!(restock.status(), 200);
-    assert_eq!(
-        app.place_order(&token, "after-restock", &big)
-            .await
-            .status(),
-        202
-    );
+    assert_eq!(app.place_order(&token, "after-restock", &big).await.status(), 202);
     app.assert_audit_clean().await;
 }
 
@@ -995,10 +917,7 @@ async fn hold_stock(app: &TestApp, product: &str) -> Box<dyn std::any::Any + Sen
     match app.backend {
         Backend::Sqlite => {
             let mut conn = sqlx::SqliteConnection::connect(app.db.url()).await.unwrap();
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut conn)
-                .await
-                .unwrap();
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
             Box::new(conn)
         }
         Backend::Postgres => {
@@ -1149,12 +1068,7 @@ async fn concurrent_mixed_carts_no_deadlock_no_oversell(backend: Backend) {
         .iter()
         .enumerate()
         .map(|(n, cart)| {
-            let (client, url, token, start) = (
-                app.client.clone(),
-                app.url.clone(),
-                token.clone(),
-                start.clone(),
-            );
+            let (client, url, token, start) = (app.client.clone(), app.url.clone(), token.clone(), start.clone());
             let items: Vec<Value> = cart
                 .iter()
                 .map(|(p, q)| json!({"product_id": p, "quantity": q}))
@@ -1267,9 +1181,7 @@ async fn concurrent_identical_requests_make_one_order(backend: Backend) {
     let later = app.place_order(&token, "same", &body).await;
     assert_eq!(later.headers()["idempotent-replayed"], "true");
     assert_eq!(
-        later.json::<Value>().await.unwrap()["order_id"]
-            .as_str()
-            .unwrap(),
+        later.json::<Value>().await.unwrap()["order_id"].as_str().unwrap(),
         order_ids.iter().next().unwrap()
     );
     app.assert_audit_clean().await;
@@ -1297,12 +1209,7 @@ async fn responses_carry_correlation_ids(backend: Backend) {
     let not_found = app.get("/no/such/route", None).await;
     assert!(not_found.headers().contains_key("x-correlation-id"));
     expect_problem(not_found, 404, "not_found").await;
-    let wrong_method = app
-        .client
-        .delete(format!("{}/products", app.url))
-        .send()
-        .await
-        .unwrap();
+    let wrong_method = app.client.delete(format!("{}/products", app.url)).send().await.unwrap();
     expect_problem(wrong_method, 405, "method_not_allowed").await;
     let ready: Value = app.get("/health/ready", None).await.json().await.unwrap();
     assert_eq!(ready["status"], "ok");

@@ -12,13 +12,11 @@ use orderflow::adapters::notify::FileNotifier;
 use orderflow::adapters::payment::sandbox::Sandbox;
 use orderflow::clock;
 use orderflow::domain::{
-    Cart, CartLine, CustomerId, Email, Money, NewCustomer, NewProduct, OrderId, OrderStatus,
-    PaymentToken, ProductId, Quantity,
+    Cart, CartLine, CustomerId, Email, Money, NewCustomer, NewProduct, OrderId, OrderStatus, PaymentToken, ProductId,
+    Quantity,
 };
 use orderflow::queue::{QueueSettings, Runner};
-use orderflow::store::jobs::{
-    CompleteOutcome, FailOutcome, JobFilter, ReplaySelector, StepEffects,
-};
+use orderflow::store::jobs::{CompleteOutcome, FailOutcome, JobFilter, ReplaySelector, StepEffects};
 use orderflow::store::sandbox::SandboxBooks;
 use orderflow::store::{PlaceOrderOutcome, Store};
 use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
@@ -66,10 +64,7 @@ impl Pipeline {
         let books: Arc<dyn SandboxBooks> = store.clone();
         let sandbox = Arc::new(Sandbox::new(books));
         let mail = tempfile::tempdir().unwrap();
-        let notifier = Arc::new(FileNotifier::new(
-            mail.path().to_path_buf(),
-            "shop@example.com".into(),
-        ));
+        let notifier = Arc::new(FileNotifier::new(mail.path().to_path_buf(), "shop@example.com".into()));
         let saga = Arc::new(Saga {
             store: store.clone(),
             payments: sandbox.clone(),
@@ -142,20 +137,11 @@ impl Pipeline {
     }
 
     async fn drain(&self) {
-        self.runner
-            .drain(Duration::from_secs(30))
-            .await
-            .expect("queue drains");
+        self.runner.drain(Duration::from_secs(30)).await.expect("queue drains");
     }
 
     async fn status(&self, order: OrderId) -> OrderStatus {
-        self.store
-            .get_order(order)
-            .await
-            .unwrap()
-            .unwrap()
-            .order
-            .status
+        self.store.get_order(order).await.unwrap().unwrap().order.status
     }
 
     async fn stock(&self) -> (i64, i64) {
@@ -201,12 +187,7 @@ async fn visa_order_is_fulfilled_exactly_once(backend: Backend) {
 
     assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
     assert_eq!(p.stock().await, (97, 0), "reserved stock became sold stock");
-    let charges = p
-        .sandbox
-        .books()
-        .charges_for(&order.to_string())
-        .await
-        .unwrap();
+    let charges = p.sandbox.books().charges_for(&order.to_string()).await.unwrap();
     assert_eq!(charges.len(), 1);
     assert_eq!((charges[0].amount_minor, charges[0].calls), (7500, 1));
     let payment = p.store.payment(order).await.unwrap().unwrap();
@@ -215,42 +196,25 @@ async fn visa_order_is_fulfilled_exactly_once(backend: Backend) {
         ("captured", Some(charges[0].id.as_str()))
     );
     let events = p.events(order).await;
-    for kind in [
-        "order_placed",
-        "payment_captured",
-        "inventory_committed",
-        "fulfilled",
-    ] {
+    for kind in ["order_placed", "payment_captured", "inventory_committed", "fulfilled"] {
         assert_eq!(
             events.iter().filter(|e| *e == kind).count(),
             1,
             "{kind} once in {events:?}"
         );
     }
-    assert_eq!(
-        events.iter().filter(|e| *e == "notification_sent").count(),
-        2
-    );
+    assert_eq!(events.iter().filter(|e| *e == "notification_sent").count(), 2);
     let notifications = p.store.notifications(order).await.unwrap();
     let mut sent: Vec<_> = notifications
         .iter()
         .map(|n| (n.kind.as_str(), n.state.as_str(), n.attempts))
         .collect();
     sent.sort();
-    assert_eq!(
-        sent,
-        [
-            ("send_confirmation", "sent", 1),
-            ("send_receipt", "sent", 1)
-        ]
-    );
+    assert_eq!(sent, [("send_confirmation", "sent", 1), ("send_receipt", "sent", 1)]);
     assert_eq!(notifications.len(), 2);
     assert_eq!(
         p.mails(),
-        [
-            format!("confirmation.{order}.eml"),
-            format!("receipt.{order}.eml")
-        ]
+        [format!("confirmation.{order}.eml"), format!("receipt.{order}.eml")]
     );
     let receipt = std::fs::read_to_string(p.mail_dir.join(format!("receipt.{order}.eml"))).unwrap();
     assert!(
@@ -278,15 +242,8 @@ async fn declined_payment_cancels_and_releases_stock(backend: Backend) {
             .is_empty(),
         "no charge left standing"
     );
-    assert_eq!(
-        p.store.payment(order).await.unwrap().unwrap().state,
-        "declined"
-    );
-    assert!(
-        p.events(order)
-            .await
-            .contains(&"payment_declined".to_string())
-    );
+    assert_eq!(p.store.payment(order).await.unwrap().unwrap().state, "declined");
+    assert!(p.events(order).await.contains(&"payment_declined".to_string()));
     assert_eq!(p.mails(), [format!("cancellation.{order}.eml")]);
     p.assert_audit_clean().await;
 }
@@ -296,12 +253,7 @@ async fn ambiguous_timeout_charges_once(backend: Backend) {
     let order = p.place("tok_timeout", 1).await;
     p.drain().await;
     assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
-    let charges = p
-        .sandbox
-        .books()
-        .charges_for(&order.to_string())
-        .await
-        .unwrap();
+    let charges = p.sandbox.books().charges_for(&order.to_string()).await.unwrap();
     assert_eq!(charges.len(), 1, "the retry found the first charge");
     assert_eq!(charges[0].calls, 2, "two calls, one charge");
     let charge_job = p
@@ -329,17 +281,9 @@ async fn flaky_provider_succeeds_after_retries(backend: Backend) {
         .into_iter()
         .find(|j| j.kind == CHARGE_PAYMENT)
         .unwrap();
+    assert_eq!(charge_job.attempts, 3, "two transient failures, then success");
     assert_eq!(
-        charge_job.attempts, 3,
-        "two transient failures, then success"
-    );
-    assert_eq!(
-        p.sandbox
-            .books()
-            .charges_for(&order.to_string())
-            .await
-            .unwrap()
-            .len(),
+        p.sandbox.books().charges_for(&order.to_string()).await.unwrap().len(),
         1
     );
     p.assert_audit_clean().await;
@@ -352,11 +296,7 @@ async fn outage_dead_letters_then_replay_fulfils(backend: Backend) {
 
     // Parked visibly: the order waits, its job is dead with every error kept.
     assert_eq!(p.status(order).await, OrderStatus::PendingPayment);
-    assert_eq!(
-        p.stock().await,
-        (100, 2),
-        "the reservation is held while parked"
-    );
+    assert_eq!(p.stock().await, (100, 2), "the reservation is held while parked");
     let stats = p.store.queue_stats(clock::now()).await.unwrap();
     let charge = stats.iter().find(|s| s.kind == CHARGE_PAYMENT).unwrap();
     assert_eq!((charge.dead, charge.ready, charge.running), (1, 0, 0));
@@ -444,14 +384,9 @@ async fn cancel_after_payment_refunds_and_releases(backend: Backend) {
     let order = p.place("tok_visa", 5).await;
     assert_eq!(p.runner.run_batch(CHARGE_PAYMENT, 10).await.unwrap(), 1);
     assert_eq!(p.status(order).await, OrderStatus::Paid);
-    let outcome = cancel_order(
-        p.store.as_ref(),
-        &SagaSettings::default(),
-        order,
-        "customer request",
-    )
-    .await
-    .unwrap();
+    let outcome = cancel_order(p.store.as_ref(), &SagaSettings::default(), order, "customer request")
+        .await
+        .unwrap();
     assert_eq!(outcome, CancelOutcome::RefundQueued);
     p.drain().await;
     assert_eq!(p.status(order).await, OrderStatus::Cancelled);
@@ -460,22 +395,10 @@ async fn cancel_after_payment_refunds_and_releases(backend: Backend) {
         (100, 0),
         "stock back whether or not it had been committed"
     );
-    let charges = p
-        .sandbox
-        .books()
-        .charges_for(&order.to_string())
-        .await
-        .unwrap();
+    let charges = p.sandbox.books().charges_for(&order.to_string()).await.unwrap();
     assert_eq!((charges.len(), charges[0].state.as_str()), (1, "refunded"));
-    assert_eq!(
-        p.store.payment(order).await.unwrap().unwrap().state,
-        "refunded"
-    );
-    assert!(
-        p.events(order)
-            .await
-            .contains(&"payment_refunded".to_string())
-    );
+    assert_eq!(p.store.payment(order).await.unwrap().unwrap().state, "refunded");
+    assert!(p.events(order).await.contains(&"payment_refunded".to_string()));
     assert!(p.mails().contains(&format!("cancellation.{order}.eml")));
     p.assert_audit_clean().await;
 }
@@ -539,12 +462,7 @@ async fn expired_lease_is_taken_over_and_late_completion_refused(backend: Backen
             .unwrap(),
         FailOutcome::LeaseLost
     );
-    assert!(
-        !p.store
-            .extend_lease(&stalled.lease, clock::now())
-            .await
-            .unwrap()
-    );
+    assert!(!p.store.extend_lease(&stalled.lease, clock::now()).await.unwrap());
     assert!(
         !p.events(order).await.contains(&"late".to_string()),
         "nothing of the late completion was written"
@@ -582,12 +500,7 @@ async fn concurrent_runners_never_repeat_effects(backend: Backend) {
             OrderStatus::Fulfilled
         };
         assert_eq!(p.status(order).await, expected, "{token}");
-        let charges = p
-            .sandbox
-            .books()
-            .charges_for(&order.to_string())
-            .await
-            .unwrap();
+        let charges = p.sandbox.books().charges_for(&order.to_string()).await.unwrap();
         assert_eq!(
             charges.len(),
             usize::from(expected == OrderStatus::Fulfilled),

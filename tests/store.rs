@@ -9,8 +9,8 @@ use std::sync::Arc;
 use chrono::Utc;
 use common::{Backend, TestDb};
 use orderflow::domain::{
-    Cart, CartLine, CartRejection, Currency, CustomerId, Email, Money, NewCustomer, NewProduct,
-    OrderId, PaymentToken, ProductId, Quantity, StockAdjustment,
+    Cart, CartLine, CartRejection, Currency, CustomerId, Email, Money, NewCustomer, NewProduct, OrderId, PaymentToken,
+    ProductId, Quantity, StockAdjustment,
 };
 use orderflow::store::{AdjustOutcome, NewJob, PlaceOrder, PlaceOrderOutcome, Store, StoreError};
 use serde_json::json;
@@ -104,18 +104,10 @@ async fn placement_is_all_or_nothing(backend: Backend) {
         panic!("expected a shortage, got {short:?}")
     };
     assert_eq!(
-        (
-            shortages.len(),
-            shortages[0].product_id,
-            shortages[0].available
-        ),
+        (shortages.len(), shortages[0].product_id, shortages[0].available),
         (1, b, 1)
     );
-    assert_eq!(
-        available(store.as_ref(), a).await,
-        5,
-        "the good line was not reserved"
-    );
+    assert_eq!(available(store.as_ref(), a).await, 5, "the good line was not reserved");
 
     let ghost = ProductId::new();
     let unknown = store
@@ -145,10 +137,7 @@ async fn placement_is_all_or_nothing(backend: Backend) {
     };
     assert_eq!(order.total.minor(), 2 * 100 + 250);
     assert_eq!(
-        (
-            available(store.as_ref(), a).await,
-            available(store.as_ref(), b).await
-        ),
+        (available(store.as_ref(), a).await, available(store.as_ref(), b).await),
         (3, 0)
     );
     let details = store.get_order(order.id).await.unwrap().unwrap();
@@ -186,10 +175,7 @@ async fn idempotency_outcomes(backend: Backend) {
     // The same key from another principal is another order.
     let other = customer(store.as_ref()).await;
     assert!(matches!(
-        store
-            .place_order(&request(other, "same", &[(item, 1)]))
-            .await
-            .unwrap(),
+        store.place_order(&request(other, "same", &[(item, 1)])).await.unwrap(),
         PlaceOrderOutcome::Created(_)
     ));
     assert!(store.audit().await.unwrap().is_clean());
@@ -208,11 +194,7 @@ async fn adjustments_race_orders_without_breaking_invariants(backend: Backend) {
                 delta: -1,
                 reason: format!("shrinkage {n}"),
             };
-            match adjuster
-                .adjust_stock(item, &adjustment, Utc::now())
-                .await
-                .unwrap()
-            {
+            match adjuster.adjust_stock(item, &adjustment, Utc::now()).await.unwrap() {
                 AdjustOutcome::Adjusted(_) => 1,
                 AdjustOutcome::WouldBreakReservations { .. } => 0,
                 AdjustOutcome::NotFound => panic!("product vanished"),
@@ -244,11 +226,7 @@ async fn adjustments_race_orders_without_breaking_invariants(backend: Backend) {
     assert_eq!(product.on_hand, 60 - adjusted);
     assert_eq!(product.reserved, ordered);
     assert!(product.reserved <= product.on_hand);
-    assert_eq!(
-        adjusted + ordered,
-        60,
-        "every unit went to exactly one of the racers"
-    );
+    assert_eq!(adjusted + ordered, 60, "every unit went to exactly one of the racers");
     let report = store.audit().await.unwrap();
     assert!(report.is_clean(), "{report}");
 }
@@ -302,10 +280,7 @@ async fn audit_catches_each_broken_invariant(backend: Backend) {
     let store = db.connect().await;
     let item = product(store.as_ref(), 100, 10).await;
     let buyer = customer(store.as_ref()).await;
-    store
-        .place_order(&request(buyer, "a", &[(item, 2)]))
-        .await
-        .unwrap();
+    store.place_order(&request(buyer, "a", &[(item, 2)])).await.unwrap();
     assert!(store.audit().await.unwrap().is_clean());
 
     if backend == Backend::Postgres {
@@ -412,10 +387,7 @@ mod postgres_only {
         let db = TestDb::new(Backend::Postgres).await;
         let store = db.connect().await;
         let item = product(store.as_ref(), 100, 10).await;
-        let (fresh, stale) = (
-            customer(store.as_ref()).await,
-            customer(store.as_ref()).await,
-        );
+        let (fresh, stale) = (customer(store.as_ref()).await, customer(store.as_ref()).await);
         let fresh_request = request(fresh, "k", &[(item, 1)]);
         let stale_request = request(stale, "k", &[(item, 1)]);
         insert_claim(&db, &fresh.to_string(), &fresh_request.fingerprint, 1).await;
@@ -426,10 +398,7 @@ mod postgres_only {
             PlaceOrderOutcome::KeyInUse
         );
         assert_eq!(
-            store
-                .place_order(&request(fresh, "k", &[(item, 2)]))
-                .await
-                .unwrap(),
+            store.place_order(&request(fresh, "k", &[(item, 2)])).await.unwrap(),
             PlaceOrderOutcome::KeyReused
         );
         assert!(matches!(

@@ -15,8 +15,8 @@ pub use customer::{Customer, Email, NewCustomer};
 pub use ids::{CustomerId, OrderId, ProductId};
 pub use money::{Currency, Money};
 pub use order::{
-    Cart, CartLine, CartRejection, Order, OrderEvent, OrderLine, OrderStatus, PaymentToken,
-    Quantity, Shortage, StockLevel,
+    Cart, CartLine, CartRejection, Order, OrderEvent, OrderLine, OrderStatus, PaymentToken, Quantity, Shortage,
+    StockLevel,
 };
 pub use product::{NewProduct, Product, ProductPatch, StockAdjustment};
 pub use validation::{FieldError, FieldErrors};

@@ -79,9 +79,7 @@ impl fmt::Display for Currency {
 }
 
 /// A non-negative amount in minor units of some currency (the currency travels beside it).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Money(i64);
 
@@ -125,9 +123,7 @@ impl Money {
         }
         let too_large = || format!("must be at most {}", Money(MAX_MINOR).to_decimal(currency));
         let whole: i64 = whole.parse().map_err(|_| too_large())?;
-        let mut minor = whole
-            .checked_mul(10_i64.pow(digits as u32))
-            .ok_or_else(too_large)?;
+        let mut minor = whole.checked_mul(10_i64.pow(digits as u32)).ok_or_else(too_large)?;
         if !fraction.is_empty() {
             let scale = 10_i64.pow((digits - fraction.len()) as u32);
             let frac: i64 = fraction.parse().map_err(|_| too_large())?;
@@ -146,12 +142,7 @@ impl Money {
             return self.0.to_string();
         }
         let scale = 10_i64.pow(digits);
-        format!(
-            "{}.{:0width$}",
-            self.0 / scale,
-            self.0 % scale,
-            width = digits as usize
-        )
+        format!("{}.{:0width$}", self.0 / scale, self.0 % scale, width = digits as usize)
     }
 
     /// The amount as a JSON number with the exact decimal text (no float on the way).
@@ -189,11 +180,7 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_exact_money() {
-        assert!(
-            usd("1.999")
-                .unwrap_err()
-                .contains("at most 2 decimal places")
-        );
+        assert!(usd("1.999").unwrap_err().contains("at most 2 decimal places"));
         assert!(usd("-1").unwrap_err().contains("negative"));
         assert!(usd("1e3").is_err());
         assert!(usd("1.").is_err());
@@ -210,10 +197,7 @@ mod tests {
         assert_eq!(Money(500).to_decimal(jpy), "500");
         let kwd: Currency = "KWD".parse().unwrap();
         assert_eq!(Money(1).to_decimal(kwd), "0.001");
-        assert_eq!(
-            Money(19999).to_json_number(Currency::USD).to_string(),
-            "199.99"
-        );
+        assert_eq!(Money(19999).to_json_number(Currency::USD).to_string(), "199.99");
     }
 
     #[test]

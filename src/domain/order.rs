@@ -45,10 +45,7 @@ impl OrderStatus {
         use OrderStatus::*;
         matches!(
             (self, next),
-            (PendingPayment, Paid)
-                | (PendingPayment, Cancelled)
-                | (Paid, Fulfilled)
-                | (Paid, Cancelled)
+            (PendingPayment, Paid) | (PendingPayment, Cancelled) | (Paid, Fulfilled) | (Paid, Cancelled)
         )
     }
 
@@ -198,10 +195,7 @@ pub enum CartRejection {
 
 /// Prices a cart against current stock levels (in cart order). Every unknown product and every
 /// short line is reported, not just the first.
-pub fn price_lines(
-    cart: &Cart,
-    levels: &[StockLevel],
-) -> Result<(Vec<OrderLine>, Money), CartRejection> {
+pub fn price_lines(cart: &Cart, levels: &[StockLevel]) -> Result<(Vec<OrderLine>, Money), CartRejection> {
     let find = |id| levels.iter().find(|level| level.product_id == id);
     let unknown: Vec<_> = cart
         .lines()
@@ -227,13 +221,8 @@ pub fn price_lines(
             continue;
         }
         // Bounded: price <= MAX_MINOR (1e13), quantity <= 1000, lines <= 100 → < 1e18 < i64::MAX.
-        let line_total = level
-            .price
-            .checked_mul(requested)
-            .expect("bounded by field limits");
-        total = total
-            .checked_add(line_total)
-            .expect("bounded by field limits");
+        let line_total = level.price.checked_mul(requested).expect("bounded by field limits");
+        total = total.checked_add(line_total).expect("bounded by field limits");
         lines.push(OrderLine {
             product_id: line.product_id,
             quantity: line.quantity,
@@ -333,19 +322,14 @@ mod tests {
         let unknown = price_lines(&cart, &[level(a, 100, 10)]).unwrap_err();
         assert_eq!(unknown, CartRejection::UnknownProducts(vec![b, c]));
 
-        let short = price_lines(
-            &cart,
-            &[level(a, 100, 1), level(b, 100, 4), level(c, 100, 1)],
-        )
-        .unwrap_err();
+        let short = price_lines(&cart, &[level(a, 100, 1), level(b, 100, 4), level(c, 100, 1)]).unwrap_err();
         let CartRejection::InsufficientStock(shortages) = short else {
             panic!("expected shortages")
         };
         assert_eq!(shortages.len(), 2);
         assert_eq!((shortages[1].requested, shortages[1].available), (5, 4));
 
-        let (lines, total) =
-            price_lines(&cart, &[level(a, 1999, 10), level(b, 1, 5), level(c, 0, 1)]).unwrap();
+        let (lines, total) = price_lines(&cart, &[level(a, 1999, 10), level(b, 1, 5), level(c, 0, 1)]).unwrap();
         assert_eq!(total.minor(), 2 * 1999 + 5);
         assert_eq!(lines[0].unit_price.minor(), 1999);
     }

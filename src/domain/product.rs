@@ -67,10 +67,7 @@ pub struct ProductPatch {
 
 impl ProductPatch {
     pub fn is_empty(&self) -> bool {
-        self.name.is_none()
-            && self.description.is_none()
-            && self.category.is_none()
-            && self.price.is_none()
+        self.name.is_none() && self.description.is_none() && self.category.is_none() && self.price.is_none()
     }
 }
 

@@ -58,11 +58,7 @@ impl FieldErrors {
 
     /// `Ok(value)` when no error was recorded, else all the errors.
     pub fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, FieldErrors> {
-        if self.is_empty() {
-            Ok(value())
-        } else {
-            Err(self)
-        }
+        if self.is_empty() { Ok(value()) } else { Err(self) }
     }
 }
 
@@ -81,10 +77,7 @@ pub fn optional_text(value: &str, max: usize) -> Result<String, String> {
     if trimmed.chars().count() > max {
         return Err(format!("must be at most {max} characters"));
     }
-    if trimmed
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
+    if trimmed.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
         return Err("must not contain control characters".into());
     }
     Ok(trimmed.to_string())
@@ -99,10 +92,7 @@ mod tests {
         let mut errors = FieldErrors::new();
         assert_eq!(errors.check("/name", text("  ", 10)), None);
         assert_eq!(errors.check("/sku", text("abcdefghijk", 10)), None);
-        assert_eq!(
-            errors.check("/ok", text(" fine ", 10)),
-            Some("fine".to_string())
-        );
+        assert_eq!(errors.check("/ok", text(" fine ", 10)), Some("fine".to_string()));
         let fields: Vec<_> = errors.into_vec().into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["/name", "/sku"]);
     }

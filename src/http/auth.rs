@@ -52,11 +52,7 @@ struct Claims {
     aud: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     roles: Vec<String>,
-    #[serde(
-        default,
-        rename = "cognito:groups",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, rename = "cognito:groups", skip_serializing_if = "Vec::is_empty")]
     cognito_groups: Vec<String>,
 }
 
@@ -105,21 +101,20 @@ impl Authenticator {
 
     /// Checks a token and returns who it speaks for.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|error| {
-                use jsonwebtoken::errors::ErrorKind;
-                let reason = match error.kind() {
-                    ErrorKind::ExpiredSignature => "the token has expired",
-                    ErrorKind::ImmatureSignature => "the token is not valid yet",
-                    ErrorKind::InvalidIssuer => "wrong issuer",
-                    ErrorKind::InvalidAudience => "wrong audience",
-                    ErrorKind::InvalidSignature => "bad signature",
-                    ErrorKind::InvalidAlgorithm => "algorithm not accepted",
-                    ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
-                    _ => "malformed token",
-                };
-                ApiError::unauthorized(reason)
-            })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|error| {
+            use jsonwebtoken::errors::ErrorKind;
+            let reason = match error.kind() {
+                ErrorKind::ExpiredSignature => "the token has expired",
+                ErrorKind::ImmatureSignature => "the token is not valid yet",
+                ErrorKind::InvalidIssuer => "wrong issuer",
+                ErrorKind::InvalidAudience => "wrong audience",
+                ErrorKind::InvalidSignature => "bad signature",
+                ErrorKind::InvalidAlgorithm => "algorithm not accepted",
+                ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
+                _ => "malformed token",
+            };
+            ApiError::unauthorized(reason)
+        })?;
         let claims = data.claims;
         if claims.sub.trim().is_empty() {
             return Err(ApiError::unauthorized("a required claim is missing"));
@@ -167,11 +162,7 @@ impl FromRequestParts<AppState> for Principal {
         let token = header
             .to_str()
             .ok()
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
             .map(str::trim)
             .ok_or_else(|| ApiError::unauthorized("expected the Bearer scheme"))?;
         state.auth.verify(token)
@@ -196,9 +187,7 @@ impl FromRequestParts<AppState> for Admin {
 /// Parses a duration such as `90s`, `30m`, `1h`, `7d`.
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -223,15 +212,12 @@ mod tests {
     #[test]
     fn round_trip_and_rejections() {
         let auth = Authenticator::hs256(&Secret::new(b"0123456789abcdef0123456789abcdef".to_vec()));
-        let token = auth
-            .issue("alice", &["admin".into()], Duration::from_secs(60))
-            .unwrap();
+        let token = auth.issue("alice", &["admin".into()], Duration::from_secs(60)).unwrap();
         let principal = auth.verify(&token).unwrap();
         assert!(principal.is_admin());
         assert_eq!(principal.subject, "alice");
 
-        let other =
-            Authenticator::hs256(&Secret::new(b"another-secret-another-secret-xx".to_vec()));
+        let other = Authenticator::hs256(&Secret::new(b"another-secret-another-secret-xx".to_vec()));
         assert_eq!(other.verify(&token).unwrap_err().status(), 401);
         assert_eq!(auth.verify("garbage").unwrap_err().status(), 401);
     }

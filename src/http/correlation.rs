@@ -32,7 +32,8 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         .map(str::to_string)
         .unwrap_or_else(|| Uuid::now_v7().to_string());
     request.extensions_mut().insert(CorrelationId(id.clone()));
-    let span = tracing::info_span!("request", correlation_id = %id, method = %request.method(), path = %request.uri().path());
+    let span =
+        tracing::info_span!("request", correlation_id = %id, method = %request.method(), path = %request.uri().path());
     let mut response = {
         let _entered = span.enter();
         tracing::debug!("request started");

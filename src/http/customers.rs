@@ -63,13 +63,10 @@ async fn create(
     let requested_id = body.customer_id.and_then(|id| {
         errors.check(
             "/customer_id",
-            id.parse::<CustomerId>()
-                .map_err(|_| "must be a UUID".to_string()),
+            id.parse::<CustomerId>().map_err(|_| "must be a UUID".to_string()),
         )
     });
-    let mut text = |field: &str,
-                    value: Option<String>,
-                    parse: &dyn Fn(&str) -> Result<String, String>| match value {
+    let mut text = |field: &str, value: Option<String>, parse: &dyn Fn(&str) -> Result<String, String>| match value {
         None => {
             errors.add(field, "is required");
             None
@@ -98,10 +95,8 @@ async fn create(
             ApiError::forbidden("this token's subject is not a customer id (UUID), so it cannot own a customer record")
         })?;
         if requested_id.is_some_and(|requested| requested != own) {
-            return Err(
-                ApiError::forbidden("customers may only create their own record")
-                    .with_field("/customer_id", "must be your own id"),
-            );
+            return Err(ApiError::forbidden("customers may only create their own record")
+                .with_field("/customer_id", "must be your own id"));
         }
         own
     };
@@ -163,10 +158,7 @@ async fn orders(
         return Err(ApiError::not_found("customer"));
     }
     let before: Option<OrderId> = params.cursor()?;
-    let page = state
-        .store
-        .list_customer_orders(id, before, params.limit()?)
-        .await?;
+    let page = state.store.list_customer_orders(id, before, params.limit()?).await?;
     Ok(private(Json(OrderList {
         data: page
             .items

@@ -23,12 +23,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(
-        status: StatusCode,
-        code: &'static str,
-        title: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
+    fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -50,12 +45,7 @@ impl ApiError {
         };
         Self {
             errors,
-            ..Self::new(
-                StatusCode::BAD_REQUEST,
-                "validation_failed",
-                "Invalid request",
-                detail,
-            )
+            ..Self::new(StatusCode::BAD_REQUEST, "validation_failed", "Invalid request", detail)
         }
     }
 
@@ -66,12 +56,7 @@ impl ApiError {
 
     /// 400 `malformed_json`: the body is not JSON at all.
     pub fn malformed_json(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            "Malformed JSON",
-            detail,
-        )
+        Self::new(StatusCode::BAD_REQUEST, "malformed_json", "Malformed JSON", detail)
     }
 
     /// 400 `idempotency_key_missing`.
@@ -157,11 +142,7 @@ impl ApiError {
     }
 
     /// 422 with a specific code: well-formed, but the business rules refuse it.
-    pub fn unprocessable(
-        code: &'static str,
-        title: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
+    pub fn unprocessable(code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, title, detail)
     }
 
@@ -224,11 +205,10 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(%cause, "database unavailable");
                 ApiError::unavailable("the service is busy; retry shortly")
             }
-            StoreError::Conflict(field) => ApiError::conflict(
-                "already_exists",
-                format!("a record with this {field} already exists"),
-            )
-            .with_field(format!("/{field}"), "already in use"),
+            StoreError::Conflict(field) => {
+                ApiError::conflict("already_exists", format!("a record with this {field} already exists"))
+                    .with_field(format!("/{field}"), "already in use")
+            }
             other => ApiError::internal(other),
         }
     }
@@ -258,10 +238,7 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if let Some(challenge) = self
-            .www_authenticate
-            .and_then(|c| HeaderValue::from_str(&c).ok())
-        {
+        if let Some(challenge) = self.www_authenticate.and_then(|c| HeaderValue::from_str(&c).ok()) {
             headers.insert(header::WWW_AUTHENTICATE, challenge);
         }
         response

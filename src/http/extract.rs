@@ -30,8 +30,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             .and_then(|value| value.split(';').next())
             .map(|mime| {
                 let mime = mime.trim().to_ascii_lowercase();
-                mime == "application/json"
-                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
             })
             .unwrap_or(false);
         if !is_json {
@@ -42,15 +41,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             .get::<BodyLimit>()
             .map(|l| l.0)
             .unwrap_or(usize::MAX);
-        let bytes =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|rejection| match rejection {
-                    BytesRejection::FailedToBufferBody(_) if rejection.status() == 413 => {
-                        ApiError::payload_too_large(limit)
-                    }
-                    other => ApiError::malformed_json(other.body_text()),
-                })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| match rejection {
+                BytesRejection::FailedToBufferBody(_) if rejection.status() == 413 => {
+                    ApiError::payload_too_large(limit)
+                }
+                other => ApiError::malformed_json(other.body_text()),
+            })?;
         parse_json(&bytes).map(ApiJson)
     }
 }
@@ -88,9 +86,7 @@ fn json_pointer(path: &serde_path_to_error::Path) -> String {
     for segment in path.iter() {
         match segment {
             Segment::Seq { index } => pointer.push_str(&format!("/{index}")),
-            Segment::Map { key } => {
-                pointer.push_str(&format!("/{}", key.replace('~', "~0").replace('/', "~1")))
-            }
+            Segment::Map { key } => pointer.push_str(&format!("/{}", key.replace('~', "~0").replace('/', "~1"))),
             Segment::Enum { variant } => pointer.push_str(&format!("/{variant}")),
             Segment::Unknown => {}
         }
@@ -122,9 +118,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
             return Err(ApiError::idempotency_key_missing());
         };
         let key = value.to_str().ok().filter(|key| {
-            !key.is_empty()
-                && key.len() <= IDEMPOTENCY_KEY_MAX
-                && key.bytes().all(|b| (0x20..0x7f).contains(&b))
+            !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_MAX && key.bytes().all(|b| (0x20..0x7f).contains(&b))
         });
         match key {
             Some(key) => Ok(IdempotencyKey(key.to_string())),
@@ -161,9 +155,7 @@ impl QueryParams {
                 errors.add(format!("query.{name}"), "given more than once");
             }
         }
-        errors
-            .finish(|| QueryParams(params))
-            .map_err(ApiError::validation)
+        errors.finish(|| QueryParams(params)).map_err(ApiError::validation)
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -178,9 +170,7 @@ impl QueryParams {
                 .parse::<u32>()
                 .ok()
                 .filter(|n| (1..=200).contains(n))
-                .ok_or_else(|| {
-                    ApiError::invalid_field("query.limit", "must be a whole number from 1 to 200")
-                }),
+                .ok_or_else(|| ApiError::invalid_field("query.limit", "must be a whole number from 1 to 200")),
         }
     }
 
@@ -188,9 +178,8 @@ impl QueryParams {
     pub fn cursor<T: std::str::FromStr>(&self) -> Result<Option<T>, ApiError> {
         self.get("cursor")
             .map(|text| {
-                text.parse().map_err(|_| {
-                    ApiError::invalid_field("query.cursor", "is not a cursor this API returned")
-                })
+                text.parse()
+                    .map_err(|_| ApiError::invalid_field("query.cursor", "is not a cursor this API returned"))
             })
             .transpose()
     }
@@ -234,12 +223,10 @@ mod tests {
 
     #[test]
     fn names_the_bad_field() {
-        let error =
-            parse_json::<Body>(br#"{"items":[{"quantity":1},{"quantity":"two"}]}"#).unwrap_err();
+        let error = parse_json::<Body>(br#"{"items":[{"quantity":1},{"quantity":"two"}]}"#).unwrap_err();
         assert_eq!(error.code(), "validation_failed");
         let _ = field_of(error);
-        let error =
-            parse_json::<Body>(br#"{"items":[{"quantity":1,"colour":"red"}]}"#).unwrap_err();
+        let error = parse_json::<Body>(br#"{"items":[{"quantity":1,"colour":"red"}]}"#).unwrap_err();
         assert_eq!(error.errors()[0].field, "/items/0/colour");
         let error = parse_json::<Body>(br#"{"items":[{"quantity":1}"#).unwrap_err();
         assert_eq!(error.code(), "malformed_json");
@@ -248,8 +235,7 @@ mod tests {
     #[test]
     fn query_params_refuse_unknown_names() {
         assert!(QueryParams::parse(Some("limit=5&colour=red"), &["limit"]).is_err());
-        let params =
-            QueryParams::parse(Some("limit=5&category=a%20b"), &["limit", "category"]).unwrap();
+        let params = QueryParams::parse(Some("limit=5&category=a%20b"), &["limit", "category"]).unwrap();
         assert_eq!(params.get("category"), Some("a b"));
         assert!(
             QueryParams::parse(Some("limit=500"), &["limit"])

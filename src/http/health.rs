@@ -24,9 +24,7 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     match state.store.ping().await {
         Ok(()) => (
             StatusCode::OK,
-            Json(
-                json!({ "status": "ok", "components": { "database": { "status": "ok", "backend": backend } } }),
-            ),
+            Json(json!({ "status": "ok", "components": { "database": { "status": "ok", "backend": backend } } })),
         ),
         Err(error) => {
             tracing::warn!(%error, "readiness check failed");

@@ -2,6 +2,7 @@
 //! [`app`] builds the router from state; [`serve`] runs it on a listener until shutdown, so tests
 //! drive exactly the router production runs.
 
+mod admin;
 pub mod auth;
 mod correlation;
 mod customers;
@@ -27,6 +28,7 @@ use extract::BodyLimit;
 
 use crate::store::Store;
 use crate::workflow::checkout::CheckoutSettings;
+use crate::workflow::steps::SagaSettings;
 
 /// Default largest request body: 64 KiB.
 pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
@@ -40,6 +42,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Currency and step settings for new orders.
     pub checkout: Arc<CheckoutSettings>,
+    /// Attempts of the compensation jobs a cancellation enqueues.
+    pub saga: Arc<SagaSettings>,
     /// Largest accepted request body in bytes.
     pub body_limit: usize,
 }
@@ -52,6 +56,7 @@ pub fn app(state: AppState) -> Router {
         .merge(products::routes())
         .merge(customers::routes())
         .merge(orders::routes())
+        .merge(admin::routes())
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))
@@ -71,9 +76,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
 }
 
 /// Personal responses must never be cached by a shared cache.

@@ -1,7 +1,7 @@
 //! Order routes: the checkout commitment (POST /orders, answered 202) and reading an order back.
 
 use axum::extract::{Extension, Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,16 +15,19 @@ use super::error::ApiError;
 use super::extract::{ApiJson, IdempotencyKey, path_id};
 use super::{AppState, private};
 use crate::domain::{
-    Cart, CartLine, CartRejection, Currency, CustomerId, FieldErrors, Order, OrderEvent, OrderId,
-    OrderStatus, PaymentToken, ProductId, Quantity,
+    Cart, CartLine, CartRejection, Currency, CustomerId, FieldErrors, Order, OrderEvent, OrderId, OrderStatus,
+    PaymentToken, ProductId, Quantity,
 };
 use crate::store::PlaceOrderOutcome;
+use crate::workflow::CHARGE_PAYMENT;
 use crate::workflow::checkout::{self, CheckoutRequest};
+use crate::workflow::steps::{CancelOutcome, cancel_order};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/orders", post(place))
         .route("/orders/{id}", get(show))
+        .route("/orders/{id}/cancel", post(cancel))
 }
 
 #[derive(Serialize)]
@@ -57,6 +60,47 @@ pub struct OrderView {
     updated_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     timeline: Option<Vec<EventView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payment: Option<PaymentView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notifications: Option<Vec<NotificationView>>,
+    /// The steps still to run (or parked), when the order is read back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pending_steps: Option<Vec<StepView>>,
+}
+
+#[derive(Serialize)]
+struct PaymentView {
+    state: String,
+    provider: String,
+    provider_reference: Option<String>,
+    amount: serde_json::Number,
+    /// Attempts of the payment step so far.
+    attempts: i32,
+    detail: Option<String>,
+}
+
+#[derive(Serialize)]
+struct NotificationView {
+    kind: String,
+    state: String,
+    sent_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+struct StepView {
+    step: String,
+    /// `ready` (waiting to run or for a retry), `running`, or `dead` (parked until replayed).
+    state: String,
+    attempts: i32,
+}
+
+/// The pipeline's view of an order, for GET /orders/{id}.
+struct Progress {
+    payment: Option<crate::store::jobs::PaymentRecord>,
+    payment_attempts: i32,
+    notifications: Vec<crate::store::jobs::NotificationRecord>,
+    steps: Vec<crate::store::JobSummary>,
 }
 
 impl OrderView {
@@ -95,7 +139,48 @@ impl OrderView {
                     })
                     .collect()
             }),
+            payment: None,
+            notifications: None,
+            pending_steps: None,
         }
+    }
+
+    fn with_progress(mut self, progress: Progress) -> Self {
+        let currency = self.currency;
+        self.payment = progress.payment.map(|p| PaymentView {
+            amount: crate::domain::Money::from_minor(p.amount_minor)
+                .unwrap_or_default()
+                .to_json_number(currency),
+            state: p.state,
+            provider: p.provider,
+            provider_reference: p.provider_ref,
+            attempts: progress.payment_attempts,
+            detail: p.detail,
+        });
+        self.notifications = Some(
+            progress
+                .notifications
+                .into_iter()
+                .map(|n| NotificationView {
+                    kind: n.kind,
+                    state: n.state,
+                    sent_at: n.sent_at,
+                })
+                .collect(),
+        );
+        self.pending_steps = Some(
+            progress
+                .steps
+                .into_iter()
+                .filter(|job| job.state != "succeeded")
+                .map(|job| StepView {
+                    step: job.kind,
+                    state: job.state,
+                    attempts: job.attempts,
+                })
+                .collect(),
+        );
+        self
     }
 }
 
@@ -123,12 +208,9 @@ struct PaymentBody {
 /// Validates the body into a cart and payment token, reporting every bad field at once.
 fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, PaymentToken), ApiError> {
     let mut errors = FieldErrors::new();
-    let customer_id = body.customer_id.and_then(|id| {
-        errors.check(
-            "/customer_id",
-            id.parse().map_err(|_| "must be a UUID".to_string()),
-        )
-    });
+    let customer_id = body
+        .customer_id
+        .and_then(|id| errors.check("/customer_id", id.parse().map_err(|_| "must be a UUID".to_string())));
     let mut lines = Vec::new();
     match body.items {
         None => errors.add("/items", "is required"),
@@ -141,8 +223,7 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
                     }
                     Some(id) => errors.check(
                         &format!("/items/{index}/product_id"),
-                        id.parse::<ProductId>()
-                            .map_err(|_| "must be a UUID".to_string()),
+                        id.parse::<ProductId>().map_err(|_| "must be a UUID".to_string()),
                     ),
                 };
                 let quantity = match item.quantity {
@@ -150,16 +231,10 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
                         errors.add(format!("/items/{index}/quantity"), "is required");
                         None
                     }
-                    Some(quantity) => errors.check(
-                        &format!("/items/{index}/quantity"),
-                        Quantity::parse(quantity),
-                    ),
+                    Some(quantity) => errors.check(&format!("/items/{index}/quantity"), Quantity::parse(quantity)),
                 };
                 if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
-                    lines.push(CartLine {
-                        product_id,
-                        quantity,
-                    });
+                    lines.push(CartLine { product_id, quantity });
                 }
             }
         }
@@ -170,9 +245,7 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
             errors.add("/payment/token", "is required when payment is given");
             None
         }
-        Some(PaymentBody { token: Some(token) }) => {
-            errors.check("/payment/token", PaymentToken::parse(&token))
-        }
+        Some(PaymentBody { token: Some(token) }) => errors.check("/payment/token", PaymentToken::parse(&token)),
     };
     let cart = if errors.is_empty() {
         Cart::new(lines).map_err(ApiError::validation)?
@@ -180,11 +253,7 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
         // Size and duplicate checks only make sense once every line parsed.
         return Err(ApiError::validation(errors));
     };
-    Ok((
-        customer_id,
-        cart,
-        payment_token.expect("no errors recorded"),
-    ))
+    Ok((customer_id, cart, payment_token.expect("no errors recorded")))
 }
 
 async fn place(
@@ -195,11 +264,7 @@ async fn place(
     ApiJson(body): ApiJson<PlaceOrderBody>,
 ) -> Result<Response, ApiError> {
     let (requested_customer, cart, payment_token) = parse_body(body)?;
-    let customer_id = match (
-        principal.is_admin(),
-        requested_customer,
-        principal.customer_id(),
-    ) {
+    let customer_id = match (principal.is_admin(), requested_customer, principal.customer_id()) {
         (true, Some(customer), _) => customer,
         (true, None, _) => {
             return Err(ApiError::invalid_field(
@@ -210,10 +275,8 @@ async fn place(
         (false, None, Some(own)) => own,
         (false, Some(customer), Some(own)) if customer == own => own,
         (false, Some(_), _) => {
-            return Err(
-                ApiError::forbidden("customers may only place orders for themselves")
-                    .with_field("/customer_id", "must be your own customer id"),
-            );
+            return Err(ApiError::forbidden("customers may only place orders for themselves")
+                .with_field("/customer_id", "must be your own customer id"));
         }
         (false, None, None) => {
             return Err(ApiError::forbidden(
@@ -268,10 +331,7 @@ fn rejected(rejection: CartRejection) -> ApiError {
                 "Unknown product",
                 format!(
                     "no such product: {}",
-                    ids.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
                 ),
             )
             .with_extra(json!({ "product_ids": ids }));
@@ -283,10 +343,7 @@ fn rejected(rejection: CartRejection) -> ApiError {
         CartRejection::InsufficientStock(shortages) => ApiError::unprocessable(
             "insufficient_stock",
             "Insufficient stock",
-            format!(
-                "{} item(s) cannot be filled; nothing was reserved",
-                shortages.len()
-            ),
+            format!("{} item(s) cannot be filled; nothing was reserved", shortages.len()),
         )
         .with_extra(json!({ "items": shortages })),
         CartRejection::UnknownCustomer(id) => ApiError::unprocessable(
@@ -298,7 +355,79 @@ fn rejected(rejection: CartRejection) -> ApiError {
     }
 }
 
+/// Longest `Prefer: wait=N` honoured, in seconds.
+const MAX_WAIT_SECS: u64 = 30;
+
+/// `Prefer: wait=N` (RFC 7240): how long the client is willing to wait for a change.
+fn preferred_wait(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    for value in headers.get_all("prefer").iter() {
+        let Ok(text) = value.to_str() else { continue };
+        for preference in text.split(',') {
+            if let Some(seconds) = preference.trim().strip_prefix("wait=") {
+                let seconds: u64 = seconds
+                    .trim()
+                    .parse()
+                    .map_err(|_| ApiError::invalid_field("Prefer", "wait must be a whole number of seconds"))?;
+                return Ok(Some(seconds.min(MAX_WAIT_SECS)));
+            }
+        }
+    }
+    Ok(None)
+}
+
 async fn show(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id: OrderId = path_id("id", &id)?;
+    let wait = preferred_wait(&headers)?;
+    let mut details = state
+        .store
+        .get_order(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("order"))?;
+    if !principal.may_access(details.order.customer_id) {
+        return Err(ApiError::not_found("order"));
+    }
+    if let Some(seconds) = wait {
+        // Long-poll: answer as soon as the status moves from the one the client has now.
+        let seen = details.order.status;
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+        while details.order.status == seen && !seen.is_terminal() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            details = state
+                .store
+                .get_order(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("order"))?;
+        }
+    }
+    let steps = state.store.jobs_for_order(id).await?;
+    let progress = Progress {
+        payment: state.store.payment(id).await?,
+        payment_attempts: steps
+            .iter()
+            .filter(|j| j.kind == CHARGE_PAYMENT)
+            .map(|j| j.attempts)
+            .sum(),
+        notifications: state.store.notifications(id).await?,
+        steps,
+    };
+    let view = OrderView::new(details.order, Some(details.events)).with_progress(progress);
+    let mut response = private(Json(view));
+    if let Some(seconds) = wait {
+        if let Ok(value) = HeaderValue::from_str(&format!("wait={seconds}")) {
+            response.headers_mut().insert("preference-applied", value);
+        }
+    }
+    Ok(response)
+}
+
+/// POST /orders/{id}/cancel: owners until fulfilment, admins. 202 with the order; compensation
+/// (refund if paid, stock released) runs as durable steps.
+async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
@@ -312,8 +441,24 @@ async fn show(
     if !principal.may_access(details.order.customer_id) {
         return Err(ApiError::not_found("order"));
     }
-    Ok(private(Json(OrderView::new(
-        details.order,
-        Some(details.events),
-    ))))
+    let reason = if principal.is_admin() {
+        "cancelled by an operator"
+    } else {
+        "cancelled by the customer"
+    };
+    if cancel_order(state.store.as_ref(), &state.saga, id, reason).await? == CancelOutcome::TooLate {
+        return Err(ApiError::conflict(
+            "order_not_cancellable",
+            "the order has been fulfilled and can no longer be cancelled",
+        ));
+    }
+    let details = state
+        .store
+        .get_order(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("order"))?;
+    Ok(private((
+        StatusCode::ACCEPTED,
+        Json(OrderView::new(details.order, Some(details.events))),
+    )))
 }

@@ -70,10 +70,7 @@ async fn list(
     let params = QueryParams::parse(raw.as_deref(), &["category", "limit", "cursor"])?;
     let category = params
         .get("category")
-        .map(|c| {
-            product::parse_category(c)
-                .map_err(|message| ApiError::invalid_field("query.category", message))
-        })
+        .map(|c| product::parse_category(c).map_err(|message| ApiError::invalid_field("query.category", message)))
         .transpose()?;
     let query = ProductQuery {
         category,
@@ -83,31 +80,20 @@ async fn list(
     let page = state.store.list_products(&query).await?;
     let currency = state.checkout.currency;
     let body = ProductList {
-        data: page
-            .items
-            .into_iter()
-            .map(|p| ProductView::new(p, currency))
-            .collect(),
+        data: page.items.into_iter().map(|p| ProductView::new(p, currency)).collect(),
         next_cursor: page.next_after.map(|id| id.simple().to_string()),
     };
     Ok(cacheable(&headers, &body))
 }
 
-async fn show(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+async fn show(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
     let id: ProductId = path_id("id", &id)?;
     let product = state
         .store
         .get_product(id)
         .await?
         .ok_or_else(|| ApiError::not_found("product"))?;
-    Ok(cacheable(
-        &headers,
-        &ProductView::new(product, state.checkout.currency),
-    ))
+    Ok(cacheable(&headers, &ProductView::new(product, state.checkout.currency)))
 }
 
 /// A public JSON response with a strong ETag; a matching `If-None-Match` gets 304.
@@ -116,10 +102,7 @@ fn cacheable(request_headers: &HeaderMap, body: &impl Serialize) -> Response {
     let digest = Sha256::digest(&bytes);
     let etag = format!(
         "\"{}\"",
-        digest[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect::<String>()
     );
     let matches = request_headers
         .get_all(header::IF_NONE_MATCH)
@@ -174,10 +157,9 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let currency = state.checkout.currency;
     let mut errors = FieldErrors::new();
-    let name = required(&mut errors, "/name", body.name)
-        .and_then(|n| errors.check("/name", product::parse_name(&n)));
-    let price = required(&mut errors, "/price", body.price)
-        .and_then(|p| errors.check("/price", parse_price(&p, currency)));
+    let name = required(&mut errors, "/name", body.name).and_then(|n| errors.check("/name", product::parse_name(&n)));
+    let price =
+        required(&mut errors, "/price", body.price).and_then(|p| errors.check("/price", parse_price(&p, currency)));
     let stock = required(&mut errors, "/stock_quantity", body.stock_quantity)
         .and_then(|s| errors.check("/stock_quantity", product::parse_stock(s)));
     let description = body
@@ -186,9 +168,7 @@ async fn create(
     let category = body
         .category
         .and_then(|c| errors.check("/category", product::parse_category(&c)));
-    let sku = body
-        .sku
-        .and_then(|s| errors.check("/sku", product::parse_sku(&s)));
+    let sku = body.sku.and_then(|s| errors.check("/sku", product::parse_sku(&s)));
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -204,10 +184,7 @@ async fn create(
         price,
         stock,
     };
-    let product = state
-        .store
-        .create_product(&new, crate::clock::now())
-        .await?;
+    let product = state.store.create_product(&new, crate::clock::now()).await?;
     let location = format!("/products/{}", product.id);
     Ok((
         StatusCode::CREATED,
@@ -218,9 +195,7 @@ async fn create(
 }
 
 /// `Some(None)` for an explicit `null`, `None` for an absent field.
-fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    deserializer: D,
-) -> Result<Option<Option<T>>, D::Error> {
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
@@ -245,9 +220,7 @@ async fn update(
     let currency = state.checkout.currency;
     let mut errors = FieldErrors::new();
     let patch = ProductPatch {
-        name: body
-            .name
-            .and_then(|n| errors.check("/name", product::parse_name(&n))),
+        name: body.name.and_then(|n| errors.check("/name", product::parse_name(&n))),
         description: body
             .description
             .map(|d| d.and_then(|d| errors.check("/description", product::parse_description(&d)))),
@@ -290,19 +263,27 @@ async fn adjust_stock(
 ) -> Result<Response, ApiError> {
     let id: ProductId = path_id("id", &id)?;
     let mut errors = FieldErrors::new();
-    let delta = required(&mut errors, "/delta", body.delta)
-        .and_then(|d| errors.check("/delta", product::parse_delta(d)));
-    let reason = required(&mut errors, "/reason", body.reason)
-        .and_then(|r| errors.check("/reason", product::parse_reason(&r)));
+    let delta =
+        required(&mut errors, "/delta", body.delta).and_then(|d| errors.check("/delta", product::parse_delta(d)));
+    let reason =
+        required(&mut errors, "/reason", body.reason).and_then(|r| errors.check("/reason", product::parse_reason(&r)));
     let (Some(delta), Some(reason)) = (delta, reason) else {
         return Err(ApiError::validation(errors));
     };
-    match state.store.adjust_stock(id, &StockAdjustment { delta, reason }, crate::clock::now()).await? {
-        AdjustOutcome::Adjusted(product) => Ok(axum::Json(ProductView::new(product, state.checkout.currency)).into_response()),
+    match state
+        .store
+        .adjust_stock(id, &StockAdjustment { delta, reason }, crate::clock::now())
+        .await?
+    {
+        AdjustOutcome::Adjusted(product) => {
+            Ok(axum::Json(ProductView::new(product, state.checkout.currency)).into_response())
+        }
         AdjustOutcome::NotFound => Err(ApiError::not_found("product")),
         AdjustOutcome::WouldBreakReservations { on_hand, reserved } => Err(ApiError::conflict(
             "stock_below_reserved",
-            format!("on-hand stock is {on_hand} with {reserved} reserved for open orders; it cannot go below {reserved}"),
+            format!(
+                "on-hand stock is {on_hand} with {reserved} reserved for open orders; it cannot go below {reserved}"
+            ),
         )
         .with_field("/delta", format!("must be at least {}", reserved - on_hand))),
     }

@@ -131,9 +131,7 @@ impl Runner {
             }
             Err(StepError::Retry(error)) => {
                 let retry_at = now + backoff(&self.settings, job.attempt);
-                self.store
-                    .fail_job(&job.lease, error, Some(retry_at), now)
-                    .await
+                self.store.fail_job(&job.lease, error, Some(retry_at), now).await
             }
             Err(StepError::Fatal(error)) => self.store.fail_job(&job.lease, error, None, now).await,
         };
@@ -171,11 +169,7 @@ impl Runner {
     }
 
     /// Claims and runs up to `limit` jobs of `kind`, waiting for them; returns how many ran.
-    pub async fn run_batch(
-        self: &Arc<Self>,
-        kind: &'static str,
-        limit: u32,
-    ) -> anyhow::Result<usize> {
+    pub async fn run_batch(self: &Arc<Self>, kind: &'static str, limit: u32) -> anyhow::Result<usize> {
         let step = self
             .steps
             .get(kind)
@@ -202,9 +196,7 @@ impl Runner {
         loop {
             let mut ran = 0;
             for kind in self.kinds() {
-                ran += self
-                    .run_batch(kind, self.settings.concurrency as u32)
-                    .await?;
+                ran += self.run_batch(kind, self.settings.concurrency as u32).await?;
             }
             if ran == 0 {
                 if !self.store.has_pending_work().await? {
@@ -278,11 +270,7 @@ impl Runner {
             };
             let idle = claimed.is_empty();
             for job in claimed {
-                let permit = slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("semaphore never closes");
+                let permit = slots.clone().acquire_owned().await.expect("semaphore never closes");
                 let (runner, step) = (self.clone(), step.clone());
                 running.spawn(async move {
                     runner.execute(step, job).await;

@@ -111,11 +111,7 @@ impl AuditReport {
 impl fmt::Display for AuditReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for check in CHECKS {
-            let broken: Vec<_> = self
-                .violations
-                .iter()
-                .filter(|v| v.check == check.name)
-                .collect();
+            let broken: Vec<_> = self.violations.iter().filter(|v| v.check == check.name).collect();
             let verdict = if broken.is_empty() { "ok  " } else { "FAIL" };
             writeln!(f, "{verdict} {:<26} {}", check.name, check.invariant)?;
             for violation in broken {
@@ -145,19 +141,15 @@ where
 {
     let mut report = AuditReport::default();
     for check in CHECKS {
-        let rows: Vec<CheckRow> = sqlx::query_as::<DB, CheckRow>(check.sql)
-            .fetch_all(pool)
-            .await?;
+        let rows: Vec<CheckRow> = sqlx::query_as::<DB, CheckRow>(check.sql).fetch_all(pool).await?;
         report.checks.push(check.name);
-        report
-            .violations
-            .extend(rows.into_iter().map(|row| Violation {
-                check: check.name,
-                invariant: check.invariant,
-                subject: row.subject.map(|id| id.to_string()).unwrap_or_default(),
-                found: row.found,
-                expected: row.expected,
-            }));
+        report.violations.extend(rows.into_iter().map(|row| Violation {
+            check: check.name,
+            invariant: check.invariant,
+            subject: row.subject.map(|id| id.to_string()).unwrap_or_default(),
+            found: row.found,
+            expected: row.expected,
+        }));
     }
     Ok(report)
 }

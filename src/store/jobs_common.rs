@@ -4,9 +4,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::jobs::{
-    ClaimedJob, FailOutcome, InventoryAction, JobError, JobLease, JobRecord, QueueStats,
-};
+use super::jobs::{ClaimedJob, FailOutcome, InventoryAction, JobError, JobLease, JobRecord, QueueStats};
 use super::{StoreError, StoreResult};
 use crate::domain::{OrderId, OrderStatus};
 
@@ -45,10 +43,7 @@ pub struct ClaimedRow {
 impl ClaimedRow {
     pub fn into_claimed(self, token: Uuid) -> StoreResult<ClaimedJob> {
         Ok(ClaimedJob {
-            lease: JobLease {
-                job_id: self.id,
-                token,
-            },
+            lease: JobLease { job_id: self.id, token },
             kind: self.kind,
             order_id: self.order_id.map(OrderId::from_uuid),
             payload: serde_json::from_str(&self.payload)
@@ -121,8 +116,7 @@ impl StatsRow {
 }
 
 fn parse_history(history: &str) -> StoreResult<Vec<JobError>> {
-    serde_json::from_str(history)
-        .map_err(|e| StoreError::Corrupt(format!("jobs.error_history: {e}")))
+    serde_json::from_str(history).map_err(|e| StoreError::Corrupt(format!("jobs.error_history: {e}")))
 }
 
 /// The row values a failed attempt leaves behind.
@@ -166,10 +160,7 @@ pub fn record_failure(
 }
 
 /// The status an order ends in; refuses moves the state machine does not allow.
-pub fn next_status(
-    current: OrderStatus,
-    requested: Option<OrderStatus>,
-) -> StoreResult<OrderStatus> {
+pub fn next_status(current: OrderStatus, requested: Option<OrderStatus>) -> StoreResult<OrderStatus> {
     match requested {
         None => Ok(current),
         Some(next) if next == current => Ok(current),
@@ -227,10 +218,7 @@ mod tests {
         let last = record_failure(3, 3, &first.history, "boom again", Some(later), now);
         assert_eq!((last.state, last.outcome), ("dead", FailOutcome::Dead));
         let history = parse_history(&last.history).unwrap();
-        assert_eq!(
-            history.iter().map(|e| e.attempt).collect::<Vec<_>>(),
-            [1, 3]
-        );
+        assert_eq!(history.iter().map(|e| e.attempt).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(
             record_failure(1, 3, "[]", "fatal", None, now).outcome,
             FailOutcome::Dead
@@ -239,24 +227,11 @@ mod tests {
 
     #[test]
     fn stock_moves_once() {
-        assert!(
-            inventory_plan("committed", InventoryAction::Commit)
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            inventory_plan("released", InventoryAction::Release)
-                .unwrap()
-                .is_none()
-        );
+        assert!(inventory_plan("committed", InventoryAction::Commit).unwrap().is_none());
+        assert!(inventory_plan("released", InventoryAction::Release).unwrap().is_none());
         assert!(inventory_plan("released", InventoryAction::Commit).is_err());
-        let give_back = inventory_plan("committed", InventoryAction::Release)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (give_back.on_hand_sign, give_back.ledger_kind),
-            (1, Some("return"))
-        );
+        let give_back = inventory_plan("committed", InventoryAction::Release).unwrap().unwrap();
+        assert_eq!((give_back.on_hand_sign, give_back.ledger_kind), (1, Some("return")));
     }
 
     #[test]

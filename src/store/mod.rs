@@ -24,8 +24,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::domain::{
-    Cart, CartRejection, Currency, Customer, CustomerId, NewCustomer, NewProduct, Order,
-    OrderEvent, OrderId, PaymentToken, Product, ProductId, ProductPatch, StockAdjustment,
+    Cart, CartRejection, Currency, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId,
+    PaymentToken, Product, ProductId, ProductPatch, StockAdjustment,
 };
 
 pub use audit::{AuditReport, Violation};
@@ -178,11 +178,7 @@ pub trait Store: jobs::JobStore + sandbox::SandboxBooks + Send + Sync + 'static 
     /// True when the catalog has no products yet (first start: load the sample catalog).
     async fn is_empty(&self) -> StoreResult<bool>;
 
-    async fn create_product(
-        &self,
-        product: &NewProduct,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Product>;
+    async fn create_product(&self, product: &NewProduct, now: DateTime<Utc>) -> StoreResult<Product>;
     async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>>;
     async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>>;
     async fn update_product(
@@ -200,11 +196,7 @@ pub trait Store: jobs::JobStore + sandbox::SandboxBooks + Send + Sync + 'static 
     ) -> StoreResult<AdjustOutcome>;
 
     /// Fails with [`StoreError::Conflict`] on a duplicate e-mail or id.
-    async fn create_customer(
-        &self,
-        customer: &NewCustomer,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Customer>;
+    async fn create_customer(&self, customer: &NewCustomer, now: DateTime<Utc>) -> StoreResult<Customer>;
     async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>>;
     /// A customer's orders, newest first.
     async fn list_customer_orders(
@@ -280,10 +272,7 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn redacts_passwords() {
-        assert_eq!(
-            super::redact_url("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
+        assert_eq!(super::redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(super::redact_url("sqlite://x.db"), "sqlite://x.db");
     }

@@ -7,15 +7,14 @@ use uuid::Uuid;
 
 use super::{StoreError, StoreResult};
 use crate::domain::{
-    Customer, CustomerId, Email, Money, Order, OrderEvent, OrderId, OrderLine, PaymentToken,
-    Product, ProductId, Quantity,
+    Customer, CustomerId, Email, Money, Order, OrderEvent, OrderId, OrderLine, PaymentToken, Product, ProductId,
+    Quantity,
 };
 
 pub const PRODUCT_COLUMNS: &str = "id, sku, name, description, category, price_minor, on_hand, \
      reserved, version, created_at, updated_at";
 pub const CUSTOMER_COLUMNS: &str = "id, email, first_name, last_name, created_at";
-pub const ORDER_COLUMNS: &str =
-    "id, customer_id, status, currency, total_minor, payment_token, created_at, updated_at";
+pub const ORDER_COLUMNS: &str = "id, customer_id, status, currency, total_minor, payment_token, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 pub struct ProductRow {
@@ -110,8 +109,7 @@ impl OrderRow {
             .map(|item| {
                 Ok(OrderLine {
                     product_id: ProductId::from_uuid(item.product_id),
-                    quantity: Quantity::parse(i64::from(item.quantity))
-                        .map_err(corrupt("order_items.quantity"))?,
+                    quantity: Quantity::parse(i64::from(item.quantity)).map_err(corrupt("order_items.quantity"))?,
                     unit_price: Money::from_minor(item.unit_price_minor)
                         .map_err(corrupt("order_items.unit_price_minor"))?,
                 })
@@ -124,8 +122,7 @@ impl OrderRow {
             currency: self.currency.parse().map_err(corrupt("orders.currency"))?,
             lines,
             total: Money::from_minor(self.total_minor).map_err(corrupt("orders.total_minor"))?,
-            payment_token: PaymentToken::parse(&self.payment_token)
-                .map_err(corrupt("orders.payment_token"))?,
+            payment_token: PaymentToken::parse(&self.payment_token).map_err(corrupt("orders.payment_token"))?,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })
@@ -151,8 +148,7 @@ pub fn assemble_orders(rows: Vec<OrderRow>, items: &[OrderItemRow]) -> StoreResu
 
 /// The stored idempotency snapshot of the first response.
 pub fn decode_snapshot(body: &str) -> StoreResult<Order> {
-    serde_json::from_str(body)
-        .map_err(|e| StoreError::Corrupt(format!("idempotency_keys.response_body: {e}")))
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("idempotency_keys.response_body: {e}")))
 }
 
 pub fn encode_snapshot(order: &Order) -> String {

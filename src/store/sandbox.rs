@@ -59,8 +59,7 @@ pub(super) const FIND_CHARGE: &str = "SELECT id FROM sandbox_charges WHERE id = 
 pub(super) const RECORD_REFUND: &str = "INSERT INTO sandbox_refunds (id, idempotency_key, charge_id, amount_minor, created_at) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO UPDATE SET charge_id = sandbox_refunds.charge_id \
      RETURNING id";
-pub(super) const MARK_REFUNDED: &str =
-    "UPDATE sandbox_charges SET state = 'refunded' WHERE id = $1";
+pub(super) const MARK_REFUNDED: &str = "UPDATE sandbox_charges SET state = 'refunded' WHERE id = $1";
 pub(super) const CHARGES_FOR: &str = "SELECT id, idempotency_key, amount_minor, state, calls FROM sandbox_charges WHERE reference = $1 ORDER BY created_at";
 
 /// Implements [`SandboxBooks`] for a store type whose `$writer` pool takes writes and `$reader`
@@ -85,17 +84,16 @@ macro_rules! impl_sandbox_books {
                 currency: &str,
                 reference: &str,
             ) -> $crate::store::StoreResult<$crate::store::sandbox::RecordedCharge> {
-                let (id, calls): (String, i32) =
-                    sqlx::query_as($crate::store::sandbox::RECORD_CHARGE)
-                        .bind(format!("ch_{}", uuid::Uuid::now_v7().simple()))
-                        .bind(idempotency_key)
-                        .bind(token)
-                        .bind(amount_minor)
-                        .bind(currency)
-                        .bind(reference)
-                        .bind($crate::clock::now())
-                        .fetch_one(&self.$writer)
-                        .await?;
+                let (id, calls): (String, i32) = sqlx::query_as($crate::store::sandbox::RECORD_CHARGE)
+                    .bind(format!("ch_{}", uuid::Uuid::now_v7().simple()))
+                    .bind(idempotency_key)
+                    .bind(token)
+                    .bind(amount_minor)
+                    .bind(currency)
+                    .bind(reference)
+                    .bind($crate::clock::now())
+                    .fetch_one(&self.$writer)
+                    .await?;
                 Ok($crate::store::sandbox::RecordedCharge {
                     id,
                     first_call: calls == 1,

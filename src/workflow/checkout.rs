@@ -95,9 +95,7 @@ mod tests {
     use crate::domain::{CartLine, ProductId, Quantity};
 
     fn request(quantity: i64) -> CheckoutRequest {
-        let product = "0190f3c4-0000-7000-8000-000000000001"
-            .parse::<ProductId>()
-            .unwrap();
+        let product = "0190f3c4-0000-7000-8000-000000000001".parse::<ProductId>().unwrap();
         CheckoutRequest {
             principal: "p".into(),
             idempotency_key: "k".into(),

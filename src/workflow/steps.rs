@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{
-    ALL_STEPS, CHARGE_PAYMENT, COMMIT_INVENTORY, FULFIL_ORDER, REFUND_PAYMENT, SEND_CANCELLATION,
-    SEND_CONFIRMATION, SEND_RECEIPT,
+    ALL_STEPS, CHARGE_PAYMENT, COMMIT_INVENTORY, FULFIL_ORDER, REFUND_PAYMENT, SEND_CANCELLATION, SEND_CONFIRMATION,
+    SEND_RECEIPT,
 };
 use crate::adapters::notify::{Message, Notifier};
 use crate::adapters::payment::{ChargeRequest, PaymentError, PaymentProvider, RefundRequest};
@@ -18,8 +18,8 @@ use crate::clock;
 use crate::domain::{Order, OrderId, OrderStatus};
 use crate::queue::{Runner, Step, StepError};
 use crate::store::jobs::{
-    ClaimedJob, CompleteOutcome, InventoryAction, NotificationSent, NotificationSlot,
-    PaymentChange, PaymentState, StepEffects,
+    ClaimedJob, CompleteOutcome, InventoryAction, NotificationSent, NotificationSlot, PaymentChange, PaymentState,
+    StepEffects,
 };
 use crate::store::{NewJob, Store, StoreError};
 
@@ -96,11 +96,7 @@ impl Saga {
             .order)
     }
 
-    async fn complete(
-        &self,
-        job: &ClaimedJob,
-        effects: StepEffects,
-    ) -> Result<CompleteOutcome, StepError> {
+    async fn complete(&self, job: &ClaimedJob, effects: StepEffects) -> Result<CompleteOutcome, StepError> {
         match self
             .store
             .complete_job(Some(&job.lease), &effects, clock::now())
@@ -151,15 +147,8 @@ impl Saga {
                         "payment_captured".into(),
                         Some(format!("{} charge {charge_id}", self.payments.name())),
                     )],
-                    payment: Some(payment(
-                        PaymentState::Captured,
-                        Some(charge_id.clone()),
-                        None,
-                    )),
-                    enqueue: vec![
-                        self.job(COMMIT_INVENTORY, order.id),
-                        self.job(SEND_RECEIPT, order.id),
-                    ],
+                    payment: Some(payment(PaymentState::Captured, Some(charge_id.clone()), None)),
+                    enqueue: vec![self.job(COMMIT_INVENTORY, order.id), self.job(SEND_RECEIPT, order.id)],
                     ..Default::default()
                 };
                 match self.complete(job, paid).await? {
@@ -167,10 +156,7 @@ impl Saga {
                         // Cancelled while we were charging: keep the record and give the money back.
                         let refund = StepEffects {
                             order_id: Some(order.id),
-                            events: vec![(
-                                "payment_captured_after_cancel".into(),
-                                Some(charge_id.clone()),
-                            )],
+                            events: vec![("payment_captured_after_cancel".into(), Some(charge_id.clone()))],
                             payment: Some(payment(PaymentState::Captured, Some(charge_id), None)),
                             enqueue: vec![self.job(REFUND_PAYMENT, order.id)],
                             ..Default::default()
@@ -255,9 +241,10 @@ impl Saga {
         };
         match payment {
             Some(payment) if payment.state == PaymentState::Captured.as_str() => {
-                let charge_id = payment.provider_ref.clone().ok_or_else(|| {
-                    StepError::Fatal("captured payment without a charge id".into())
-                })?;
+                let charge_id = payment
+                    .provider_ref
+                    .clone()
+                    .ok_or_else(|| StepError::Fatal("captured payment without a charge id".into()))?;
                 let request = RefundRequest {
                     idempotency_key: refund_key(order.id),
                     charge_id,
@@ -269,10 +256,9 @@ impl Saga {
                     Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
                     Err(error) => return Err(StepError::Fatal(error.to_string())),
                 };
-                effects.events.push((
-                    "payment_refunded".into(),
-                    Some(format!("refund {refund_id}")),
-                ));
+                effects
+                    .events
+                    .push(("payment_refunded".into(), Some(format!("refund {refund_id}"))));
                 effects.payment = Some(PaymentChange {
                     provider: payment.provider,
                     idempotency_key: payment.idempotency_key,
@@ -333,18 +319,8 @@ impl Saga {
 }
 
 /// The e-mail for a notification kind.
-fn compose(
-    kind: &str,
-    order: &Order,
-    first_name: &str,
-    to: &str,
-    correlation_id: Option<String>,
-) -> Message {
-    let total = format!(
-        "{} {}",
-        order.total.to_decimal(order.currency),
-        order.currency
-    );
+fn compose(kind: &str, order: &Order, first_name: &str, to: &str, correlation_id: Option<String>) -> Message {
+    let total = format!("{} {}", order.total.to_decimal(order.currency), order.currency);
     let (subject, body) = match kind {
         SEND_RECEIPT => (
             format!("Payment received for order {}", order.id),
@@ -372,11 +348,7 @@ fn compose(
         to: to.to_string(),
         subject,
         body,
-        message_id: format!(
-            "<{}.{}@orderflow>",
-            kind.trim_start_matches("send_"),
-            order.id
-        ),
+        message_id: format!("<{}.{}@orderflow>", kind.trim_start_matches("send_"), order.id),
         correlation_id,
     }
 }
@@ -476,4 +448,21 @@ pub async fn cancel_order(
     Err(StoreError::Unavailable(
         "the order kept changing while cancelling it".into(),
     ))
+}
+
+/// Cancels orders still unpaid `ttl` after they were placed, releasing their stock. Returns how
+/// many were cancelled. Safe to run from every process at once: each cancel is conditional.
+pub async fn expire_reservations(
+    store: &dyn Store,
+    settings: &SagaSettings,
+    ttl: std::time::Duration,
+) -> Result<usize, StoreError> {
+    let before = clock::now() - ttl;
+    let mut expired = 0;
+    for id in store.expired_orders(before, 500).await? {
+        if cancel_order(store, settings, id, "reservation expired before payment").await? == CancelOutcome::Cancelled {
+            expired += 1;
+        }
+    }
+    Ok(expired)
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use orderflow::http::{AppState, Authenticator, Secret};
 use orderflow::store::{self, ConnectOptions, SqliteDurability, Store};
 use orderflow::workflow::checkout::CheckoutSettings;
+use orderflow::workflow::steps::SagaSettings;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -95,11 +96,7 @@ impl TestDb {
                     Some((base, _)) => format!("{base}/{name}"),
                     None => panic!("ORDERFLOW_TEST_DATABASE_URL must end with /<database>"),
                 };
-                TestDb::Postgres {
-                    server_url,
-                    name,
-                    url,
-                }
+                TestDb::Postgres { server_url, name, url }
             }
         }
     }
@@ -117,6 +114,18 @@ impl TestDb {
     }
 }
 
+/// Queue settings for tests: millisecond back-offs so retries do not slow the suite.
+pub fn fast_queue_settings() -> orderflow::queue::QueueSettings {
+    orderflow::queue::QueueSettings {
+        lease: Duration::from_secs(5),
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(20),
+        poll_interval: Duration::from_millis(50),
+        concurrency: 8,
+        retention: Duration::from_secs(3600),
+    }
+}
+
 pub fn connect_options() -> ConnectOptions {
     ConnectOptions {
         max_connections: 10,
@@ -128,10 +137,7 @@ pub fn connect_options() -> ConnectOptions {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let TestDb::Postgres {
-            server_url, name, ..
-        } = self
-        {
+        if let TestDb::Postgres { server_url, name, .. } = self {
             let (server_url, name) = (server_url.clone(), name.clone());
             // Drop runs inside the test's runtime: use a thread with its own.
             let _ = std::thread::spawn(move || {
@@ -141,10 +147,9 @@ impl Drop for TestDb {
                     .expect("runtime");
                 runtime.block_on(async move {
                     if let Ok(mut conn) = sqlx::PgConnection::connect(&server_url).await {
-                        let _ =
-                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                                .execute(&mut conn)
-                                .await;
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
                     }
                 });
             })
@@ -161,6 +166,11 @@ pub struct TestApp {
     pub auth: Arc<Authenticator>,
     pub admin: String,
     pub backend: Backend,
+    /// The payment provider the test's job runner uses.
+    pub sandbox: Arc<orderflow::adapters::payment::sandbox::Sandbox>,
+    /// Runs the order pipeline when a test drains it (no background workers: tests decide).
+    pub runner: Arc<orderflow::queue::Runner>,
+    _mail: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     // Dropped last: the database outlives the server.
     pub db: TestDb,
@@ -179,6 +189,7 @@ impl TestApp {
             store: store.clone(),
             auth: auth.clone(),
             checkout: Arc::new(CheckoutSettings::default()),
+            saga: Arc::new(SagaSettings::default()),
             body_limit: orderflow::http::DEFAULT_BODY_LIMIT,
         };
         configure(&mut state);
@@ -195,6 +206,21 @@ impl TestApp {
             .pool_max_idle_per_host(256)
             .build()
             .expect("client");
+        let books: Arc<dyn orderflow::store::sandbox::SandboxBooks> = store.clone();
+        let sandbox = Arc::new(orderflow::adapters::payment::sandbox::Sandbox::new(books));
+        let mail = tempfile::tempdir().expect("mail dir");
+        let notifier = Arc::new(orderflow::adapters::notify::FileNotifier::new(
+            mail.path().to_path_buf(),
+            "shop@example.com".into(),
+        ));
+        let saga = Arc::new(orderflow::workflow::steps::Saga {
+            store: store.clone(),
+            payments: sandbox.clone(),
+            notifier,
+            settings: SagaSettings::default(),
+        });
+        let mut runner = orderflow::queue::Runner::new(store.clone(), fast_queue_settings());
+        saga.register(&mut runner);
         TestApp {
             url,
             client,
@@ -202,15 +228,16 @@ impl TestApp {
             auth,
             admin,
             backend,
+            sandbox,
+            runner: Arc::new(runner),
+            _mail: mail,
             shutdown: Some(shutdown),
             db,
         }
     }
 
     pub fn token(&self, subject: &str) -> String {
-        self.auth
-            .issue(subject, &[], Duration::from_secs(3600))
-            .expect("token")
+        self.auth.issue(subject, &[], Duration::from_secs(3600)).expect("token")
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> Response {
@@ -259,10 +286,7 @@ impl TestApp {
             .await;
         assert_eq!(response.status(), StatusCode::CREATED);
         let body: Value = response.json().await.expect("json");
-        let id = body["customer_id"]
-            .as_str()
-            .expect("customer_id")
-            .to_string();
+        let id = body["customer_id"].as_str().expect("customer_id").to_string();
         let token = self.token(&id);
         (id, token)
     }
@@ -287,6 +311,14 @@ impl TestApp {
             .await
             .expect("json");
         body["stock_quantity"].as_i64().expect("stock_quantity")
+    }
+
+    /// Runs the pipeline until no job is ready or running.
+    pub async fn drain(&self) {
+        self.runner
+            .drain(Duration::from_secs(30))
+            .await
+            .expect("the queue drains");
     }
 
     pub async fn assert_audit_clean(&self) {

@@ -56,8 +56,7 @@ impl PaymentProvider for Sandbox {
     }
 
     async fn charge(&self, request: &ChargeRequest) -> Result<String, PaymentError> {
-        let store_error =
-            |e: crate::store::StoreError| PaymentError::Transient(format!("sandbox books: {e}"));
+        let store_error = |e: crate::store::StoreError| PaymentError::Transient(format!("sandbox books: {e}"));
         if request.amount_minor <= 0 {
             return Err(PaymentError::Rejected("amount must be positive".into()));
         }
@@ -94,9 +93,7 @@ impl PaymentProvider for Sandbox {
             .map_err(store_error)?;
         if request.token == "tok_timeout" && charge.first_call {
             // The charge is on the books, but the caller never hears back.
-            return Err(PaymentError::Transient(
-                "timed out waiting for the provider".into(),
-            ));
+            return Err(PaymentError::Transient("timed out waiting for the provider".into()));
         }
         Ok(charge.id)
     }
@@ -104,18 +101,11 @@ impl PaymentProvider for Sandbox {
     async fn refund(&self, request: &RefundRequest) -> Result<String, PaymentError> {
         match self
             .books
-            .record_refund(
-                &request.idempotency_key,
-                &request.charge_id,
-                request.amount_minor,
-            )
+            .record_refund(&request.idempotency_key, &request.charge_id, request.amount_minor)
             .await
         {
             Ok(Some(id)) => Ok(id),
-            Ok(None) => Err(PaymentError::Rejected(format!(
-                "no such charge {}",
-                request.charge_id
-            ))),
+            Ok(None) => Err(PaymentError::Rejected(format!("no such charge {}", request.charge_id))),
             Err(e) => Err(PaymentError::Transient(format!("sandbox books: {e}"))),
         }
     }

@@ -13,9 +13,9 @@ use uuid::Uuid;
 use super::PgStore;
 use crate::domain::{OrderId, OrderStatus};
 use crate::store::jobs::{
-    ClaimedJob, CompleteOutcome, EXPIRED_SQL, FailOutcome, InventoryAction, JobFilter, JobLease,
-    JobRecord, JobStore, NOTIFICATIONS_SQL, NotificationRecord, NotificationSlot, PAYMENT_SQL,
-    PaymentRecord, QueueStats, ReplaySelector, StepEffects,
+    ClaimedJob, CompleteOutcome, EXPIRED_SQL, FailOutcome, InventoryAction, JobFilter, JobLease, JobRecord, JobStore,
+    NOTIFICATIONS_SQL, NotificationRecord, NotificationSlot, PAYMENT_SQL, PaymentRecord, QueueStats, ReplaySelector,
+    StepEffects,
 };
 use crate::store::jobs_common::{self, ClaimedRow, JobRow, StatsRow};
 use crate::store::{Page, StoreError, StoreResult};
@@ -47,19 +47,19 @@ impl JobStore for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        rows.into_iter()
-            .map(|row| row.into_claimed(token))
-            .collect()
+        rows.into_iter().map(|row| row.into_claimed(token)).collect()
     }
 
     async fn extend_lease(&self, lease: &JobLease, until: DateTime<Utc>) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query("UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running'")
-            .bind(until)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .execute(&mut *tx)
-            .await?;
+        let updated = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running'",
+        )
+        .bind(until)
+        .bind(lease.job_id)
+        .bind(lease.token)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(updated.rows_affected() == 1)
     }
@@ -83,8 +83,7 @@ impl JobStore for PgStore {
         let Some((attempts, max_attempts, history)) = current else {
             return Ok(FailOutcome::LeaseLost);
         };
-        let failure =
-            jobs_common::record_failure(attempts, max_attempts, &history, error, retry_at, now);
+        let failure = jobs_common::record_failure(attempts, max_attempts, &history, error, retry_at, now);
         sqlx::query(
             "UPDATE jobs SET state = $1, run_at = $2, last_error = $3, error_history = $4, lease_token = NULL, \
              lease_expires_at = NULL, updated_at = $5 WHERE id = $6",
@@ -130,8 +129,8 @@ impl JobStore for PgStore {
                     .bind(order_id.as_uuid())
                     .fetch_optional(&mut *tx)
                     .await?;
-            let (status, inventory_state, order_correlation) = current
-                .ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
+            let (status, inventory_state, order_correlation) =
+                current.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
             let status: OrderStatus = status.parse().map_err(StoreError::Corrupt)?;
             correlation_id = correlation_id.or(order_correlation);
             if !effects.expect_status.is_empty() && !effects.expect_status.contains(&status) {
@@ -244,17 +243,13 @@ impl JobStore for PgStore {
     }
 
     async fn queue_stats(&self, now: DateTime<Utc>) -> StoreResult<Vec<QueueStats>> {
-        let rows: Vec<StatsRow> = sqlx::query_as(jobs_common::STATS_SQL)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<StatsRow> = sqlx::query_as(jobs_common::STATS_SQL).fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(|row| row.into_stats(now)).collect())
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Page<JobRecord>> {
-        let mut sql = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {} FROM jobs WHERE true",
-            jobs_common::JOB_COLUMNS
-        ));
+        let mut sql =
+            QueryBuilder::<Postgres>::new(format!("SELECT {} FROM jobs WHERE true", jobs_common::JOB_COLUMNS));
         if let Some(state) = &filter.state {
             sql.push(" AND state = ").push_bind(state.clone());
         }
@@ -264,8 +259,7 @@ impl JobStore for PgStore {
         if let Some(after) = filter.after {
             sql.push(" AND id > ").push_bind(after);
         }
-        sql.push(" ORDER BY id LIMIT ")
-            .push_bind(i64::from(filter.limit) + 1);
+        sql.push(" ORDER BY id LIMIT ").push_bind(i64::from(filter.limit) + 1);
         let rows: Vec<JobRow> = sql.build_query_as().fetch_all(&self.pool).await?;
         let jobs = rows
             .into_iter()
@@ -317,11 +311,10 @@ impl JobStore for PgStore {
     }
 
     async fn has_pending_work(&self) -> StoreResult<bool> {
-        let (pending,): (bool,) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('ready', 'running'))",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let (pending,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('ready', 'running'))")
+                .fetch_one(&self.pool)
+                .await?;
         Ok(pending)
     }
 
@@ -345,10 +338,7 @@ impl JobStore for PgStore {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id,)| OrderId::from_uuid(id))
-            .collect())
+        Ok(rows.into_iter().map(|(id,)| OrderId::from_uuid(id)).collect())
     }
 }
 

@@ -22,21 +22,19 @@ use uuid::Uuid;
 mod jobs;
 
 use super::audit::{self, AuditReport};
-use super::common::{
-    is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict,
-};
+use super::common::{is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict};
 use super::rows::{
-    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow,
-    PRODUCT_COLUMNS, ProductRow,
+    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS,
+    ProductRow,
 };
 use super::{
-    AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, Page, PlaceOrder,
-    PlaceOrderOutcome, ProductQuery, Store, StoreError, StoreResult,
+    AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, Page, PlaceOrder, PlaceOrderOutcome,
+    ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::order::price_lines;
 use crate::domain::{
-    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId,
-    Product, ProductId, ProductPatch, StockAdjustment,
+    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId, Product, ProductId,
+    ProductPatch, StockAdjustment,
 };
 
 /// An in-flight idempotency claim older than this belongs to a request that died; a retry may
@@ -182,8 +180,7 @@ impl PgStore {
                 continue; // released between our two statements: try to claim again
             };
             if state == "completed" {
-                return replay_or_refuse(request, &fingerprint, body.as_deref())
-                    .map(Claim::Finished);
+                return replay_or_refuse(request, &fingerprint, body.as_deref()).map(Claim::Finished);
             }
             if fingerprint != request.fingerprint {
                 return Ok(Claim::Finished(PlaceOrderOutcome::KeyReused));
@@ -229,12 +226,7 @@ impl PgStore {
     /// idempotency record in one transaction.
     async fn place_order_tx(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Placed> {
         let mut tx = self.pool.begin().await?;
-        let mut product_ids: Vec<Uuid> = request
-            .cart
-            .lines()
-            .iter()
-            .map(|l| l.product_id.as_uuid())
-            .collect();
+        let mut product_ids: Vec<Uuid> = request.cart.lines().iter().map(|l| l.product_id.as_uuid()).collect();
         product_ids.sort();
         let levels = sqlx::query_as::<_, (Uuid, i64, i64)>(
             "SELECT id, price_minor, on_hand - reserved FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
@@ -253,11 +245,7 @@ impl PgStore {
         };
         let order = new_order(request, lines, total);
         let reserve_ids: Vec<Uuid> = order.lines.iter().map(|l| l.product_id.as_uuid()).collect();
-        let quantities: Vec<i64> = order
-            .lines
-            .iter()
-            .map(|l| i64::from(l.quantity.get()))
-            .collect();
+        let quantities: Vec<i64> = order.lines.iter().map(|l| i64::from(l.quantity.get())).collect();
         let line_numbers: Vec<i32> = (0..order.lines.len() as i32).collect();
         let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price.minor()).collect();
         let job = &request.first_job;
@@ -374,11 +362,7 @@ impl Store for PgStore {
         Ok(!exists)
     }
 
-    async fn create_product(
-        &self,
-        product: &NewProduct,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Product> {
+    async fn create_product(&self, product: &NewProduct, now: DateTime<Utc>) -> StoreResult<Product> {
         let mut tx = self.pool.begin().await?;
         let row: ProductRow = sqlx::query_as(&format!(
             "INSERT INTO products (id, sku, name, description, category, price_minor, on_hand, \
@@ -397,42 +381,29 @@ impl Store for PgStore {
         .await
         .map_err(unique_is_conflict("sku"))?;
         if product.stock != 0 {
-            insert_ledger(
-                &mut tx,
-                product.id,
-                "initial",
-                product.stock,
-                "initial stock",
-                now,
-            )
-            .await?;
+            insert_ledger(&mut tx, product.id, "initial", product.stock, "initial stock", now).await?;
         }
         tx.commit().await?;
         row.try_into()
     }
 
     async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {
-        let row: Option<ProductRow> = sqlx::query_as(&format!(
-            "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"
-        ))
-        .bind(id.as_uuid())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<ProductRow> = sqlx::query_as(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"))
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(Product::try_from).transpose()
     }
 
     async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>> {
-        let mut sql = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {PRODUCT_COLUMNS} FROM products WHERE true"
-        ));
+        let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE true"));
         if let Some(category) = &query.category {
             sql.push(" AND category = ").push_bind(category.clone());
         }
         if let Some(after) = query.after {
             sql.push(" AND id > ").push_bind(after.as_uuid());
         }
-        sql.push(" ORDER BY id LIMIT ")
-            .push_bind(i64::from(query.limit) + 1);
+        sql.push(" ORDER BY id LIMIT ").push_bind(i64::from(query.limit) + 1);
         let rows: Vec<ProductRow> = sql.build_query_as().fetch_all(&self.pool).await?;
         let products = rows
             .into_iter()
@@ -505,19 +476,13 @@ impl Store for PgStore {
             }
             .await;
             match result {
-                Err(error) if is_retryable(&error) && attempt < MAX_TX_ATTEMPTS => {
-                    backoff(attempt).await
-                }
+                Err(error) if is_retryable(&error) && attempt < MAX_TX_ATTEMPTS => backoff(attempt).await,
                 other => return Ok(other?),
             }
         }
     }
 
-    async fn create_customer(
-        &self,
-        customer: &NewCustomer,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Customer> {
+    async fn create_customer(&self, customer: &NewCustomer, now: DateTime<Utc>) -> StoreResult<Customer> {
         let row: Option<CustomerRow> = sqlx::query_as(&format!(
             "INSERT INTO customers (id, email, first_name, last_name, created_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING {CUSTOMER_COLUMNS}"
@@ -534,12 +499,11 @@ impl Store for PgStore {
     }
 
     async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>> {
-        let row: Option<CustomerRow> = sqlx::query_as(&format!(
-            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
-        ))
-        .bind(id.as_uuid())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<CustomerRow> =
+            sqlx::query_as(&format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"))
+                .bind(id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(Customer::try_from).transpose()
     }
 
@@ -549,15 +513,12 @@ impl Store for PgStore {
         before: Option<OrderId>,
         limit: u32,
     ) -> StoreResult<Page<Order>> {
-        let mut sql = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = "
-        ));
+        let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = "));
         sql.push_bind(id.as_uuid());
         if let Some(before) = before {
             sql.push(" AND id < ").push_bind(before.as_uuid());
         }
-        sql.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit) + 1);
+        sql.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit) + 1);
         let rows: Vec<OrderRow> = sql.build_query_as().fetch_all(&self.pool).await?;
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
         let items = self.order_items(&ids).await?;
@@ -593,19 +554,17 @@ impl Store for PgStore {
     }
 
     async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>> {
-        let row: Option<OrderRow> =
-            sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
-                .bind(id.as_uuid())
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let items = self.order_items(&[row.id]).await?;
-        let events: Vec<OrderEventRow> = sqlx::query_as(
-            "SELECT kind, status, detail, created_at FROM order_events WHERE order_id = $1 ORDER BY id",
-        )
-        .bind(id.as_uuid())
-        .fetch_all(&self.pool)
-        .await?;
+        let events: Vec<OrderEventRow> =
+            sqlx::query_as("SELECT kind, status, detail, created_at FROM order_events WHERE order_id = $1 ORDER BY id")
+                .bind(id.as_uuid())
+                .fetch_all(&self.pool)
+                .await?;
         Ok(Some(OrderDetails {
             order: row.into_order(&items)?,
             events: events
@@ -620,19 +579,14 @@ impl Store for PgStore {
     }
 
     async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>> {
-        let rows: Vec<(String, String, i32)> = sqlx::query_as(
-            "SELECT kind, state, attempts FROM jobs WHERE order_id = $1 ORDER BY id",
-        )
-        .bind(id.as_uuid())
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String, String, i32)> =
+            sqlx::query_as("SELECT kind, state, attempts FROM jobs WHERE order_id = $1 ORDER BY id")
+                .bind(id.as_uuid())
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .into_iter()
-            .map(|(kind, state, attempts)| JobSummary {
-                kind,
-                state,
-                attempts,
-            })
+            .map(|(kind, state, attempts)| JobSummary { kind, state, attempts })
             .collect())
     }
 

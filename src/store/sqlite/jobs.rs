@@ -11,9 +11,9 @@ use uuid::Uuid;
 use super::SqliteStore;
 use crate::domain::{OrderId, OrderStatus};
 use crate::store::jobs::{
-    ClaimedJob, CompleteOutcome, EXPIRED_SQL, FailOutcome, InventoryAction, JobFilter, JobLease,
-    JobRecord, JobStore, NOTIFICATIONS_SQL, NotificationRecord, NotificationSlot, PAYMENT_SQL,
-    PaymentRecord, QueueStats, ReplaySelector, StepEffects,
+    ClaimedJob, CompleteOutcome, EXPIRED_SQL, FailOutcome, InventoryAction, JobFilter, JobLease, JobRecord, JobStore,
+    NOTIFICATIONS_SQL, NotificationRecord, NotificationSlot, PAYMENT_SQL, PaymentRecord, QueueStats, ReplaySelector,
+    StepEffects,
 };
 use crate::store::jobs_common::{self, ClaimedRow, JobRow, StatsRow};
 use crate::store::{Page, StoreError, StoreResult};
@@ -45,19 +45,18 @@ impl JobStore for SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        rows.into_iter()
-            .map(|row| row.into_claimed(token))
-            .collect()
+        rows.into_iter().map(|row| row.into_claimed(token)).collect()
     }
 
     async fn extend_lease(&self, lease: &JobLease, until: DateTime<Utc>) -> StoreResult<bool> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let updated = sqlx::query("UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND lease_token = ? AND state = 'running'")
-            .bind(until)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .execute(&mut *tx)
-            .await?;
+        let updated =
+            sqlx::query("UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND lease_token = ? AND state = 'running'")
+                .bind(until)
+                .bind(lease.job_id)
+                .bind(lease.token)
+                .execute(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(updated.rows_affected() == 1)
     }
@@ -80,8 +79,7 @@ impl JobStore for SqliteStore {
         let Some((attempts, max_attempts, history)) = current else {
             return Ok(FailOutcome::LeaseLost);
         };
-        let failure =
-            jobs_common::record_failure(attempts, max_attempts, &history, error, retry_at, now);
+        let failure = jobs_common::record_failure(attempts, max_attempts, &history, error, retry_at, now);
         sqlx::query(
             "UPDATE jobs SET state = ?, run_at = ?, last_error = ?, error_history = ?, lease_token = NULL, \
              lease_expires_at = NULL, updated_at = ? WHERE id = ?",
@@ -122,14 +120,13 @@ impl JobStore for SqliteStore {
             }
         }
         if let Some(order_id) = effects.order_id {
-            let current: Option<(String, String, Option<String>)> = sqlx::query_as(
-                "SELECT status, inventory_state, correlation_id FROM orders WHERE id = ?",
-            )
-            .bind(order_id.as_uuid())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let (status, inventory_state, order_correlation) = current
-                .ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
+            let current: Option<(String, String, Option<String>)> =
+                sqlx::query_as("SELECT status, inventory_state, correlation_id FROM orders WHERE id = ?")
+                    .bind(order_id.as_uuid())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let (status, inventory_state, order_correlation) =
+                current.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
             let status: OrderStatus = status.parse().map_err(StoreError::Corrupt)?;
             correlation_id = correlation_id.or(order_correlation);
             if !effects.expect_status.is_empty() && !effects.expect_status.contains(&status) {
@@ -239,17 +236,12 @@ impl JobStore for SqliteStore {
     }
 
     async fn queue_stats(&self, now: DateTime<Utc>) -> StoreResult<Vec<QueueStats>> {
-        let rows: Vec<StatsRow> = sqlx::query_as(jobs_common::STATS_SQL)
-            .fetch_all(&self.reader)
-            .await?;
+        let rows: Vec<StatsRow> = sqlx::query_as(jobs_common::STATS_SQL).fetch_all(&self.reader).await?;
         Ok(rows.into_iter().map(|row| row.into_stats(now)).collect())
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Page<JobRecord>> {
-        let mut sql = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {} FROM jobs WHERE 1 = 1",
-            jobs_common::JOB_COLUMNS
-        ));
+        let mut sql = QueryBuilder::<Sqlite>::new(format!("SELECT {} FROM jobs WHERE 1 = 1", jobs_common::JOB_COLUMNS));
         if let Some(state) = &filter.state {
             sql.push(" AND state = ").push_bind(state.clone());
         }
@@ -259,8 +251,7 @@ impl JobStore for SqliteStore {
         if let Some(after) = filter.after {
             sql.push(" AND id > ").push_bind(after);
         }
-        sql.push(" ORDER BY id LIMIT ")
-            .push_bind(i64::from(filter.limit) + 1);
+        sql.push(" ORDER BY id LIMIT ").push_bind(i64::from(filter.limit) + 1);
         let rows: Vec<JobRow> = sql.build_query_as().fetch_all(&self.reader).await?;
         let jobs = rows
             .into_iter()
@@ -309,11 +300,10 @@ impl JobStore for SqliteStore {
     }
 
     async fn has_pending_work(&self) -> StoreResult<bool> {
-        let (pending,): (bool,) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('ready', 'running'))",
-        )
-        .fetch_one(&self.reader)
-        .await?;
+        let (pending,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('ready', 'running'))")
+                .fetch_one(&self.reader)
+                .await?;
         Ok(pending)
     }
 
@@ -337,10 +327,7 @@ impl JobStore for SqliteStore {
             .bind(i64::from(limit))
             .fetch_all(&self.reader)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id,)| OrderId::from_uuid(id))
-            .collect())
+        Ok(rows.into_iter().map(|(id,)| OrderId::from_uuid(id)).collect())
     }
 }
 
@@ -355,12 +342,11 @@ async fn apply_inventory(
     let Some(plan) = jobs_common::inventory_plan(inventory_state, action)? else {
         return Ok(());
     };
-    let lines: Vec<(Uuid, i64)> = sqlx::query_as(
-        "SELECT product_id, quantity FROM order_items WHERE order_id = ? ORDER BY product_id",
-    )
-    .bind(order_id)
-    .fetch_all(&mut **tx)
-    .await?;
+    let lines: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT product_id, quantity FROM order_items WHERE order_id = ? ORDER BY product_id")
+            .bind(order_id)
+            .fetch_all(&mut **tx)
+            .await?;
     for (product_id, quantity) in lines {
         sqlx::query(
             "UPDATE products SET on_hand = on_hand + ?1, reserved = reserved + ?2, version = version + 1, \

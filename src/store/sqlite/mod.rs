@@ -26,21 +26,19 @@ use uuid::Uuid;
 mod jobs;
 
 use super::audit::{self, AuditReport};
-use super::common::{
-    is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict,
-};
+use super::common::{is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict};
 use super::rows::{
-    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow,
-    PRODUCT_COLUMNS, ProductRow,
+    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS,
+    ProductRow,
 };
 use super::{
-    AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, Page, PlaceOrder,
-    PlaceOrderOutcome, ProductQuery, Store, StoreError, StoreResult,
+    AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, Page, PlaceOrder, PlaceOrderOutcome,
+    ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::order::price_lines;
 use crate::domain::{
-    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId,
-    Product, ProductId, ProductPatch, StockAdjustment,
+    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId, Product, ProductId,
+    ProductPatch, StockAdjustment,
 };
 
 /// How hard SQLite works to make a commit survive.
@@ -66,8 +64,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub async fn open(path: &Path, options: &ConnectOptions) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the data directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
         }
         let synchronous = match options.sqlite_durability {
             SqliteDurability::Full => SqliteSynchronous::Full,
@@ -146,18 +143,13 @@ impl Store for SqliteStore {
     }
 
     async fn is_empty(&self) -> StoreResult<bool> {
-        let (count,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM (SELECT 1 FROM products LIMIT 1)")
-                .fetch_one(&self.reader)
-                .await?;
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM (SELECT 1 FROM products LIMIT 1)")
+            .fetch_one(&self.reader)
+            .await?;
         Ok(count == 0)
     }
 
-    async fn create_product(
-        &self,
-        product: &NewProduct,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Product> {
+    async fn create_product(&self, product: &NewProduct, now: DateTime<Utc>) -> StoreResult<Product> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row: ProductRow = sqlx::query_as(&format!(
             "INSERT INTO products (id, sku, name, description, category, price_minor, on_hand, \
@@ -193,27 +185,22 @@ impl Store for SqliteStore {
     }
 
     async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {
-        let row: Option<ProductRow> = sqlx::query_as(&format!(
-            "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ?"
-        ))
-        .bind(id.as_uuid())
-        .fetch_optional(&self.reader)
-        .await?;
+        let row: Option<ProductRow> = sqlx::query_as(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ?"))
+            .bind(id.as_uuid())
+            .fetch_optional(&self.reader)
+            .await?;
         row.map(Product::try_from).transpose()
     }
 
     async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>> {
-        let mut sql = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {PRODUCT_COLUMNS} FROM products WHERE 1 = 1"
-        ));
+        let mut sql = QueryBuilder::<Sqlite>::new(format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE 1 = 1"));
         if let Some(category) = &query.category {
             sql.push(" AND category = ").push_bind(category.clone());
         }
         if let Some(after) = query.after {
             sql.push(" AND id > ").push_bind(after.as_uuid());
         }
-        sql.push(" ORDER BY id LIMIT ")
-            .push_bind(i64::from(query.limit) + 1);
+        sql.push(" ORDER BY id LIMIT ").push_bind(i64::from(query.limit) + 1);
         let rows: Vec<ProductRow> = sql.build_query_as().fetch_all(&self.reader).await?;
         let products = rows
             .into_iter()
@@ -257,11 +244,10 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<AdjustOutcome> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let current: Option<(i64, i64)> =
-            sqlx::query_as("SELECT on_hand, reserved FROM products WHERE id = ?")
-                .bind(id.as_uuid())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let current: Option<(i64, i64)> = sqlx::query_as("SELECT on_hand, reserved FROM products WHERE id = ?")
+            .bind(id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some((on_hand, reserved)) = current else {
             return Ok(AdjustOutcome::NotFound);
         };
@@ -291,11 +277,7 @@ impl Store for SqliteStore {
         Ok(AdjustOutcome::Adjusted(row.try_into()?))
     }
 
-    async fn create_customer(
-        &self,
-        customer: &NewCustomer,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Customer> {
+    async fn create_customer(&self, customer: &NewCustomer, now: DateTime<Utc>) -> StoreResult<Customer> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row: Option<CustomerRow> = sqlx::query_as(&format!(
             "INSERT INTO customers (id, email, first_name, last_name, created_at) \
@@ -315,12 +297,11 @@ impl Store for SqliteStore {
     }
 
     async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>> {
-        let row: Option<CustomerRow> = sqlx::query_as(&format!(
-            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?"
-        ))
-        .bind(id.as_uuid())
-        .fetch_optional(&self.reader)
-        .await?;
+        let row: Option<CustomerRow> =
+            sqlx::query_as(&format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?"))
+                .bind(id.as_uuid())
+                .fetch_optional(&self.reader)
+                .await?;
         row.map(Customer::try_from).transpose()
     }
 
@@ -330,15 +311,12 @@ impl Store for SqliteStore {
         before: Option<OrderId>,
         limit: u32,
     ) -> StoreResult<Page<Order>> {
-        let mut sql = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = "
-        ));
+        let mut sql = QueryBuilder::<Sqlite>::new(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = "));
         sql.push_bind(id.as_uuid());
         if let Some(before) = before {
             sql.push(" AND id < ").push_bind(before.as_uuid());
         }
-        sql.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit) + 1);
+        sql.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit) + 1);
         let rows: Vec<OrderRow> = sql.build_query_as().fetch_all(&self.reader).await?;
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
         let items = self.order_items(&ids).await?;
@@ -353,20 +331,18 @@ impl Store for SqliteStore {
         };
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
 
-        let earlier: Option<(String, Option<String>)> = sqlx::query_as(
-            "SELECT fingerprint, response_body FROM idempotency_keys WHERE principal = ? AND key = ?",
-        )
-        .bind(&request.principal)
-        .bind(&request.idempotency_key)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let earlier: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT fingerprint, response_body FROM idempotency_keys WHERE principal = ? AND key = ?")
+                .bind(&request.principal)
+                .bind(&request.idempotency_key)
+                .fetch_optional(&mut *tx)
+                .await?;
         if let Some((fingerprint, body)) = earlier {
             return replay_or_refuse(request, &fingerprint, body.as_deref());
         }
 
-        let mut levels_sql = QueryBuilder::<Sqlite>::new(
-            "SELECT id, price_minor, on_hand - reserved FROM products WHERE id IN (",
-        );
+        let mut levels_sql =
+            QueryBuilder::<Sqlite>::new("SELECT id, price_minor, on_hand - reserved FROM products WHERE id IN (");
         let mut list = levels_sql.separated(", ");
         for line in request.cart.lines() {
             list.push_bind(line.product_id.as_uuid());
@@ -487,19 +463,17 @@ impl Store for SqliteStore {
     }
 
     async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>> {
-        let row: Option<OrderRow> =
-            sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?"))
-                .bind(id.as_uuid())
-                .fetch_optional(&self.reader)
-                .await?;
+        let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?"))
+            .bind(id.as_uuid())
+            .fetch_optional(&self.reader)
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let items = self.order_items(&[row.id]).await?;
-        let events: Vec<OrderEventRow> = sqlx::query_as(
-            "SELECT kind, status, detail, created_at FROM order_events WHERE order_id = ? ORDER BY id",
-        )
-        .bind(id.as_uuid())
-        .fetch_all(&self.reader)
-        .await?;
+        let events: Vec<OrderEventRow> =
+            sqlx::query_as("SELECT kind, status, detail, created_at FROM order_events WHERE order_id = ? ORDER BY id")
+                .bind(id.as_uuid())
+                .fetch_all(&self.reader)
+                .await?;
         Ok(Some(OrderDetails {
             order: row.into_order(&items)?,
             events: events
@@ -521,11 +495,7 @@ impl Store for SqliteStore {
                 .await?;
         Ok(rows
             .into_iter()
-            .map(|(kind, state, attempts)| JobSummary {
-                kind,
-                state,
-                attempts,
-            })
+            .map(|(kind, state, attempts)| JobSummary { kind, state, attempts })
             .collect())
     }
 
@@ -573,10 +543,7 @@ impl InFlight {
     /// Claims the request's key, or says why not (another request with it is running).
     fn claim(&self, request: &PlaceOrder) -> Result<InFlightClaim, PlaceOrderOutcome> {
         let key = (request.principal.clone(), request.idempotency_key.clone());
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(fingerprint) = map.get(&key) {
             return Err(if *fingerprint == request.fingerprint {
                 PlaceOrderOutcome::KeyInUse
@@ -594,10 +561,7 @@ impl InFlight {
 
 impl Drop for InFlightClaim {
     fn drop(&mut self) {
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         map.remove(&self.key);
     }
 }
