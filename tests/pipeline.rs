@@ -33,6 +33,7 @@ on_both_backends!(
     cancel_after_payment_refunds_and_releases,
     expired_lease_is_taken_over_and_late_completion_refused,
     concurrent_runners_never_repeat_effects,
+    audit_catches_pipeline_violations,
 );
 
 struct Pipeline {
@@ -523,4 +524,77 @@ async fn concurrent_runners_never_repeat_effects(backend: Backend) {
     }
     assert_eq!(p.stock().await.1, 0);
     p.assert_audit_clean().await;
+}
+
+/// Runs SQL directly on the test database, outside the store.
+async fn tamper(p: &Pipeline, backend: Backend, sql: &str) {
+    use sqlx::Connection;
+    match backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(p._db.url()).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(p._db.url()).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+    }
+}
+
+async fn audit_catches_pipeline_violations(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    p.place("tok_visa", 1).await;
+    let parked = p.place("tok_unavailable", 1).await;
+    p.drain().await;
+    assert_eq!(p.status(parked).await, OrderStatus::PendingPayment);
+    p.assert_audit_clean().await;
+
+    let cases = [
+        (
+            "INSERT INTO sandbox_charges (id, idempotency_key, token, amount_minor, currency, reference, state, calls, created_at) \
+             SELECT 'ch_double', 'double', token, amount_minor, currency, reference, state, calls, created_at FROM sandbox_charges",
+            "DELETE FROM sandbox_charges WHERE id = 'ch_double'",
+            "one_charge_per_order",
+        ),
+        (
+            "UPDATE sandbox_charges SET id = 'ch_elsewhere' WHERE state = 'succeeded'",
+            "UPDATE sandbox_charges SET id = (SELECT provider_ref FROM payments) WHERE id = 'ch_elsewhere'",
+            "payment_in_provider_books",
+        ),
+        (
+            "UPDATE notifications SET state = 'sending' WHERE kind = 'send_receipt'",
+            "UPDATE notifications SET state = 'sent' WHERE kind = 'send_receipt'",
+            "receipt_sent_or_pending",
+        ),
+        (
+            "UPDATE jobs SET state = 'succeeded' WHERE state = 'dead'",
+            "UPDATE jobs SET state = 'dead' WHERE kind = 'charge_payment' AND last_error IS NOT NULL",
+            "nothing_silently_stuck",
+        ),
+    ];
+    for (break_it, mend_it, check) in cases {
+        tamper(&p, backend, break_it).await;
+        let report = p.store.audit().await.unwrap();
+        assert!(
+            report.violations.iter().any(|v| v.check == check),
+            "{check} not caught:\n{report}"
+        );
+        tamper(&p, backend, mend_it).await;
+        p.assert_audit_clean().await;
+    }
+    // A cancelled order whose captured payment is not being refunded: money held for nothing.
+    tamper(
+        &p,
+        backend,
+        "UPDATE orders SET status = 'cancelled' WHERE status = 'fulfilled'",
+    )
+    .await;
+    let report = p.store.audit().await.unwrap();
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.check == "captured_payment_has_order"),
+        "{report}"
+    );
 }

@@ -75,6 +75,43 @@ const CHECKS: &[Check] = &[
               WHERE coalesce((SELECT e.status FROM order_events e WHERE e.order_id = o.id \
               ORDER BY e.id DESC LIMIT 1), '') <> o.status",
     },
+    Check {
+        name: "nothing_silently_stuck",
+        invariant: "I6: an unfinished order has a step queued, running, or dead-lettered (visible)",
+        sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected FROM orders o \
+              WHERE o.status IN ('pending_payment', 'paid') AND NOT EXISTS (SELECT 1 FROM jobs j \
+              WHERE j.order_id = o.id AND j.state IN ('ready', 'running', 'dead'))",
+    },
+    Check {
+        name: "captured_payment_has_order",
+        invariant: "I4: a captured payment belongs to a paid or fulfilled order, or its refund is under way",
+        sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected \
+              FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.state = 'captured' \
+              AND o.status NOT IN ('paid', 'fulfilled') AND NOT EXISTS (SELECT 1 FROM jobs j \
+              WHERE j.order_id = o.id AND j.kind = 'refund_payment' AND j.state IN ('ready', 'running'))",
+    },
+    Check {
+        name: "one_charge_per_order",
+        invariant: "I4: the payment provider's books hold at most one charge per order",
+        sql: "SELECT CAST(NULL AS uuid) AS subject, count(*) AS found, CAST(1 AS BIGINT) AS expected \
+              FROM sandbox_charges GROUP BY reference HAVING count(*) > 1",
+    },
+    Check {
+        name: "payment_in_provider_books",
+        invariant: "I4: every charge the shop recorded exists in the provider's books",
+        sql: "SELECT p.order_id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected \
+              FROM payments p WHERE p.provider = 'sandbox' AND p.state IN ('captured', 'refunded') \
+              AND NOT EXISTS (SELECT 1 FROM sandbox_charges c WHERE c.id = p.provider_ref)",
+    },
+    Check {
+        name: "receipt_sent_or_pending",
+        invariant: "I8: a paid order's receipt was sent, or its sending step is queued or parked",
+        sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected FROM orders o \
+              WHERE o.status IN ('paid', 'fulfilled') AND NOT EXISTS (SELECT 1 FROM notifications n \
+              WHERE n.order_id = o.id AND n.kind = 'send_receipt' AND n.state = 'sent') \
+              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.order_id = o.id AND j.kind = 'send_receipt' \
+              AND j.state IN ('ready', 'running', 'dead'))",
+    },
 ];
 
 #[derive(sqlx::FromRow)]
@@ -146,7 +183,7 @@ where
         report.violations.extend(rows.into_iter().map(|row| Violation {
             check: check.name,
             invariant: check.invariant,
-            subject: row.subject.map(|id| id.to_string()).unwrap_or_default(),
+            subject: row.subject.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
             found: row.found,
             expected: row.expected,
         }));
