@@ -2,7 +2,9 @@
 //! after an ambiguous failure (a timeout after the provider charged) finds the first charge
 //! instead of making a second one (invariant I4).
 
+pub mod http;
 pub mod sandbox;
+pub mod sandbox_server;
 
 use async_trait::async_trait;
 
