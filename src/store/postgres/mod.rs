@@ -37,9 +37,10 @@ use crate::domain::{
     ProductPatch, StockAdjustment,
 };
 
-/// An in-flight idempotency claim older than this belongs to a request that died; a retry may
-/// take it over.
-const IN_FLIGHT_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(60);
+/// An in-flight idempotency claim older than this belongs to a request that died (its process
+/// was killed mid-request); a retry may take it over. Safe even if the first request is merely
+/// slow: its completion is fenced by the claim's lock token, and orders are unique per key.
+const IN_FLIGHT_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(15);
 /// How many times a transaction is re-run after a serialization failure or deadlock.
 const MAX_TX_ATTEMPTS: u32 = 6;
 
