@@ -10,9 +10,15 @@ use clap::Parser;
 use tokio::net::TcpListener;
 
 use crate::adapters::notify::FileNotifier;
+use crate::adapters::payment::PaymentProvider;
+use crate::adapters::payment::http::HttpProvider;
 use crate::adapters::payment::sandbox::Sandbox;
+use crate::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
 use crate::clock;
-use crate::config::{AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, ServeArgs, TokenArgs};
+use crate::config::{
+    AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, PaymentProviderKind, SandboxProviderArgs, ServeArgs,
+    TokenArgs,
+};
 use crate::http::{AppState, Authenticator};
 use crate::queue::{QueueSettings, Runner};
 use crate::store::jobs::{JobFilter, ReplaySelector};
@@ -33,6 +39,7 @@ pub async fn run() -> ExitCode {
         Command::Seed => seed_catalog(&cli.global).await,
         Command::Audit(args) => return audit(&cli.global, args).await,
         Command::Jobs { action } => jobs(&cli.global, action).await,
+        Command::SandboxProvider(args) => sandbox_provider(&cli.global, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,8 +76,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
     if args.mode != Mode::Api {
-        let books: Arc<dyn SandboxBooks> = store.clone();
-        let payments = Arc::new(Sandbox::new(books));
+        let payments = payment_provider(&args, &store)?;
         let notifier = Arc::new(FileNotifier::new(global.mail_dir(&args), args.mail_from.clone()));
         let saga = Arc::new(Saga {
             store: store.clone(),
@@ -153,6 +159,49 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The payment provider configured for the pipeline.
+fn payment_provider(args: &ServeArgs, store: &Arc<dyn Store>) -> anyhow::Result<Arc<dyn PaymentProvider>> {
+    Ok(match args.payment_provider {
+        PaymentProviderKind::Sandbox => {
+            let books: Arc<dyn SandboxBooks> = store.clone();
+            Arc::new(Sandbox::new(books))
+        }
+        PaymentProviderKind::Http => {
+            let url = args
+                .payment_url
+                .as_deref()
+                .context("--payment-provider http needs --payment-url (ORDERFLOW_PAYMENT_URL)")?;
+            Arc::new(HttpProvider::new(
+                url,
+                args.payment_api_key.clone(),
+                args.payment_timeout,
+            )?)
+        }
+    })
+}
+
+/// `orderflow sandbox-provider`: the sandbox's HTTP API over the configured database.
+async fn sandbox_provider(global: &GlobalArgs, args: SandboxProviderArgs) -> anyhow::Result<()> {
+    let store = open_store(global).await?;
+    let books: Arc<dyn SandboxBooks> = store;
+    let sandbox = Arc::new(Sandbox::new(books));
+    sandbox.set_outage(!args.no_outage);
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    println!(
+        "sandbox payment provider listening on http://{}",
+        listener.local_addr()?
+    );
+    let settings = SandboxServerSettings {
+        timeout_answer_delay: args.timeout_answer_delay,
+        api_key: args.api_key,
+    };
+    serve_sandbox(listener, sandbox, settings, shutdown_signal())
+        .await
+        .context("serving the sandbox provider")
 }
 
 /// Cancels unpaid orders past their reservation time, a few times per TTL.

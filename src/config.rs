@@ -42,11 +42,34 @@ pub enum Command {
     Seed,
     /// Check the invariants against the database; exit 0 when all hold, 1 otherwise.
     Audit(AuditArgs),
+    /// Serve the sandbox payment provider over HTTP (a Stripe-like API with test tokens), keeping
+    /// its books in the configured database.
+    SandboxProvider(SandboxProviderArgs),
     /// Inspect and replay durable jobs.
     Jobs {
         #[command(subcommand)]
         action: JobsAction,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxProviderArgs {
+    /// Address the sandbox provider listens on.
+    #[arg(
+        long = "provider-listen",
+        env = "ORDERFLOW_SANDBOX_LISTEN",
+        default_value = "127.0.0.1:8090"
+    )]
+    pub listen: SocketAddr,
+    /// How long a `tok_timeout` charge's first answer is held (longer than the client timeout).
+    #[arg(long, env = "ORDERFLOW_SANDBOX_TIMEOUT_DELAY", default_value = "15s", value_parser = parse_duration)]
+    pub timeout_answer_delay: Duration,
+    /// Require this bearer key on every provider call.
+    #[arg(long, env = "ORDERFLOW_SANDBOX_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Start without the `tok_unavailable` outage.
+    #[arg(long)]
+    pub no_outage: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +142,15 @@ pub struct GlobalArgs {
     pub log_format: LogFormat,
 }
 
+/// Which payment provider the pipeline calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PaymentProviderKind {
+    /// The built-in sandbox, keeping its books in the shop's database.
+    Sandbox,
+    /// A Stripe-like REST provider at `--payment-url`.
+    Http,
+}
+
 /// The parts of the system one process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -185,6 +217,25 @@ pub struct ServeArgs {
     /// Where the file notifier writes e-mails (one `.eml` per message). Default: `<data-dir>/mail`.
     #[arg(long, env = "ORDERFLOW_MAIL_DIR", global = true)]
     pub mail_dir: Option<PathBuf>,
+    /// Payment provider: the built-in `sandbox`, or `http` (a Stripe-like REST API at
+    /// `--payment-url`, e.g. `orderflow sandbox-provider` on another host).
+    #[arg(
+        long,
+        env = "ORDERFLOW_PAYMENT_PROVIDER",
+        global = true,
+        value_enum,
+        default_value = "sandbox"
+    )]
+    pub payment_provider: PaymentProviderKind,
+    /// Base URL of the HTTP payment provider.
+    #[arg(long, env = "ORDERFLOW_PAYMENT_URL", global = true)]
+    pub payment_url: Option<String>,
+    /// API key sent to the HTTP payment provider as a bearer token.
+    #[arg(long, env = "ORDERFLOW_PAYMENT_API_KEY", global = true, hide_env_values = true)]
+    pub payment_api_key: Option<String>,
+    /// Timeout of one call to the HTTP payment provider.
+    #[arg(long, env = "ORDERFLOW_PAYMENT_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
+    pub payment_timeout: Duration,
     /// The From address of e-mails.
     #[arg(
         long,

@@ -338,3 +338,138 @@ async fn bad_configuration_is_refused_clearly() {
     );
     assert!(!text.contains(":pw@"), "the password is never printed: {text}");
 }
+
+/// The HTTP payment adapter against `orderflow sandbox-provider`, both as operators run them:
+/// an ambiguous timeout over a real network hop still ends in exactly one charge.
+#[tokio::test]
+async fn http_payment_provider_across_processes() {
+    let shop = TestDb::new(Backend::Sqlite).await;
+    let provider_db = TestDb::new(Backend::Sqlite).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut provider = Command::new(BIN)
+        .arg("--database-url")
+        .arg(provider_db.url())
+        .args([
+            "sandbox-provider",
+            "--provider-listen",
+            &format!("127.0.0.1:{port}"),
+            "--timeout-answer-delay",
+            "2s",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the sandbox provider");
+    let mut lines = BufReader::new(provider.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(ready.contains("sandbox payment provider listening"), "{ready}");
+
+    let mut server = command(&shop);
+    server
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--job-backoff",
+            "50ms",
+            "--payment-provider",
+            "http",
+        ])
+        .args([
+            "--payment-url",
+            &format!("http://127.0.0.1:{port}"),
+            "--payment-timeout",
+            "500ms",
+        ])
+        .stdout(Stdio::piped());
+    let mut child = server.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), out.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let url = line
+        .strip_prefix("orderflow listening on ")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+
+    let http = reqwest::Client::new();
+    let admin = token(&shop, &["--sub", "ops", "--role", "admin"]).await;
+    let catalog: Value = http
+        .get(format!("{url}/products"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let product = catalog["data"][0]["product_id"].as_str().unwrap().to_string();
+    let customer: Value = http
+        .post(format!("{url}/customers"))
+        .bearer_auth(&admin)
+        .json(&json!({"email": "net@example.com", "first_name": "N", "last_name": "Et"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let buyer = token(&shop, &["--sub", customer["customer_id"].as_str().unwrap()]).await;
+    let order: Value = http
+        .post(format!("{url}/orders"))
+        .bearer_auth(&buyer)
+        .header("idempotency-key", "over-the-network")
+        .json(&json!({"items": [{"product_id": product, "quantity": 1}], "payment": {"token": "tok_timeout"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let order_id = order["order_id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let body: Value = http
+            .get(format!("{url}/orders/{order_id}"))
+            .bearer_auth(&buyer)
+            .header("prefer", "wait=5")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["status"] == "fulfilled" {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not fulfilled: {body}");
+    };
+    assert_eq!(done["payment"]["provider"], "http");
+    assert_eq!(done["payment"]["attempts"], 2, "the first call timed out");
+    let charges: Value = http
+        .get(format!("http://127.0.0.1:{port}/v1/charges?reference={order_id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let charges = charges["data"].as_array().unwrap();
+    assert_eq!(charges.len(), 1, "one charge in the provider's books: {charges:?}");
+    assert_eq!(charges[0]["id"], done["payment"]["provider_reference"]);
+    child.start_kill().unwrap();
+    provider.start_kill().unwrap();
+}
