@@ -166,7 +166,9 @@ fn payment_provider(args: &ServeArgs, store: &Arc<dyn Store>) -> anyhow::Result<
     Ok(match args.payment_provider {
         PaymentProviderKind::Sandbox => {
             let books: Arc<dyn SandboxBooks> = store.clone();
-            Arc::new(Sandbox::new(books))
+            let sandbox = Sandbox::new(books);
+            sandbox.set_outage(args.sandbox_outage);
+            Arc::new(sandbox)
         }
         PaymentProviderKind::Http => {
             let url = args

@@ -227,6 +227,10 @@ pub struct ServeArgs {
         default_value = "sandbox"
     )]
     pub payment_provider: PaymentProviderKind,
+    /// Whether the built-in sandbox starts with its `tok_unavailable` outage on (`false` to end it:
+    /// restart with it off, then replay the dead payment jobs).
+    #[arg(long, env = "ORDERFLOW_SANDBOX_OUTAGE", global = true, default_value_t = true, action = clap::ArgAction::Set)]
+    pub sandbox_outage: bool,
     /// Base URL of the HTTP payment provider.
     #[arg(long, env = "ORDERFLOW_PAYMENT_URL", global = true)]
     pub payment_url: Option<String>,
