@@ -3,6 +3,8 @@
 //! and the kind, so a re-send after a crash (I8 allows at most one) is recognisably the same
 //! message, and the file notifier simply overwrites it.
 
+pub mod smtp;
+
 use std::path::PathBuf;
 
 use async_trait::async_trait;
