@@ -9,14 +9,15 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 
-use crate::adapters::notify::FileNotifier;
+use crate::adapters::notify::smtp::{SmtpNotifier, SmtpPassword, SmtpSettings};
+use crate::adapters::notify::{FileNotifier, Notifier};
 use crate::adapters::payment::PaymentProvider;
 use crate::adapters::payment::http::HttpProvider;
 use crate::adapters::payment::sandbox::Sandbox;
 use crate::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
 use crate::clock;
 use crate::config::{
-    AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, PaymentProviderKind, SandboxProviderArgs, ServeArgs,
+    AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, NotifierKind, PaymentProviderKind, SandboxProviderArgs, ServeArgs,
     TokenArgs,
 };
 use crate::http::{AppState, Authenticator};
@@ -77,7 +78,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
 
     if args.mode != Mode::Api {
         let payments = payment_provider(&args, &store)?;
-        let notifier = Arc::new(FileNotifier::new(global.mail_dir(&args), args.mail_from.clone()));
+        let notifier = notifier(global, &args)?;
         let saga = Arc::new(Saga {
             store: store.clone(),
             payments,
@@ -159,6 +160,23 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The notifier configured for the pipeline.
+fn notifier(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Arc<dyn Notifier>> {
+    Ok(match args.notifier {
+        NotifierKind::File => Arc::new(FileNotifier::new(global.mail_dir(args), args.mail_from.clone())),
+        NotifierKind::Smtp => {
+            let host = args.smtp_host.clone().context("--notifier smtp needs --smtp-host (ORDERFLOW_SMTP_HOST)")?;
+            let mut settings = SmtpSettings::new(host, args.mail_from.clone());
+            settings.tls = args.smtp_tls;
+            settings.port = args.smtp_port.unwrap_or(args.smtp_tls.default_port());
+            settings.username = args.smtp_username.clone();
+            settings.password = args.smtp_password.clone().map(SmtpPassword::new);
+            settings.timeout = args.smtp_timeout;
+            Arc::new(SmtpNotifier::new(settings).context("SMTP configuration")?)
+        }
+    })
 }
 
 /// The payment provider configured for the pipeline.

@@ -142,6 +142,15 @@ pub struct GlobalArgs {
     pub log_format: LogFormat,
 }
 
+/// How notifications are delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NotifierKind {
+    /// `.eml` files in the mail directory.
+    File,
+    /// An SMTP server.
+    Smtp,
+}
+
 /// Which payment provider the pipeline calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PaymentProviderKind {
@@ -240,6 +249,25 @@ pub struct ServeArgs {
     /// Timeout of one call to the HTTP payment provider.
     #[arg(long, env = "ORDERFLOW_PAYMENT_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
     pub payment_timeout: Duration,
+    /// How e-mails go out: `file` (one `.eml` per message in `--mail-dir`) or `smtp`.
+    #[arg(long, env = "ORDERFLOW_NOTIFIER", global = true, value_enum, default_value = "file")]
+    pub notifier: NotifierKind,
+    /// SMTP server host.
+    #[arg(long, env = "ORDERFLOW_SMTP_HOST", global = true)]
+    pub smtp_host: Option<String>,
+    /// SMTP port. Default: 587 for starttls, 465 for tls, 25 for none.
+    #[arg(long, env = "ORDERFLOW_SMTP_PORT", global = true)]
+    pub smtp_port: Option<u16>,
+    /// SMTP transport security: `starttls` (required), `tls` (implicit) or `none`.
+    #[arg(long, env = "ORDERFLOW_SMTP_TLS", global = true, default_value = "starttls", value_parser = parse_smtp_tls)]
+    pub smtp_tls: crate::adapters::notify::smtp::SmtpTls,
+    #[arg(long, env = "ORDERFLOW_SMTP_USERNAME", global = true)]
+    pub smtp_username: Option<String>,
+    #[arg(long, env = "ORDERFLOW_SMTP_PASSWORD", global = true, hide_env_values = true)]
+    pub smtp_password: Option<String>,
+    /// Longest time one delivery may take.
+    #[arg(long, env = "ORDERFLOW_SMTP_TIMEOUT", global = true, default_value = "30s", value_parser = parse_duration)]
+    pub smtp_timeout: Duration,
     /// The From address of e-mails.
     #[arg(
         long,
@@ -347,6 +375,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
             .map_err(|_| format!("`{text}` is not a duration"));
     }
     parse_ttl(text)
+}
+
+fn parse_smtp_tls(text: &str) -> Result<crate::adapters::notify::smtp::SmtpTls, String> {
+    text.parse().map_err(|e| format!("{e}"))
 }
 
 fn parse_currency(text: &str) -> Result<Currency, String> {

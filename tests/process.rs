@@ -337,6 +337,22 @@ async fn bad_configuration_is_refused_clearly() {
         "{text}"
     );
     assert!(!text.contains(":pw@"), "the password is never printed: {text}");
+
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let (code, text) = run(&["--data-dir", data_dir, "--notifier", "smtp", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("--notifier smtp needs --smtp-host"), "{text}");
+    let (code, text) =
+        run(&["--data-dir", data_dir, "--notifier", "smtp", "--smtp-host", "mail.example.com", "--mail-from", "nobody"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("SMTP configuration"), "{text}");
+    let (code, text) = run(&["--data-dir", data_dir, "--payment-provider", "http", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("needs --payment-url"), "{text}");
+    let (code, text) = run(&["--smtp-tls", "sometimes", "migrate"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("--smtp-tls"), "{text}");
 }
 
 /// The HTTP payment adapter against `orderflow sandbox-provider`, both as operators run them:
