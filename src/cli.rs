@@ -17,8 +17,8 @@ use crate::adapters::payment::sandbox::Sandbox;
 use crate::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
 use crate::clock;
 use crate::config::{
-    AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, NotifierKind, PaymentProviderKind, SandboxProviderArgs, ServeArgs,
-    TokenArgs,
+    AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, NotifierKind, PaymentProviderKind, SandboxProviderArgs,
+    ServeArgs, TokenArgs,
 };
 use crate::http::{AppState, Authenticator};
 use crate::queue::{QueueSettings, Runner};
@@ -167,7 +167,10 @@ fn notifier(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Arc<dyn Not
     Ok(match args.notifier {
         NotifierKind::File => Arc::new(FileNotifier::new(global.mail_dir(args), args.mail_from.clone())),
         NotifierKind::Smtp => {
-            let host = args.smtp_host.clone().context("--notifier smtp needs --smtp-host (ORDERFLOW_SMTP_HOST)")?;
+            let host = args
+                .smtp_host
+                .clone()
+                .context("--notifier smtp needs --smtp-host (ORDERFLOW_SMTP_HOST)")?;
             let mut settings = SmtpSettings::new(host, args.mail_from.clone());
             settings.tls = args.smtp_tls;
             settings.port = args.smtp_port.unwrap_or(args.smtp_tls.default_port());

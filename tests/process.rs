@@ -343,11 +343,26 @@ async fn bad_configuration_is_refused_clearly() {
     let (code, text) = run(&["--data-dir", data_dir, "--notifier", "smtp", "--listen", "127.0.0.1:0"]);
     assert_eq!(code, Some(2));
     assert!(text.contains("--notifier smtp needs --smtp-host"), "{text}");
-    let (code, text) =
-        run(&["--data-dir", data_dir, "--notifier", "smtp", "--smtp-host", "mail.example.com", "--mail-from", "nobody"]);
+    let (code, text) = run(&[
+        "--data-dir",
+        data_dir,
+        "--notifier",
+        "smtp",
+        "--smtp-host",
+        "mail.example.com",
+        "--mail-from",
+        "nobody",
+    ]);
     assert_eq!(code, Some(2));
     assert!(text.contains("SMTP configuration"), "{text}");
-    let (code, text) = run(&["--data-dir", data_dir, "--payment-provider", "http", "--listen", "127.0.0.1:0"]);
+    let (code, text) = run(&[
+        "--data-dir",
+        data_dir,
+        "--payment-provider",
+        "http",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(code, Some(2));
     assert!(text.contains("needs --payment-url"), "{text}");
     let (code, text) = run(&["--smtp-tls", "sometimes", "migrate"]);

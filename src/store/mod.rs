@@ -8,6 +8,7 @@
 
 mod audit;
 mod common;
+mod effects;
 pub mod jobs;
 mod jobs_common;
 mod postgres;

@@ -7,18 +7,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, QueryBuilder, Transaction};
+use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::PgStore;
-use crate::domain::{OrderId, OrderStatus};
+use crate::domain::OrderId;
+use crate::store::effects;
 use crate::store::jobs::{
-    ClaimedJob, CompleteOutcome, EXPIRED_SQL, FailOutcome, InventoryAction, JobFilter, JobLease, JobRecord, JobStore,
-    NOTIFICATIONS_SQL, NotificationRecord, NotificationSlot, PAYMENT_SQL, PaymentRecord, QueueStats, ReplaySelector,
-    StepEffects,
+    ClaimedJob, CompleteOutcome, EXPIRED_SQL, FailOutcome, JobFilter, JobLease, JobRecord, JobStore, NOTIFICATIONS_SQL,
+    NotificationRecord, NotificationSlot, PAYMENT_SQL, PaymentRecord, QueueStats, ReplaySelector, StepEffects,
 };
 use crate::store::jobs_common::{self, ClaimedRow, JobRow, StatsRow};
-use crate::store::{Page, StoreError, StoreResult};
+use crate::store::{Page, StoreResult};
 
 #[async_trait]
 impl JobStore for PgStore {
@@ -107,107 +107,9 @@ impl JobStore for PgStore {
         now: DateTime<Utc>,
     ) -> StoreResult<CompleteOutcome> {
         let mut tx = self.pool.begin().await?;
-        let mut correlation_id: Option<String> = None;
-        if let Some(lease) = lease {
-            let done: Option<(Option<String>,)> = sqlx::query_as(
-                "UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires_at = NULL, updated_at = $1 \
-                 WHERE id = $2 AND lease_token = $3 AND state = 'running' RETURNING correlation_id",
-            )
-            .bind(now)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .fetch_optional(&mut *tx)
-            .await?;
-            match done {
-                Some((correlation,)) => correlation_id = correlation,
-                None => return Ok(CompleteOutcome::LeaseLost),
-            }
-        }
-        if let Some(order_id) = effects.order_id {
-            let current: Option<(String, String, Option<String>)> =
-                sqlx::query_as("SELECT status, inventory_state, correlation_id FROM orders WHERE id = $1 FOR UPDATE")
-                    .bind(order_id.as_uuid())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let (status, inventory_state, order_correlation) =
-                current.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
-            let status: OrderStatus = status.parse().map_err(StoreError::Corrupt)?;
-            correlation_id = correlation_id.or(order_correlation);
-            if !effects.expect_status.is_empty() && !effects.expect_status.contains(&status) {
-                return Ok(CompleteOutcome::UnexpectedStatus(status));
-            }
-            let final_status = jobs_common::next_status(status, effects.new_status)?;
-            if final_status != status {
-                sqlx::query("UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3")
-                    .bind(final_status.as_str())
-                    .bind(now)
-                    .bind(order_id.as_uuid())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            if let Some(action) = effects.inventory {
-                apply_inventory(&mut tx, order_id.as_uuid(), &inventory_state, action, now).await?;
-            }
-            if let Some(payment) = &effects.payment {
-                sqlx::query(
-                    "INSERT INTO payments (order_id, provider, idempotency_key, state, provider_ref, amount_minor, \
-                     currency, detail, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
-                     ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, \
-                     provider_ref = coalesce(excluded.provider_ref, payments.provider_ref), \
-                     detail = excluded.detail, updated_at = excluded.updated_at",
-                )
-                .bind(order_id.as_uuid())
-                .bind(&payment.provider)
-                .bind(&payment.idempotency_key)
-                .bind(payment.state.as_str())
-                .bind(&payment.provider_ref)
-                .bind(payment.amount_minor)
-                .bind(&payment.currency)
-                .bind(&payment.detail)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-            if let Some(sent) = &effects.notification_sent {
-                sqlx::query("UPDATE notifications SET state = 'sent', message_id = $1, sent_at = $2 WHERE order_id = $3 AND kind = $4")
-                    .bind(&sent.message_id)
-                    .bind(now)
-                    .bind(order_id.as_uuid())
-                    .bind(&sent.kind)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            for (kind, detail) in &effects.events {
-                sqlx::query(
-                    "INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(Uuid::now_v7())
-                .bind(order_id.as_uuid())
-                .bind(kind)
-                .bind(final_status.as_str())
-                .bind(detail)
-                .bind(&correlation_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        for job in &effects.enqueue {
-            sqlx::query(
-                "INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, ready_since, \
-                 correlation_id, created_at, updated_at) VALUES ($1, $2, $3, $4, 'ready', 0, $5, $6, $6, $7, $8, $8)",
-            )
-            .bind(Uuid::now_v7())
-            .bind(job.kind)
-            .bind(effects.order_id.map(|id| id.as_uuid()))
-            .bind(job.payload.to_string())
-            .bind(job.max_attempts as i32)
-            .bind(job.run_at)
-            .bind(&correlation_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let outcome = effects::apply(&mut tx, "FOR UPDATE", lease, effects, now).await?;
+        if outcome != CompleteOutcome::Completed {
+            return Ok(outcome);
         }
         if !effects.enqueue.is_empty() {
             super::notify_jobs(&mut tx).await?;
@@ -340,55 +242,4 @@ impl JobStore for PgStore {
             .await?;
         Ok(rows.into_iter().map(|(id,)| OrderId::from_uuid(id)).collect())
     }
-}
-
-/// Moves an order's stock as `action` says, locking products in id order.
-async fn apply_inventory(
-    tx: &mut Transaction<'_, Postgres>,
-    order_id: Uuid,
-    inventory_state: &str,
-    action: InventoryAction,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    let Some(plan) = jobs_common::inventory_plan(inventory_state, action)? else {
-        return Ok(());
-    };
-    let lines: Vec<(Uuid, i64)> =
-        sqlx::query_as("SELECT product_id, quantity::bigint FROM order_items WHERE order_id = $1 ORDER BY product_id")
-            .bind(order_id)
-            .fetch_all(&mut **tx)
-            .await?;
-    for (product_id, quantity) in lines {
-        sqlx::query(
-            "UPDATE products SET on_hand = on_hand + $1, reserved = reserved + $2, version = version + 1, \
-             updated_at = $3 WHERE id = $4",
-        )
-        .bind(plan.on_hand_sign * quantity)
-        .bind(plan.reserved_sign * quantity)
-        .bind(now)
-        .bind(product_id)
-        .execute(&mut **tx)
-        .await?;
-        if let Some(kind) = plan.ledger_kind {
-            sqlx::query(
-                "INSERT INTO inventory_ledger (id, product_id, order_id, kind, delta, reason, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(Uuid::now_v7())
-            .bind(product_id)
-            .bind(order_id)
-            .bind(kind)
-            .bind(plan.on_hand_sign * quantity)
-            .bind(format!("order {order_id}"))
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-        }
-    }
-    sqlx::query("UPDATE orders SET inventory_state = $1 WHERE id = $2")
-        .bind(plan.next_state)
-        .bind(order_id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }

@@ -1,0 +1,186 @@
+//! Committing a step's effects — written once, run by both backends inside their own transaction.
+//!
+//! The SQL uses numbered parameters (`$1`…) in first-use order, which SQLite accepts as well as
+//! PostgreSQL; the only dialect difference, row locking of the order, is passed in.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::jobs::{CompleteOutcome, JobLease, StepEffects};
+use super::jobs_common::{inventory_plan, next_status};
+use super::{StoreError, StoreResult};
+use crate::domain::OrderStatus;
+
+/// Applies `effects` (and completes the leased job) in `tx`. The caller commits; on any outcome
+/// other than `Completed` it must not (dropping the transaction rolls it back).
+pub(super) async fn apply<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    lock_order_row: &str,
+    lease: Option<&JobLease>,
+    effects: &StepEffects,
+    now: DateTime<Utc>,
+) -> StoreResult<CompleteOutcome>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<Uuid>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    let mut correlation_id: Option<String> = None;
+    if let Some(lease) = lease {
+        let done: Option<(Option<String>,)> = sqlx::query_as(
+            "UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires_at = NULL, updated_at = $1 \
+             WHERE id = $2 AND lease_token = $3 AND state = 'running' RETURNING correlation_id",
+        )
+        .bind(now)
+        .bind(lease.job_id)
+        .bind(lease.token)
+        .fetch_optional(&mut **tx)
+        .await?;
+        match done {
+            Some((correlation,)) => correlation_id = correlation,
+            None => return Ok(CompleteOutcome::LeaseLost),
+        }
+    }
+    if let Some(order_id) = effects.order_id {
+        let order = order_id.as_uuid();
+        let current: Option<(String, String, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT status, inventory_state, correlation_id FROM orders WHERE id = $1 {lock_order_row}"
+        ))
+        .bind(order)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let (status, inventory_state, order_correlation) =
+            current.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
+        let status: OrderStatus = status.parse().map_err(StoreError::Corrupt)?;
+        correlation_id = correlation_id.or(order_correlation);
+        if !effects.expect_status.is_empty() && !effects.expect_status.contains(&status) {
+            return Ok(CompleteOutcome::UnexpectedStatus(status));
+        }
+        let final_status = next_status(status, effects.new_status)?;
+        if final_status != status {
+            sqlx::query("UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3")
+                .bind(final_status.as_str().to_string())
+                .bind(now)
+                .bind(order)
+                .execute(&mut **tx)
+                .await?;
+        }
+        if let Some(plan) = effects
+            .inventory
+            .map(|action| inventory_plan(&inventory_state, action))
+            .transpose()?
+            .flatten()
+        {
+            let lines: Vec<(Uuid, i64)> = sqlx::query_as(
+                "SELECT product_id, CAST(quantity AS BIGINT) FROM order_items WHERE order_id = $1 ORDER BY product_id",
+            )
+            .bind(order)
+            .fetch_all(&mut **tx)
+            .await?;
+            // Product rows in id order: the global lock order.
+            for (product, quantity) in lines {
+                sqlx::query(
+                    "UPDATE products SET on_hand = on_hand + $1, reserved = reserved + $2, version = version + 1, \
+                     updated_at = $3 WHERE id = $4",
+                )
+                .bind(plan.on_hand_sign * quantity)
+                .bind(plan.reserved_sign * quantity)
+                .bind(now)
+                .bind(product)
+                .execute(&mut **tx)
+                .await?;
+                if let Some(kind) = plan.ledger_kind {
+                    sqlx::query(
+                        "INSERT INTO inventory_ledger (id, product_id, order_id, kind, delta, reason, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(Uuid::now_v7())
+                    .bind(product)
+                    .bind(order)
+                    .bind(kind.to_string())
+                    .bind(plan.on_hand_sign * quantity)
+                    .bind(format!("order {order_id}"))
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+            }
+            sqlx::query("UPDATE orders SET inventory_state = $1 WHERE id = $2")
+                .bind(plan.next_state.to_string())
+                .bind(order)
+                .execute(&mut **tx)
+                .await?;
+        }
+        if let Some(payment) = &effects.payment {
+            sqlx::query(
+                "INSERT INTO payments (order_id, provider, idempotency_key, state, provider_ref, amount_minor, \
+                 currency, detail, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
+                 ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, \
+                 provider_ref = coalesce(excluded.provider_ref, payments.provider_ref), \
+                 detail = excluded.detail, updated_at = excluded.updated_at",
+            )
+            .bind(order)
+            .bind(payment.provider.clone())
+            .bind(payment.idempotency_key.clone())
+            .bind(payment.state.as_str().to_string())
+            .bind(payment.provider_ref.clone())
+            .bind(payment.amount_minor)
+            .bind(payment.currency.clone())
+            .bind(payment.detail.clone())
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        }
+        if let Some(sent) = &effects.notification_sent {
+            sqlx::query(
+                "UPDATE notifications SET state = 'sent', message_id = $1, sent_at = $2 WHERE order_id = $3 AND kind = $4",
+            )
+            .bind(sent.message_id.clone())
+            .bind(now)
+            .bind(order)
+            .bind(sent.kind.clone())
+            .execute(&mut **tx)
+            .await?;
+        }
+        for (kind, detail) in &effects.events {
+            sqlx::query(
+                "INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(Uuid::now_v7())
+            .bind(order)
+            .bind(kind.clone())
+            .bind(final_status.as_str().to_string())
+            .bind(detail.clone())
+            .bind(correlation_id.clone())
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    for job in &effects.enqueue {
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, ready_since, \
+             correlation_id, created_at, updated_at) VALUES ($1, $2, $3, $4, 'ready', 0, $5, $6, $6, $7, $8, $8)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(job.kind.to_string())
+        .bind(effects.order_id.map(|id| id.as_uuid()))
+        .bind(job.payload.to_string())
+        .bind(job.max_attempts as i32)
+        .bind(job.run_at)
+        .bind(correlation_id.clone())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(CompleteOutcome::Completed)
+}
