@@ -31,11 +31,17 @@ impl JobStore for PgStore {
     ) -> StoreResult<Vec<ClaimedJob>> {
         let token = Uuid::now_v7();
         let until = now + lease;
-        let mut tx = self.pool.begin().await?;
+        // Two plain, index-ordered statements in one round trip: jobs whose lease ran out (their
+        // worker died) go back to ready — visible to the next claim, as this statement's snapshot
+        // predates the reset — and up to `limit` ready jobs are claimed in run_at order straight
+        // off the `jobs_ready` partial index. (One query with `ready OR expired` cannot use the
+        // index and sorted the whole backlog on every claim.)
         let rows: Vec<ClaimedRow> = sqlx::query_as(
-            "UPDATE jobs SET state = 'running', lease_token = $1, lease_expires_at = $2, attempts = attempts + 1, \
-             updated_at = $3 WHERE id IN (SELECT id FROM jobs WHERE kind = $4 AND \
-             ((state = 'ready' AND run_at <= $3) OR (state = 'running' AND lease_expires_at < $3)) \
+            "WITH expired AS ( \
+                UPDATE jobs SET state = 'ready', lease_token = NULL, lease_expires_at = NULL, updated_at = $3 \
+                WHERE kind = $4 AND state = 'running' AND lease_expires_at < $3) \
+             UPDATE jobs SET state = 'running', lease_token = $1, lease_expires_at = $2, attempts = attempts + 1, \
+             updated_at = $3 WHERE id IN (SELECT id FROM jobs WHERE kind = $4 AND state = 'ready' AND run_at <= $3 \
              ORDER BY run_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
              RETURNING id, kind, order_id, payload, attempts, max_attempts, correlation_id",
         )
@@ -44,9 +50,8 @@ impl JobStore for PgStore {
         .bind(now)
         .bind(kind)
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
-        tx.commit().await?;
         rows.into_iter().map(|row| row.into_claimed(token)).collect()
     }
 
@@ -111,12 +116,9 @@ impl JobStore for PgStore {
         if outcome != CompleteOutcome::Completed {
             return Ok(outcome);
         }
-        if !effects.enqueue.is_empty() {
-            super::notify_jobs(&mut tx).await?;
-        }
         tx.commit().await?;
         if !effects.enqueue.is_empty() {
-            self.jobs_ready.notify_waiters();
+            self.jobs_enqueued();
         }
         Ok(CompleteOutcome::Completed)
     }
@@ -191,12 +193,9 @@ impl JobStore for PgStore {
         }
         let mut tx = self.pool.begin().await?;
         let replayed = sql.build().execute(&mut *tx).await?.rows_affected();
-        if replayed > 0 {
-            super::notify_jobs(&mut tx).await?;
-        }
         tx.commit().await?;
         if replayed > 0 {
-            self.jobs_ready.notify_waiters();
+            self.jobs_enqueued();
         }
         Ok(replayed)
     }
