@@ -118,6 +118,14 @@ struct Args {
     #[arg(long, env = "ORDERFLOW_LOADGEN_THREADS",
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     threads: Option<u32>,
+    /// Also measure end to end: wait until the pipeline has finished every accepted order, then
+    /// report orders/s from placed to `fulfilled` and the p50/p99/max of that time (from the
+    /// orders' timelines). The server must run its workers (`--mode all` or worker processes).
+    #[arg(long, env = "ORDERFLOW_LOADGEN_END_TO_END")]
+    end_to_end: bool,
+    /// Longest wait for the pipeline to finish in `--end-to-end` mode.
+    #[arg(long, env = "ORDERFLOW_LOADGEN_DRAIN_TIMEOUT_SECS", default_value_t = 900)]
+    drain_timeout_secs: u64,
     /// Skip the audit (when the server's database cannot be reached from here).
     #[arg(long, env = "ORDERFLOW_LOADGEN_NO_AUDIT")]
     no_audit: bool,
@@ -398,6 +406,68 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
 
+    // ---- End to end ----
+    if args.end_to_end {
+        let drained = drain_pipeline(
+            &plan.client,
+            &base,
+            &admin,
+            Duration::from_secs(args.drain_timeout_secs),
+        )
+        .await?;
+        let database_url = settings.database_url();
+        let store = store::connect(&database_url, &settings.connect_options()?)
+            .await
+            .with_context(|| format!("opening {} to read the timelines", store::redact_url(&database_url)))?;
+        let mut spans = Vec::new();
+        let (mut first_placed, mut last_fulfilled) = (None, None);
+        let mut unfinished = 0u64;
+        for buyer in &plan.buyers {
+            let mut before = None;
+            loop {
+                let page = store.list_customer_orders(buyer.id, before, 200).await?;
+                for order in &page.items {
+                    let details = store.get_order(order.id).await?.context("an order vanished")?;
+                    let fulfilled = details.events.iter().find(|e| e.kind == "fulfilled").map(|e| e.at);
+                    let Some(fulfilled) = fulfilled else {
+                        unfinished += 1;
+                        continue;
+                    };
+                    let placed = details.order.created_at;
+                    spans.push((fulfilled - placed).num_microseconds().unwrap_or(i64::MAX).max(0) as u64);
+                    first_placed = first_placed.min(Some(placed)).or(Some(placed));
+                    last_fulfilled = last_fulfilled.max(Some(fulfilled));
+                }
+                match page.next_after {
+                    Some(last) => before = Some(orderflow::domain::OrderId::from_uuid(last)),
+                    None => break,
+                }
+            }
+        }
+        println!();
+        println!("end to end (placed → fulfilled, from the orders' timelines):");
+        println!(
+            "  pipeline drained {:.1}s after the last order was placed",
+            drained.as_secs_f64()
+        );
+        if let (Some(first), Some(last)) = (first_placed, last_fulfilled) {
+            let window = (last - first).num_milliseconds().max(1) as f64 / 1000.0;
+            println!(
+                "  throughput:  {:.1} orders/s fulfilled ({} orders between the first placement and the last fulfilment, {window:.1}s)",
+                spans.len() as f64 / window,
+                spans.len()
+            );
+        }
+        println!(
+            "  latency:     {}",
+            latency_line(&mut spans).unwrap_or_else(|| "no fulfilled orders".into())
+        );
+        if unfinished > 0 {
+            println!("  FAIL: {unfinished} order(s) of this run are not fulfilled");
+            healthy = false;
+        }
+    }
+
     // ---- Audit ----
     if args.no_audit {
         println!("\naudit: skipped (--no-audit)");
@@ -432,6 +502,40 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
     Ok(healthy)
+}
+
+/// Polls `/admin/queues` until no job is ready or running; returns how long that took.
+async fn drain_pipeline(
+    client: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let queues: Value = client
+            .get(format!("{base}/admin/queues"))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .context("GET /admin/queues")?
+            .json()
+            .await
+            .context("reading /admin/queues")?;
+        let busy: i64 = queues["data"]
+            .as_array()
+            .context("/admin/queues answered without data")?
+            .iter()
+            .map(|q| q["ready"].as_i64().unwrap_or(0) + q["running"].as_i64().unwrap_or(0))
+            .sum();
+        if busy == 0 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            bail!("the pipeline still had {busy} job(s) to do after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// POSTs `body` and expects 201 Created; returns the answer's JSON.
