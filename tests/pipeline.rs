@@ -20,7 +20,7 @@ use orderflow::store::jobs::{CompleteOutcome, FailOutcome, JobFilter, ReplaySele
 use orderflow::store::sandbox::SandboxBooks;
 use orderflow::store::{PlaceOrderOutcome, Store};
 use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
-use orderflow::workflow::steps::{CancelOutcome, Saga, SagaSettings, cancel_order};
+use orderflow::workflow::steps::{CancelOutcome, Saga, SagaSettings, cancel_order, expire_reservations};
 use orderflow::workflow::{CHARGE_PAYMENT, SEND_RECEIPT};
 
 on_both_backends!(
@@ -34,6 +34,7 @@ on_both_backends!(
     expired_lease_is_taken_over_and_late_completion_refused,
     concurrent_runners_never_repeat_effects,
     audit_catches_pipeline_violations,
+    unpaid_orders_expire_and_release_stock,
 );
 
 struct Pipeline {
@@ -597,4 +598,42 @@ async fn audit_catches_pipeline_violations(backend: Backend) {
             .any(|v| v.check == "captured_payment_has_order"),
         "{report}"
     );
+}
+
+async fn unpaid_orders_expire_and_release_stock(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let paid = p.place("tok_visa", 1).await;
+    assert_eq!(p.runner.run_batch(CHARGE_PAYMENT, 10).await.unwrap(), 1);
+    let parked = p.place("tok_visa", 2).await;
+    let settings = SagaSettings::default();
+    assert_eq!(
+        expire_reservations(p.store.as_ref(), &settings, Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0,
+        "nothing is old enough yet"
+    );
+    assert_eq!(p.stock().await, (100, 3));
+
+    let expired = expire_reservations(p.store.as_ref(), &settings, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(expired, 1, "only the unpaid order expires");
+    assert_eq!(p.status(parked).await, OrderStatus::Cancelled);
+    assert_eq!(p.status(paid).await, OrderStatus::Paid);
+    assert_eq!(p.stock().await, (100, 1), "the expired reservation was released");
+    let events = p.events(parked).await;
+    assert!(events.contains(&"cancelled".to_string()), "{events:?}");
+    p.drain().await;
+    assert!(
+        p.sandbox
+            .books()
+            .charges_for(&parked.to_string())
+            .await
+            .unwrap()
+            .is_empty(),
+        "an expired order is never charged"
+    );
+    assert_eq!(p.status(paid).await, OrderStatus::Fulfilled);
+    p.assert_audit_clean().await;
 }

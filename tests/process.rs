@@ -17,7 +17,11 @@ use tokio::process::{Child, Command};
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 const SECRET: &str = "process-test-secret-process-test-secret";
 
-on_both_backends!(accepted_orders_survive_sigkill, audit_command_reports_and_exits_nonzero);
+on_both_backends!(
+    accepted_orders_survive_sigkill,
+    audit_command_reports_and_exits_nonzero,
+    jobs_command_lists_and_replays_dead_jobs,
+);
 
 fn command(db: &TestDb) -> Command {
     let mut command = Command::new(BIN);
@@ -503,4 +507,67 @@ async fn http_payment_provider_across_processes() {
     assert_eq!(charges[0]["id"], done["payment"]["provider_reference"]);
     child.start_kill().unwrap();
     provider.start_kill().unwrap();
+}
+
+/// `orderflow jobs list|replay` against a parked order, as an operator would.
+async fn jobs_command_lists_and_replays_dead_jobs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let http = reqwest::Client::new();
+    let admin = token(&db, &["--sub", "ops", "--role", "admin"]).await;
+    let catalog: Value = http
+        .get(format!("{}/products", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let product = catalog["data"][0]["product_id"].as_str().unwrap().to_string();
+    let customer: Value = http
+        .post(format!("{}/customers", server.url))
+        .bearer_auth(&admin)
+        .json(&json!({"email": "ops@example.com", "first_name": "O", "last_name": "P"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let buyer = token(&db, &["--sub", customer["customer_id"].as_str().unwrap()]).await;
+    let order: Value = http
+        .post(format!("{}/orders", server.url))
+        .bearer_auth(&buyer)
+        .header("idempotency-key", "parked")
+        .json(&json!({"items": [{"product_id": product, "quantity": 1}], "payment": {"token": "tok_unavailable"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let order_id = order["order_id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let listing = loop {
+        let output = cli(&db, &["jobs", "list", "--state", "dead"]).await;
+        assert!(output.status.success());
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        if text.contains(&order_id) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the payment never dead-lettered: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        listing.contains("charge_payment") && listing.contains("attempts 3/3") && listing.contains("503"),
+        "{listing}"
+    );
+    let replay = cli(&db, &["jobs", "replay", "--all", "--kind", "charge_payment"]).await;
+    assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 1 job(s)"));
+    let unknown = cli(&db, &["jobs", "replay", &uuid::Uuid::now_v7().to_string()]).await;
+    assert_eq!(unknown.status.code(), Some(2), "replaying a job that is not dead fails");
+    server.kill9().await;
 }
