@@ -1,4 +1,4 @@
--- One checkout, exactly as the service commits it on PostgreSQL (src/store/postgres.rs:
+-- One checkout, exactly as the service commits it on PostgreSQL (src/store/postgres/mod.rs:
 -- `claim_key` then `place_order_tx`), as a pgbench script: the same five round trips, the same
 -- statements against the same schema, minus HTTP, JSON parsing, JWT checks and the Rust code.
 --
@@ -6,9 +6,11 @@
 --   2. BEGIN
 --   3. lock and read the stock row(s): SELECT ... ORDER BY id FOR UPDATE
 --   4. one statement of data-modifying CTEs: reserve stock, insert the order, its line, its
---      event, its first job, wake the job workers (pg_notify, delivered at commit), and complete
---      the idempotency record
+--      event, its first job, and complete the idempotency record
 --   5. COMMIT (the only WAL flush the client waits for)
+--
+-- Not included: the service's wake-up for job workers in other processes, a `pg_notify` it sends
+-- after the commit from its own connection, coalesced (at most one in flight per process).
 --
 -- One line per order (the loadgen's default `--lines 1`). Where the service binds values it
 -- computed in Rust (ids, timestamps, total, the stored response snapshot), this script computes
@@ -73,7 +75,6 @@ WITH ids AS MATERIALIZED (
     SELECT gen_random_uuid(), 'charge_payment', order_id, json_build_object('order_id', order_id)::text,
         'ready', 0, 3, at, at, correlation_id, at, at
     FROM ids),
- wake AS (SELECT pg_notify('orderflow_jobs', '')),
  completed AS (
     UPDATE idempotency_keys k SET state = 'completed', order_id = ids.order_id, response_status = 202,
         response_body = json_build_object(
@@ -88,8 +89,7 @@ WITH ids AS MATERIALIZED (
     WHERE k.principal = ids.customer_id::text AND k.key = 'pgbench-' || :k::bigint
       AND k.lock_token = md5('lock-' || :k::bigint)::uuid AND k.state = 'in_flight'
     RETURNING 1)
-SELECT (SELECT count(*) FROM reserve) AS reserved_lines,
-       (SELECT count(*) FROM completed) + 0 * (SELECT count(*) FROM wake) AS completed
+SELECT (SELECT count(*) FROM reserve) AS reserved_lines, (SELECT count(*) FROM completed) AS completed
 \gset
 
 -- The service's own checks on those counts; a failed check aborts the client (pgbench reports it).
