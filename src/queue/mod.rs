@@ -130,8 +130,17 @@ impl Runner {
                 return;
             }
             Err(StepError::Retry(error)) => {
-                let retry_at = now + backoff(&self.settings, job.attempt);
-                self.store.fail_job(&job.lease, error, Some(retry_at), now).await
+                let delay = backoff(&self.settings, job.attempt);
+                let recorded = self.store.fail_job(&job.lease, error, Some(now + delay), now).await;
+                if matches!(recorded, Ok(FailOutcome::Retrying)) {
+                    // Wake the workers when the retry is due, instead of at the next poll.
+                    let signal = self.store.job_signal();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        signal.notify_waiters();
+                    });
+                }
+                recorded
             }
             Err(StepError::Fatal(error)) => self.store.fail_job(&job.lease, error, None, now).await,
         };
