@@ -12,6 +12,7 @@ mod effects;
 pub mod jobs;
 mod jobs_common;
 mod postgres;
+mod reads;
 mod rows;
 pub mod sandbox;
 mod sqlite;

@@ -23,9 +23,9 @@ mod jobs;
 
 use super::audit::{self, AuditReport};
 use super::common::{is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict};
+use super::reads;
 use super::rows::{
-    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS,
-    ProductRow,
+    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow,
 };
 use super::{
     AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, Page, PlaceOrder, PlaceOrderOutcome,
@@ -33,8 +33,8 @@ use super::{
 };
 use crate::domain::order::price_lines;
 use crate::domain::{
-    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId, Product, ProductId,
-    ProductPatch, StockAdjustment,
+    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderId, Product, ProductId, ProductPatch,
+    StockAdjustment,
 };
 
 /// An in-flight idempotency claim older than this belongs to a request that died (its process
@@ -418,14 +418,6 @@ impl Store for PgStore {
         row.try_into()
     }
 
-    async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {
-        let row: Option<ProductRow> = sqlx::query_as(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"))
-            .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(Product::try_from).transpose()
-    }
-
     async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>> {
         let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE true"));
         if let Some(category) = &query.category {
@@ -529,15 +521,6 @@ impl Store for PgStore {
         row.ok_or(StoreError::Conflict("customer_id"))?.try_into()
     }
 
-    async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>> {
-        let row: Option<CustomerRow> =
-            sqlx::query_as(&format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"))
-                .bind(id.as_uuid())
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(Customer::try_from).transpose()
-    }
-
     async fn list_customer_orders(
         &self,
         id: CustomerId,
@@ -584,29 +567,20 @@ impl Store for PgStore {
         result
     }
 
-    async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>> {
-        let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
-            .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let items = self.order_items(&[row.id]).await?;
-        let events: Vec<OrderEventRow> =
-            sqlx::query_as("SELECT kind, status, detail, created_at FROM order_events WHERE order_id = $1 ORDER BY id")
-                .bind(id.as_uuid())
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(Some(OrderDetails {
-            order: row.into_order(&items)?,
-            events: events
-                .into_iter()
-                .map(OrderEvent::try_from)
-                .collect::<StoreResult<_>>()?,
-        }))
-    }
-
     fn job_signal(&self) -> Arc<tokio::sync::Notify> {
         self.jobs_ready.clone()
+    }
+
+    async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {
+        reads::get_product(&self.pool, id).await
+    }
+
+    async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>> {
+        reads::get_customer(&self.pool, id).await
+    }
+
+    async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>> {
+        reads::get_order(&self.pool, id).await
     }
 
     async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>> {

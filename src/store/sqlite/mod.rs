@@ -27,9 +27,9 @@ mod jobs;
 
 use super::audit::{self, AuditReport};
 use super::common::{is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict};
+use super::reads;
 use super::rows::{
-    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS,
-    ProductRow,
+    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow,
 };
 use super::{
     AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, Page, PlaceOrder, PlaceOrderOutcome,
@@ -37,8 +37,8 @@ use super::{
 };
 use crate::domain::order::price_lines;
 use crate::domain::{
-    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId, Product, ProductId,
-    ProductPatch, StockAdjustment,
+    CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderId, Product, ProductId, ProductPatch,
+    StockAdjustment,
 };
 
 /// How hard SQLite works to make a commit survive.
@@ -184,14 +184,6 @@ impl Store for SqliteStore {
         row.try_into()
     }
 
-    async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {
-        let row: Option<ProductRow> = sqlx::query_as(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ?"))
-            .bind(id.as_uuid())
-            .fetch_optional(&self.reader)
-            .await?;
-        row.map(Product::try_from).transpose()
-    }
-
     async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>> {
         let mut sql = QueryBuilder::<Sqlite>::new(format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE 1 = 1"));
         if let Some(category) = &query.category {
@@ -294,15 +286,6 @@ impl Store for SqliteStore {
         let row = row.ok_or(StoreError::Conflict("customer_id"))?;
         tx.commit().await?;
         row.try_into()
-    }
-
-    async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>> {
-        let row: Option<CustomerRow> =
-            sqlx::query_as(&format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?"))
-                .bind(id.as_uuid())
-                .fetch_optional(&self.reader)
-                .await?;
-        row.map(Customer::try_from).transpose()
     }
 
     async fn list_customer_orders(
@@ -462,29 +445,20 @@ impl Store for SqliteStore {
         Ok(PlaceOrderOutcome::Created(order))
     }
 
-    async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>> {
-        let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?"))
-            .bind(id.as_uuid())
-            .fetch_optional(&self.reader)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let items = self.order_items(&[row.id]).await?;
-        let events: Vec<OrderEventRow> =
-            sqlx::query_as("SELECT kind, status, detail, created_at FROM order_events WHERE order_id = ? ORDER BY id")
-                .bind(id.as_uuid())
-                .fetch_all(&self.reader)
-                .await?;
-        Ok(Some(OrderDetails {
-            order: row.into_order(&items)?,
-            events: events
-                .into_iter()
-                .map(OrderEvent::try_from)
-                .collect::<StoreResult<_>>()?,
-        }))
-    }
-
     fn job_signal(&self) -> Arc<tokio::sync::Notify> {
         self.jobs_ready.clone()
+    }
+
+    async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {
+        reads::get_product(&self.reader, id).await
+    }
+
+    async fn get_customer(&self, id: CustomerId) -> StoreResult<Option<Customer>> {
+        reads::get_customer(&self.reader, id).await
+    }
+
+    async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>> {
+        reads::get_order(&self.reader, id).await
     }
 
     async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>> {
