@@ -4,7 +4,9 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::jobs::{ClaimedJob, FailOutcome, InventoryAction, JobError, JobLease, JobRecord, QueueStats};
+use super::jobs::{
+    ClaimedJob, FailOutcome, InventoryAction, JobError, JobFilter, JobLease, JobRecord, QueueStats, ReplaySelector,
+};
 use super::{StoreError, StoreResult};
 use crate::domain::{OrderId, OrderStatus};
 
@@ -28,6 +30,66 @@ pub const PREPARE_NOTIFICATION_SQLITE: &str = "INSERT INTO notifications (order_
 pub const PREPARE_NOTIFICATION_POSTGRES: &str = "INSERT INTO notifications (order_id, kind, state, recipient, attempts, created_at) \
      VALUES ($1, $2, 'sending', $3, 1, $4) ON CONFLICT (order_id, kind) DO UPDATE \
      SET attempts = notifications.attempts + 1 WHERE notifications.state = 'sending' RETURNING state";
+
+/// The SELECT of a job listing; each backend runs it (same SQL, its own placeholders).
+pub fn list_jobs_query<'a, DB>(filter: &JobFilter) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut sql = sqlx::QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
+    if let Some(state) = &filter.state {
+        sql.push(" AND state = ").push_bind(state.clone());
+    }
+    if let Some(kind) = &filter.kind {
+        sql.push(" AND kind = ").push_bind(kind.clone());
+    }
+    if let Some(after) = filter.after {
+        sql.push(" AND id > ").push_bind(after);
+    }
+    sql.push(" ORDER BY id LIMIT ").push_bind(i64::from(filter.limit) + 1);
+    sql
+}
+
+/// The UPDATE that moves dead jobs back to ready with fresh attempts (history kept).
+pub fn replay_query<'a, DB>(selector: &ReplaySelector, now: DateTime<Utc>) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut sql = sqlx::QueryBuilder::new(
+        "UPDATE jobs SET state = 'ready', attempts = 0, lease_token = NULL, lease_expires_at = NULL, run_at = ",
+    );
+    sql.push_bind(now)
+        .push(", ready_since = ")
+        .push_bind(now)
+        .push(", updated_at = ")
+        .push_bind(now);
+    sql.push(" WHERE state = 'dead'");
+    match selector {
+        ReplaySelector::One(id) => {
+            sql.push(" AND id = ").push_bind(*id);
+        }
+        ReplaySelector::AllDead { kind: Some(kind) } => {
+            sql.push(" AND kind = ").push_bind(kind.clone());
+        }
+        ReplaySelector::AllDead { kind: None } => {}
+    }
+    sql
+}
+
+/// Rows of a listing (up to `limit + 1`) as a page.
+pub fn jobs_page(rows: Vec<JobRow>, limit: u32) -> StoreResult<super::Page<JobRecord>> {
+    let jobs = rows
+        .into_iter()
+        .map(JobRow::into_record)
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok(super::Page::from_rows(jobs, limit, |job| job.job_id))
+}
 
 #[derive(sqlx::FromRow)]
 pub struct ClaimedRow {

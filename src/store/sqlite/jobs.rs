@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::Sqlite;
 use uuid::Uuid;
 
 use super::SqliteStore;
@@ -152,44 +152,15 @@ impl JobStore for SqliteStore {
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Page<JobRecord>> {
-        let mut sql = QueryBuilder::<Sqlite>::new(format!("SELECT {} FROM jobs WHERE 1 = 1", jobs_common::JOB_COLUMNS));
-        if let Some(state) = &filter.state {
-            sql.push(" AND state = ").push_bind(state.clone());
-        }
-        if let Some(kind) = &filter.kind {
-            sql.push(" AND kind = ").push_bind(kind.clone());
-        }
-        if let Some(after) = filter.after {
-            sql.push(" AND id > ").push_bind(after);
-        }
-        sql.push(" ORDER BY id LIMIT ").push_bind(i64::from(filter.limit) + 1);
-        let rows: Vec<JobRow> = sql.build_query_as().fetch_all(&self.reader).await?;
-        let jobs = rows
-            .into_iter()
-            .map(JobRow::into_record)
-            .collect::<StoreResult<Vec<_>>>()?;
-        Ok(Page::from_rows(jobs, filter.limit, |job| job.job_id))
+        let rows: Vec<JobRow> = jobs_common::list_jobs_query::<Sqlite>(filter)
+            .build_query_as()
+            .fetch_all(&self.reader)
+            .await?;
+        jobs_common::jobs_page(rows, filter.limit)
     }
 
     async fn replay_jobs(&self, selector: &ReplaySelector, now: DateTime<Utc>) -> StoreResult<u64> {
-        let mut sql = QueryBuilder::<Sqlite>::new(
-            "UPDATE jobs SET state = 'ready', attempts = 0, lease_token = NULL, lease_expires_at = NULL, run_at = ",
-        );
-        sql.push_bind(now)
-            .push(", ready_since = ")
-            .push_bind(now)
-            .push(", updated_at = ")
-            .push_bind(now);
-        sql.push(" WHERE state = 'dead'");
-        match selector {
-            ReplaySelector::One(id) => {
-                sql.push(" AND id = ").push_bind(*id);
-            }
-            ReplaySelector::AllDead { kind: Some(kind) } => {
-                sql.push(" AND kind = ").push_bind(kind.clone());
-            }
-            ReplaySelector::AllDead { kind: None } => {}
-        }
+        let mut sql = jobs_common::replay_query::<Sqlite>(selector, now);
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let replayed = sql.build().execute(&mut *tx).await?.rows_affected();
         tx.commit().await?;
