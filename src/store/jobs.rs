@@ -209,11 +209,11 @@ pub struct NotificationRecord {
     pub sent_at: Option<DateTime<Utc>>,
 }
 
-pub(super) const PAYMENT_SQL: &str = "SELECT provider, idempotency_key, state, provider_ref, amount_minor, currency, detail, \
+pub(crate) const PAYMENT_SQL: &str = "SELECT provider, idempotency_key, state, provider_ref, amount_minor, currency, detail, \
      updated_at FROM payments WHERE order_id = $1";
-pub(super) const NOTIFICATIONS_SQL: &str =
+pub(crate) const NOTIFICATIONS_SQL: &str =
     "SELECT kind, state, recipient, attempts, sent_at FROM notifications WHERE order_id = $1 ORDER BY created_at, kind";
-pub(super) const EXPIRED_SQL: &str =
+pub(crate) const EXPIRED_SQL: &str =
     "SELECT id FROM orders WHERE status = 'pending_payment' AND created_at < $1 ORDER BY created_at LIMIT $2";
 
 /// The queue's persistence. Implementations: SQLite (single writer `UPDATE … RETURNING`) and

@@ -82,6 +82,79 @@ where
     sql
 }
 
+/// The pipeline's read-only queries, the same SQL on both backends (run against their read pool).
+pub mod reads {
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    use crate::domain::OrderId;
+    use crate::store::StoreResult;
+    use crate::store::jobs::{EXPIRED_SQL, NOTIFICATIONS_SQL, NotificationRecord, PAYMENT_SQL, PaymentRecord};
+
+    pub async fn has_pending_work<DB>(pool: &sqlx::Pool<DB>) -> StoreResult<bool>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'r> (bool,): sqlx::FromRow<'r, DB::Row>,
+    {
+        let (pending,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('ready', 'running'))")
+                .fetch_one(pool)
+                .await?;
+        Ok(pending)
+    }
+
+    pub async fn payment<DB>(pool: &sqlx::Pool<DB>, order: OrderId) -> StoreResult<Option<PaymentRecord>>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        PaymentRecord: for<'r> sqlx::FromRow<'r, DB::Row>,
+    {
+        Ok(sqlx::query_as(PAYMENT_SQL)
+            .bind(order.as_uuid())
+            .fetch_optional(pool)
+            .await?)
+    }
+
+    pub async fn notifications<DB>(pool: &sqlx::Pool<DB>, order: OrderId) -> StoreResult<Vec<NotificationRecord>>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        NotificationRecord: for<'r> sqlx::FromRow<'r, DB::Row>,
+    {
+        Ok(sqlx::query_as(NOTIFICATIONS_SQL)
+            .bind(order.as_uuid())
+            .fetch_all(pool)
+            .await?)
+    }
+
+    pub async fn expired_orders<DB>(
+        pool: &sqlx::Pool<DB>,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OrderId>>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'r> (Uuid,): sqlx::FromRow<'r, DB::Row>,
+    {
+        let rows: Vec<(Uuid,)> = sqlx::query_as(EXPIRED_SQL)
+            .bind(before)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+        Ok(rows.into_iter().map(|(id,)| OrderId::from_uuid(id)).collect())
+    }
+}
+
 /// Rows of a listing (up to `limit + 1`) as a page.
 pub fn jobs_page(rows: Vec<JobRow>, limit: u32) -> StoreResult<super::Page<JobRecord>> {
     let jobs = rows

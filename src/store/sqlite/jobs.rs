@@ -12,8 +12,8 @@ use super::SqliteStore;
 use crate::domain::OrderId;
 use crate::store::effects;
 use crate::store::jobs::{
-    ClaimedJob, CompleteOutcome, EXPIRED_SQL, FailOutcome, JobFilter, JobLease, JobRecord, JobStore, NOTIFICATIONS_SQL,
-    NotificationRecord, NotificationSlot, PAYMENT_SQL, PaymentRecord, QueueStats, ReplaySelector, StepEffects,
+    ClaimedJob, CompleteOutcome, FailOutcome, JobFilter, JobLease, JobRecord, JobStore, NotificationRecord,
+    NotificationSlot, PaymentRecord, QueueStats, ReplaySelector, StepEffects,
 };
 use crate::store::jobs_common::{self, ClaimedRow, JobRow, StatsRow};
 use crate::store::{Page, StoreResult};
@@ -182,33 +182,18 @@ impl JobStore for SqliteStore {
     }
 
     async fn has_pending_work(&self) -> StoreResult<bool> {
-        let (pending,): (bool,) =
-            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('ready', 'running'))")
-                .fetch_one(&self.reader)
-                .await?;
-        Ok(pending)
+        jobs_common::reads::has_pending_work(&self.reader).await
     }
 
     async fn payment(&self, order: OrderId) -> StoreResult<Option<PaymentRecord>> {
-        Ok(sqlx::query_as(PAYMENT_SQL)
-            .bind(order.as_uuid())
-            .fetch_optional(&self.reader)
-            .await?)
+        jobs_common::reads::payment(&self.reader, order).await
     }
 
     async fn notifications(&self, order: OrderId) -> StoreResult<Vec<NotificationRecord>> {
-        Ok(sqlx::query_as(NOTIFICATIONS_SQL)
-            .bind(order.as_uuid())
-            .fetch_all(&self.reader)
-            .await?)
+        jobs_common::reads::notifications(&self.reader, order).await
     }
 
     async fn expired_orders(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<Vec<OrderId>> {
-        let rows: Vec<(Uuid,)> = sqlx::query_as(EXPIRED_SQL)
-            .bind(before)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
-        Ok(rows.into_iter().map(|(id,)| OrderId::from_uuid(id)).collect())
+        jobs_common::reads::expired_orders(&self.reader, before, limit).await
     }
 }
