@@ -16,17 +16,13 @@ use orderflow::adapters::payment::sandbox::Sandbox;
 use orderflow::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
 use orderflow::adapters::payment::{ChargeRequest, PaymentError, PaymentProvider, RefundRequest};
 use orderflow::clock;
-use orderflow::domain::{
-    Cart, CartLine, CustomerId, Email, Money, NewCustomer, NewProduct, OrderId, OrderStatus, PaymentToken, ProductId,
-    Quantity,
-};
-use orderflow::queue::{QueueSettings, Runner};
+use orderflow::domain::{Cart, CartLine, CustomerId, OrderId, OrderStatus, PaymentToken, ProductId, Quantity};
+use orderflow::queue::Runner;
 use orderflow::store::jobs::{JobFilter, ReplaySelector};
 use orderflow::store::sandbox::SandboxBooks;
 use orderflow::store::{PlaceOrderOutcome, Store};
 use orderflow::workflow::CHARGE_PAYMENT;
 use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
-use orderflow::workflow::steps::{Saga, SagaSettings};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -62,17 +58,6 @@ struct HttpPipeline {
     _db: TestDb,
 }
 
-fn fast_queue() -> QueueSettings {
-    QueueSettings {
-        lease: Duration::from_secs(5),
-        backoff_base: Duration::from_millis(5),
-        backoff_max: Duration::from_millis(20),
-        poll_interval: Duration::from_millis(50),
-        concurrency: 8,
-        retention: Duration::from_secs(3600),
-    }
-}
-
 impl HttpPipeline {
     async fn new(backend: Backend) -> Self {
         let db = TestDb::new(backend).await;
@@ -98,48 +83,13 @@ impl HttpPipeline {
         let provider = Arc::new(HttpProvider::new(&url, Some(API_KEY.into()), CLIENT_TIMEOUT).unwrap());
         let mail = tempfile::tempdir().unwrap();
         let notifier = Arc::new(FileNotifier::new(mail.path().to_path_buf(), "shop@example.com".into()));
-        let saga = Arc::new(Saga {
-            store: store.clone(),
-            payments: provider.clone(),
-            notifier,
-            settings: SagaSettings::default(),
-        });
-        let mut runner = Runner::new(store.clone(), fast_queue());
-        saga.register(&mut runner);
+        let runner = common::saga_runner(&store, provider.clone(), notifier);
 
-        let product = store
-            .create_product(
-                &NewProduct {
-                    id: ProductId::new(),
-                    sku: None,
-                    name: "Lamp".into(),
-                    description: None,
-                    category: None,
-                    price: Money::from_minor(2500).unwrap(),
-                    stock: 100,
-                },
-                clock::now(),
-            )
-            .await
-            .unwrap()
-            .id;
-        let customer = CustomerId::new();
-        store
-            .create_customer(
-                &NewCustomer {
-                    id: customer,
-                    email: Email::parse("buyer@example.com").unwrap(),
-                    first_name: "Bea".into(),
-                    last_name: "Buyer".into(),
-                },
-                clock::now(),
-            )
-            .await
-            .unwrap();
+        let (product, customer) = common::seed_lamp_and_buyer(store.as_ref(), "buyer@example.com").await;
         HttpPipeline {
             store,
             provider,
-            runner: Arc::new(runner),
+            runner,
             url,
             client: reqwest::Client::new(),
             mail_dir: mail.path().to_path_buf(),

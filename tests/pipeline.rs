@@ -11,16 +11,13 @@ use common::{Backend, TestDb};
 use orderflow::adapters::notify::FileNotifier;
 use orderflow::adapters::payment::sandbox::Sandbox;
 use orderflow::clock;
-use orderflow::domain::{
-    Cart, CartLine, CustomerId, Email, Money, NewCustomer, NewProduct, OrderId, OrderStatus, PaymentToken, ProductId,
-    Quantity,
-};
-use orderflow::queue::{QueueSettings, Runner};
+use orderflow::domain::{Cart, CartLine, CustomerId, OrderId, OrderStatus, PaymentToken, ProductId, Quantity};
+use orderflow::queue::Runner;
 use orderflow::store::jobs::{CompleteOutcome, FailOutcome, JobFilter, ReplaySelector, StepEffects};
 use orderflow::store::sandbox::SandboxBooks;
 use orderflow::store::{PlaceOrderOutcome, Store};
 use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
-use orderflow::workflow::steps::{CancelOutcome, Saga, SagaSettings, cancel_order, expire_reservations};
+use orderflow::workflow::steps::{CancelOutcome, SagaSettings, cancel_order, expire_reservations};
 use orderflow::workflow::{CHARGE_PAYMENT, SEND_RECEIPT};
 
 on_both_backends!(
@@ -48,17 +45,6 @@ struct Pipeline {
     _db: TestDb,
 }
 
-fn fast_queue() -> QueueSettings {
-    QueueSettings {
-        lease: Duration::from_secs(5),
-        backoff_base: Duration::from_millis(5),
-        backoff_max: Duration::from_millis(20),
-        poll_interval: Duration::from_millis(50),
-        concurrency: 8,
-        retention: Duration::from_secs(3600),
-    }
-}
-
 impl Pipeline {
     async fn new(backend: Backend) -> Self {
         let db = TestDb::new(backend).await;
@@ -67,47 +53,12 @@ impl Pipeline {
         let sandbox = Arc::new(Sandbox::new(books));
         let mail = tempfile::tempdir().unwrap();
         let notifier = Arc::new(FileNotifier::new(mail.path().to_path_buf(), "shop@example.com".into()));
-        let saga = Arc::new(Saga {
-            store: store.clone(),
-            payments: sandbox.clone(),
-            notifier,
-            settings: SagaSettings::default(),
-        });
-        let mut runner = Runner::new(store.clone(), fast_queue());
-        saga.register(&mut runner);
-        let product = store
-            .create_product(
-                &NewProduct {
-                    id: ProductId::new(),
-                    sku: None,
-                    name: "Lamp".into(),
-                    description: None,
-                    category: None,
-                    price: Money::from_minor(2500).unwrap(),
-                    stock: 100,
-                },
-                clock::now(),
-            )
-            .await
-            .unwrap()
-            .id;
-        let customer = CustomerId::new();
-        store
-            .create_customer(
-                &NewCustomer {
-                    id: customer,
-                    email: Email::parse("buyer@example.com").unwrap(),
-                    first_name: "Bea".into(),
-                    last_name: "Buyer".into(),
-                },
-                clock::now(),
-            )
-            .await
-            .unwrap();
+        let runner = common::saga_runner(&store, sandbox.clone(), notifier);
+        let (product, customer) = common::seed_lamp_and_buyer(store.as_ref(), "buyer@example.com").await;
         Pipeline {
             store,
             sandbox,
-            runner: Arc::new(runner),
+            runner,
             mail_dir: mail.path().to_path_buf(),
             product,
             customer,

@@ -22,16 +22,12 @@ use orderflow::adapters::notify::smtp::{SmtpNotifier, SmtpPassword, SmtpSettings
 use orderflow::adapters::notify::{Message, Notifier};
 use orderflow::adapters::payment::sandbox::Sandbox;
 use orderflow::clock;
-use orderflow::domain::{
-    Cart, CartLine, CustomerId, Email, Money, NewCustomer, NewProduct, OrderId, OrderStatus, PaymentToken, ProductId,
-    Quantity,
-};
-use orderflow::queue::{QueueSettings, Runner};
+use orderflow::domain::{Cart, CartLine, CustomerId, OrderId, OrderStatus, PaymentToken, ProductId, Quantity};
+use orderflow::queue::Runner;
 use orderflow::store::jobs::{JobFilter, NotificationSlot, ReplaySelector, StepEffects};
 use orderflow::store::sandbox::SandboxBooks;
 use orderflow::store::{NewJob, PlaceOrderOutcome, Store};
 use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
-use orderflow::workflow::steps::{Saga, SagaSettings};
 use orderflow::workflow::{SEND_CANCELLATION, SEND_CONFIRMATION, SEND_RECEIPT};
 use serde_json::{Value, json};
 
@@ -287,64 +283,17 @@ struct Shop {
     _db: TestDb,
 }
 
-fn fast_queue() -> QueueSettings {
-    QueueSettings {
-        lease: Duration::from_secs(5),
-        backoff_base: Duration::from_millis(5),
-        backoff_max: Duration::from_millis(20),
-        poll_interval: Duration::from_millis(50),
-        concurrency: 8,
-        retention: Duration::from_secs(3600),
-    }
-}
-
 /// A job runner whose saga sends with `notifier`.
 fn runner(store: &Arc<dyn Store>, notifier: Arc<dyn Notifier>) -> Arc<Runner> {
     let books: Arc<dyn SandboxBooks> = store.clone();
-    let saga = Arc::new(Saga {
-        store: store.clone(),
-        payments: Arc::new(Sandbox::new(books)),
-        notifier,
-        settings: SagaSettings::default(),
-    });
-    let mut runner = Runner::new(store.clone(), fast_queue());
-    saga.register(&mut runner);
-    Arc::new(runner)
+    common::saga_runner(store, Arc::new(Sandbox::new(books)), notifier)
 }
 
 impl Shop {
     async fn new(backend: Backend, notifier: Arc<dyn Notifier>) -> Self {
         let db = TestDb::new(backend).await;
         let store = db.connect().await;
-        let product = store
-            .create_product(
-                &NewProduct {
-                    id: ProductId::new(),
-                    sku: None,
-                    name: "Lamp".into(),
-                    description: None,
-                    category: None,
-                    price: Money::from_minor(2500).unwrap(),
-                    stock: 100,
-                },
-                clock::now(),
-            )
-            .await
-            .unwrap()
-            .id;
-        let customer = CustomerId::new();
-        store
-            .create_customer(
-                &NewCustomer {
-                    id: customer,
-                    email: Email::parse(BUYER).unwrap(),
-                    first_name: "Bea".into(),
-                    last_name: "Buyer".into(),
-                },
-                clock::now(),
-            )
-            .await
-            .unwrap();
+        let (product, customer) = common::seed_lamp_and_buyer(store.as_ref(), BUYER).await;
         Shop {
             runner: runner(&store, notifier),
             store,

@@ -213,14 +213,7 @@ impl TestApp {
             mail.path().to_path_buf(),
             "shop@example.com".into(),
         ));
-        let saga = Arc::new(orderflow::workflow::steps::Saga {
-            store: store.clone(),
-            payments: sandbox.clone(),
-            notifier,
-            settings: SagaSettings::default(),
-        });
-        let mut runner = orderflow::queue::Runner::new(store.clone(), fast_queue_settings());
-        saga.register(&mut runner);
+        let runner = saga_runner(&store, sandbox.clone(), notifier);
         TestApp {
             url,
             client,
@@ -229,7 +222,7 @@ impl TestApp {
             admin,
             backend,
             sandbox,
-            runner: Arc::new(runner),
+            runner,
             _mail: mail,
             shutdown: Some(shutdown),
             db,
@@ -363,4 +356,56 @@ pub fn error_fields(problem: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A job runner for the checkout saga with the given payment provider and notifier, and test-speed
+/// queue settings (no background workers: tests drain it).
+pub fn saga_runner(
+    store: &Arc<dyn Store>,
+    payments: Arc<dyn orderflow::adapters::payment::PaymentProvider>,
+    notifier: Arc<dyn orderflow::adapters::notify::Notifier>,
+) -> Arc<orderflow::queue::Runner> {
+    let saga = Arc::new(orderflow::workflow::steps::Saga {
+        store: store.clone(),
+        payments,
+        notifier,
+        settings: SagaSettings::default(),
+    });
+    let mut runner = orderflow::queue::Runner::new(store.clone(), fast_queue_settings());
+    saga.register(&mut runner);
+    Arc::new(runner)
+}
+
+/// Seeds a 25.00 product with 100 in stock and a customer with `email`.
+pub async fn seed_lamp_and_buyer(
+    store: &dyn Store,
+    email: &str,
+) -> (orderflow::domain::ProductId, orderflow::domain::CustomerId) {
+    use orderflow::domain::{CustomerId, Email, Money, NewCustomer, NewProduct, ProductId};
+    let product = NewProduct {
+        id: ProductId::new(),
+        sku: None,
+        name: "Lamp".into(),
+        description: None,
+        category: None,
+        price: Money::from_minor(2500).expect("price"),
+        stock: 100,
+    };
+    let product = store
+        .create_product(&product, orderflow::clock::now())
+        .await
+        .expect("product")
+        .id;
+    let customer = NewCustomer {
+        id: CustomerId::new(),
+        email: Email::parse(email).expect("email"),
+        first_name: "Bea".into(),
+        last_name: "Buyer".into(),
+    };
+    let customer = store
+        .create_customer(&customer, orderflow::clock::now())
+        .await
+        .expect("customer")
+        .id;
+    (product, customer)
 }
