@@ -144,6 +144,15 @@ impl Cart {
         if lines.is_empty() || lines.len() > MAX_LINES {
             errors.add("/items", format!("must contain 1 to {MAX_LINES} items"));
         }
+        for error in Self::duplicates(&lines).into_vec() {
+            errors.add(error.field, error.message);
+        }
+        errors.finish(|| Cart { lines })
+    }
+
+    /// Every line naming a product an earlier line already named.
+    pub fn duplicates(lines: &[CartLine]) -> FieldErrors {
+        let mut errors = FieldErrors::new();
         let mut seen = HashSet::new();
         for (index, line) in lines.iter().enumerate() {
             if !seen.insert(line.product_id) {
@@ -153,7 +162,7 @@ impl Cart {
                 );
             }
         }
-        errors.finish(|| Cart { lines })
+        errors
     }
 
     pub fn lines(&self) -> &[CartLine] {

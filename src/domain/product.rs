@@ -91,12 +91,16 @@ pub fn parse_category(value: &str) -> Result<String, String> {
     validation::text(value, CATEGORY_MAX)
 }
 
+/// [`parse_sku`]'s rule as the regular expression the API schema publishes.
+pub const SKU_PATTERN: &str = r"^[^\s\u0000-\u001F\u007F-\u009F]+$";
+
+/// A stock-keeping unit: 1 to [`SKU_MAX`] characters, no white space anywhere (not even around
+/// it: a SKU is an identifier, so nothing is trimmed) and no control characters.
 pub fn parse_sku(value: &str) -> Result<String, String> {
-    let sku = validation::text(value, SKU_MAX)?;
-    if sku.chars().any(char::is_whitespace) {
+    if value.chars().any(char::is_whitespace) {
         return Err("must not contain spaces".into());
     }
-    Ok(sku)
+    validation::text(value, SKU_MAX)
 }
 
 pub fn parse_stock(value: i64) -> Result<i64, String> {
@@ -107,7 +111,8 @@ pub fn parse_stock(value: i64) -> Result<i64, String> {
 }
 
 pub fn parse_delta(value: i64) -> Result<i64, String> {
-    if value == 0 || value.abs() > STOCK_MAX {
+    // A range test, not `abs()`: `i64::MIN.abs()` overflows.
+    if value == 0 || !(-STOCK_MAX..=STOCK_MAX).contains(&value) {
         return Err(format!(
             "must be a non-zero whole number between -{STOCK_MAX} and {STOCK_MAX}"
         ));
@@ -148,7 +153,10 @@ mod tests {
     fn sku_and_stock_limits() {
         assert!(parse_sku("ABC-1").is_ok());
         assert!(parse_sku("has space").is_err());
+        assert!(parse_sku(" ABC-1").is_err());
         assert!(parse_stock(-1).is_err());
         assert!(parse_delta(0).is_err());
+        assert!(parse_delta(i64::MIN).is_err());
+        assert!(parse_delta(-STOCK_MAX).is_ok());
     }
 }

@@ -62,25 +62,36 @@ impl FieldErrors {
     }
 }
 
-/// Checks a required text field: trimmed, non-empty, at most `max` characters, no control chars.
+/// [`optional_text`]'s rule as the regular expression the API schema publishes: no control
+/// characters (Unicode `Cc`) other than tab and line feed.
+pub const OPTIONAL_TEXT_PATTERN: &str = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$";
+
+/// [`text`]'s rule as a regular expression: like [`OPTIONAL_TEXT_PATTERN`], with at least one
+/// character that is not white space.
+pub const TEXT_PATTERN: &str = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*[^\s\u0000-\u0008\u000B-\u001F\u007F-\u009F][^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$";
+
+/// Checks a required text field: at most `max` characters as sent, not blank, no control chars;
+/// returned trimmed.
 pub fn text(value: &str, max: usize) -> Result<String, String> {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
+    let text = optional_text(value, max)?;
+    if text.is_empty() {
         return Err("must not be empty".into());
     }
-    optional_text(trimmed, max)
+    Ok(text)
 }
 
-/// Like [`text`] but allows an empty string (returned as-is after trimming).
+/// Like [`text`] but allows an empty or blank string (returned trimmed).
+///
+/// The length is counted in characters (Unicode scalar values, as JSON Schema's `maxLength`
+/// counts them) on the value as sent, so the published limit is exactly the enforced one.
 pub fn optional_text(value: &str, max: usize) -> Result<String, String> {
-    let trimmed = value.trim();
-    if trimmed.chars().count() > max {
+    if value.chars().count() > max {
         return Err(format!("must be at most {max} characters"));
     }
-    if trimmed.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
         return Err("must not contain control characters".into());
     }
-    Ok(trimmed.to_string())
+    Ok(value.trim().to_string())
 }
 
 #[cfg(test)]
@@ -101,5 +112,13 @@ mod tests {
     fn rejects_control_characters() {
         assert!(text("a\u{0}b", 10).is_err());
         assert!(optional_text("line\nbreak", 20).is_ok());
+        assert!(text("a\r", 10).is_err());
+    }
+
+    #[test]
+    fn length_is_counted_as_sent() {
+        assert_eq!(text(" ab ", 4), Ok("ab".to_string()));
+        assert!(text(" ab  ", 4).is_err());
+        assert_eq!(optional_text("éé", 2), Ok("éé".to_string()));
     }
 }

@@ -1,30 +1,34 @@
 //! Customer routes. A customer principal may create and read only its own record (its token's
 //! `sub` is its customer id); others asking get 404, so existence is not revealed.
 
+use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Principal;
-use super::error::ApiError;
-use super::extract::{ApiJson, QueryParams, path_id};
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, PageParams, QueryParams, path_id};
 use super::orders::OrderView;
-use super::{AppState, private};
+use super::{AppState, private, schema};
 use crate::domain::customer::parse_person_name;
 use crate::domain::{Customer, CustomerId, Email, FieldErrors, NewCustomer, OrderId};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/customers", post(create))
-        .route("/customers/{id}", get(show))
-        .route("/customers/{id}/orders", get(orders))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(create))
+        .routes(routes!(show))
+        .routes(routes!(orders))
 }
 
-#[derive(Serialize)]
+/// A customer record.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Customer)]
 struct CustomerView {
     customer_id: CustomerId,
     email: Email,
@@ -45,15 +49,40 @@ impl From<Customer> for CustomerView {
     }
 }
 
-#[derive(Deserialize)]
+/// A new customer. The e-mail address is lower-cased and must be unique.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateCustomer {
+    /// An admin may choose the id (else a new one is made); a customer may only give its own
+    /// token's `sub`, which is also the default.
+    #[schema(schema_with = schema::optional_customer_id)]
     customer_id: Option<String>,
+    #[schema(schema_with = schema::email, required = true)]
     email: Option<String>,
+    #[schema(schema_with = schema::person_name, required = true)]
     first_name: Option<String>,
+    #[schema(schema_with = schema::person_name, required = true)]
     last_name: Option<String>,
 }
 
+/// Create a customer
+///
+/// An admin, or a customer creating the record for its own token's `sub`.
+#[utoipa::path(
+    post,
+    path = "/customers",
+    tag = "customers",
+    security(("bearer" = [])),
+    request_body = CreateCustomer,
+    responses(
+        (status = 201, description = "Created.", body = CustomerView, headers(
+            ("Location" = String, description = "`/customers/{id}` of the new customer."),
+            ("Cache-Control" = String, description = "`private, no-store`."),
+        )),
+        (status = 403, description = "A customer creating someone else's record, or a token whose subject is not a customer id.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`already_exists`: the e-mail address or id is taken.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -120,6 +149,22 @@ async fn create(
     )))
 }
 
+/// Get a customer
+///
+/// The owner or an admin; anyone else gets 404.
+#[utoipa::path(
+    get,
+    path = "/customers/{id}",
+    tag = "customers",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The customer's id.")),
+    responses(
+        (status = 200, description = "The customer.", body = CustomerView, headers(
+            ("Cache-Control" = String, description = "`private, no-store`."),
+        )),
+        (status = 404, description = "No such customer (or not you).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn show(
     State(state): State<AppState>,
     principal: Principal,
@@ -137,12 +182,30 @@ async fn show(
     Ok(private(Json(CustomerView::from(customer))))
 }
 
-#[derive(Serialize)]
+/// A page of orders, newest first.
+#[derive(Serialize, ToSchema)]
 struct OrderList {
     data: Vec<OrderView>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
     next_cursor: Option<String>,
 }
 
+/// List a customer's orders
+///
+/// The owner or an admin, newest first.
+#[utoipa::path(
+    get,
+    path = "/customers/{id}/orders",
+    tag = "customers",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The customer's id."), PageParams),
+    responses(
+        (status = 200, description = "A page of the customer's orders.", body = OrderList, headers(
+            ("Cache-Control" = String, description = "`private, no-store`."),
+        )),
+        (status = 404, description = "No such customer (or not you).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn orders(
     State(state): State<AppState>,
     principal: Principal,
@@ -150,7 +213,7 @@ async fn orders(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let id: CustomerId = path_id("id", &id)?;
-    let params = QueryParams::parse(raw.as_deref(), &["limit", "cursor"])?;
+    let params = QueryParams::of::<PageParams>(raw.as_deref())?;
     if !principal.may_access(id) {
         return Err(ApiError::not_found("customer"));
     }

@@ -1,12 +1,42 @@
 //! The API's one error type, rendered as RFC 9457 problem details (`application/problem+json`)
 //! with a stable machine `code`. 5xx bodies are opaque; their cause is logged here, never sent.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::domain::{FieldError, FieldErrors};
+use crate::domain::{FieldError, FieldErrors, ProductId, Shortage};
 use crate::store::StoreError;
+
+/// The body of every error answer (`application/problem+json`, RFC 9457), as the API schema
+/// publishes it. [`ApiError`]'s `IntoResponse` renders it; a test below keeps the two in step.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // The schema of what `IntoResponse` writes, never built itself.
+pub struct Problem {
+    /// `/problems/<code>`: a stable URI reference naming the problem type.
+    #[schema(rename = "type", examples("/problems/validation_failed"))]
+    kind: String,
+    /// Short human-readable summary of the problem type.
+    title: String,
+    /// The HTTP status code, repeated.
+    #[schema(minimum = 400, maximum = 599)]
+    status: u16,
+    /// What went wrong with this request, and often how to fix it.
+    detail: String,
+    /// Stable machine-readable code, e.g. `validation_failed`, `insufficient_stock`,
+    /// `idempotency_key_reused`, `rate_limited`.
+    #[schema(examples("validation_failed"))]
+    code: String,
+    /// Every bad field (validation) or the field a refusal is about.
+    #[schema(nullable = false)]
+    errors: Option<Vec<FieldError>>,
+    /// `unknown_product`: the product ids the catalog does not have.
+    #[schema(nullable = false)]
+    product_ids: Option<Vec<ProductId>>,
+    /// `insufficient_stock`: each line that cannot be filled, with requested and available units.
+    #[schema(nullable = false)]
+    items: Option<Vec<Shortage>>,
+}
 
 /// An error answer. Build it with the constructors below; each documents its status.
 #[derive(Debug)]
@@ -20,6 +50,8 @@ pub struct ApiError {
     extra: Option<Value>,
     retry_after_secs: Option<u64>,
     www_authenticate: Option<String>,
+    /// Further response headers (e.g. `RateLimit-*` on a 429).
+    headers: HeaderMap,
 }
 
 impl ApiError {
@@ -33,6 +65,7 @@ impl ApiError {
             extra: None,
             retry_after_secs: None,
             www_authenticate: None,
+            headers: HeaderMap::new(),
         }
     }
 
@@ -159,6 +192,44 @@ impl ApiError {
         }
     }
 
+    /// 429 `rate_limited`: this principal (or client IP) used up its budget for a route class.
+    pub fn rate_limited(class: &str, retry_after_secs: u64) -> Self {
+        Self {
+            retry_after_secs: Some(retry_after_secs),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
+                format!("the rate limit for {class} requests is used up; retry after {retry_after_secs} s"),
+            )
+        }
+    }
+
+    /// 503 `overloaded`: more requests in progress than the service takes on at once.
+    pub fn overloaded(detail: impl Into<String>) -> Self {
+        Self {
+            code: "overloaded",
+            ..Self::unavailable(detail)
+        }
+    }
+
+    /// 503 `timed_out`: the handler ran past its time limit.
+    pub fn timed_out(limit: std::time::Duration) -> Self {
+        Self {
+            code: "timed_out",
+            ..Self::unavailable(format!(
+                "the request took longer than {} ms; retry (a POST /orders retried with the same \
+                 Idempotency-Key returns the original outcome)",
+                limit.as_millis()
+            ))
+        }
+    }
+
+    /// Adds response headers.
+    pub fn extend_headers(&mut self, headers: HeaderMap) {
+        self.headers.extend(headers);
+    }
+
     /// 500 `internal_error`. The cause is logged; the client sees nothing of it.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -238,9 +309,49 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        headers.extend(self.headers);
         if let Some(challenge) = self.www_authenticate.and_then(|c| HeaderValue::from_str(&c).ok()) {
             headers.insert(header::WWW_AUTHENTICATE, challenge);
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every member a problem can carry is one the published `Problem` schema names.
+    #[tokio::test]
+    async fn rendered_problems_match_the_schema() {
+        use utoipa::PartialSchema;
+        let schema = serde_json::to_value(Problem::schema()).unwrap();
+        let documented: Vec<&str> = schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let id = ProductId::new();
+        let problems = [
+            ApiError::invalid_field("/name", "is required"),
+            ApiError::unavailable("busy"),
+            ApiError::unprocessable("unknown_product", "Unknown product", "no")
+                .with_extra(json!({ "product_ids": [id] })),
+            ApiError::unprocessable("insufficient_stock", "Insufficient stock", "no").with_extra(json!({
+                "items": [Shortage { product_id: id, requested: 2, available: 1 }]
+            })),
+        ];
+        for problem in problems {
+            let response = problem.into_response();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            for key in body.as_object().unwrap().keys() {
+                assert!(
+                    documented.contains(&key.as_str()),
+                    "`{key}` is not in the Problem schema"
+                );
+            }
+        }
     }
 }

@@ -1,39 +1,105 @@
 //! Liveness (the process answers) and readiness (its database answers) probes.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
+use crate::store::Backend;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default().routes(routes!(live)).routes(routes!(ready))
 }
 
+/// `ok` or `unavailable`.
+#[derive(Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Status {
+    Ok,
+    Unavailable,
+}
+
+/// The process answers.
+#[derive(Serialize, ToSchema)]
+struct Liveness {
+    status: Status,
+}
+
+/// Whether the service can do its work, and the state of what it depends on.
+#[derive(Serialize, ToSchema)]
+struct Readiness {
+    status: Status,
+    components: Components,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Components {
+    database: Database,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Database {
+    status: Status,
+    #[schema(schema_with = backend)]
+    backend: Backend,
+}
+
+fn backend() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["sqlite", "postgres"]))
+        .description(Some("The database engine."))
+        .build()
+}
+
+/// Liveness
+///
+/// The process is up and answering.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "health",
+    responses((status = 200, description = "Alive.", body = Liveness)),
+)]
 async fn live() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
+    Json(Liveness { status: Status::Ok })
 }
 
+/// Readiness
+///
+/// Whether the database answers: 200 when ready, 503 when not (take the instance out of
+/// rotation).
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready.", body = Readiness),
+        (status = 503, description = "Not ready: the database does not answer.", body = Readiness),
+    ),
+)]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let backend = state.store.backend();
-    match state.store.ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({ "status": "ok", "components": { "database": { "status": "ok", "backend": backend } } })),
-        ),
+    let (code, status) = match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, Status::Ok),
         Err(error) => {
             tracing::warn!(%error, "readiness check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(
-                    json!({ "status": "unavailable", "components": { "database": { "status": "unavailable", "backend": backend } } }),
-                ),
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, Status::Unavailable)
         }
-    }
+    };
+    (
+        code,
+        Json(Readiness {
+            status,
+            components: Components {
+                database: Database { status, backend },
+            },
+        }),
+    )
 }

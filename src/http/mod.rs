@@ -6,11 +6,14 @@ mod admin;
 pub mod auth;
 mod correlation;
 mod customers;
+mod docs;
 pub mod error;
 mod extract;
 mod health;
+pub mod openapi;
 mod orders;
 mod products;
+mod schema;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,11 +55,9 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let body_limit = state.body_limit;
     Router::new()
-        .merge(health::routes())
-        .merge(products::routes())
-        .merge(customers::routes())
-        .merge(orders::routes())
-        .merge(admin::routes())
+        // Every resource module's routes, registered with their OpenAPI operations, plus
+        // /openapi.json and /docs.
+        .merge(openapi::routes(state.checkout.currency))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))

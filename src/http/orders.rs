@@ -1,19 +1,25 @@
 //! Order routes: the checkout commitment (POST /orders, answered 202) and reading an order back.
 
+use axum::Json;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::openapi::path::{Parameter, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Principal;
 use super::correlation::CorrelationId;
-use super::error::ApiError;
-use super::extract::{ApiJson, IdempotencyKey, path_id};
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, IdempotencyKey, optional_whole_number, parameter, path_id};
+use super::schema;
 use super::{AppState, private};
+use crate::domain::order::MAX_LINES;
 use crate::domain::{
     Cart, CartLine, CartRejection, Currency, CustomerId, FieldErrors, Order, OrderEvent, OrderId, OrderStatus,
     PaymentToken, ProductId, Quantity,
@@ -23,24 +29,33 @@ use crate::workflow::CHARGE_PAYMENT;
 use crate::workflow::checkout::{self, CheckoutRequest};
 use crate::workflow::steps::{CancelOutcome, cancel_order};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/orders", post(place))
-        .route("/orders/{id}", get(show))
-        .route("/orders/{id}/cancel", post(cancel))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(place))
+        .routes(routes!(show))
+        .routes(routes!(cancel))
 }
 
-#[derive(Serialize)]
+/// One line of an order, priced from the catalog when the order was placed.
+#[derive(Serialize, ToSchema)]
+#[schema(as = OrderLine)]
 struct LineView {
     product_id: ProductId,
     quantity: Quantity,
+    #[schema(schema_with = schema::money_ref)]
     unit_price: serde_json::Number,
+    /// `unit_price × quantity`.
+    #[schema(schema_with = schema::money_ref)]
     line_total: serde_json::Number,
 }
 
-#[derive(Serialize)]
+/// One entry of the order's timeline.
+#[derive(Serialize, ToSchema)]
+#[schema(as = OrderEvent)]
 struct EventView {
+    /// What happened, e.g. `placed`, `payment_captured`, `cancelled`.
     kind: String,
+    /// The order's status after it.
     status: OrderStatus,
     detail: Option<String>,
     at: DateTime<Utc>,
@@ -48,46 +63,65 @@ struct EventView {
 
 /// How an order is shown. The POST answer and its idempotent replays are rendered from the same
 /// stored snapshot by this one function, so they are byte-for-byte equal.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Order)]
 pub struct OrderView {
     order_id: OrderId,
     customer_id: CustomerId,
     status: OrderStatus,
     items: Vec<LineView>,
+    /// Sum of the line totals.
+    #[schema(schema_with = schema::money_ref)]
     total_amount: serde_json::Number,
     currency: Currency,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    /// Every change, oldest first (GET /orders/{id} and cancellation answers).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     timeline: Option<Vec<EventView>>,
+    /// The payment, once the payment step has recorded one (GET /orders/{id}).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     payment: Option<PaymentView>,
+    /// E-mails about the order (GET /orders/{id}).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     notifications: Option<Vec<NotificationView>>,
     /// The steps still to run (or parked), when the order is read back.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pending_steps: Option<Vec<StepView>>,
 }
 
-#[derive(Serialize)]
+/// The order's payment as the payment step recorded it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Payment)]
 struct PaymentView {
+    /// e.g. `authorized`, `captured`, `declined`, `refunded`.
     state: String,
     provider: String,
     provider_reference: Option<String>,
+    #[schema(schema_with = schema::money_ref)]
     amount: serde_json::Number,
     /// Attempts of the payment step so far.
     attempts: i32,
     detail: Option<String>,
 }
 
-#[derive(Serialize)]
+/// An e-mail about the order.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Notification)]
 struct NotificationView {
+    /// e.g. `order_confirmation`, `receipt`, `cancellation`.
     kind: String,
     state: String,
     sent_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Serialize)]
+/// A pipeline step of the order that has not succeeded yet.
+#[derive(Serialize, ToSchema)]
+#[schema(as = PendingStep)]
 struct StepView {
     step: String,
     /// `ready` (waiting to run or for a retry), `running`, or `dead` (parked until replayed).
@@ -184,24 +218,45 @@ impl OrderView {
     }
 }
 
-#[derive(Deserialize)]
+/// A checkout: what to buy and how to pay. Prices come from the catalog, never from the client.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = PlaceOrder)]
 struct PlaceOrderBody {
+    /// Defaults to the token's customer (its `sub`, when that is a customer id); customers may
+    /// only name themselves. An admin whose subject is not a customer id must give it.
+    #[schema(schema_with = schema::optional_customer_id)]
     customer_id: Option<String>,
+    /// One line per product (a product may not appear twice; send the total quantity).
+    #[schema(schema_with = order_items, required = true)]
     items: Option<Vec<ItemBody>>,
+    /// Defaults to the sandbox's approving `tok_visa`.
+    #[schema(nullable)]
     payment: Option<PaymentBody>,
 }
 
-#[derive(Deserialize)]
+fn order_items() -> utoipa::openapi::schema::Array {
+    schema::order_items(<ItemBody as utoipa::PartialSchema>::schema()).build()
+}
+
+/// One line of a checkout.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = PlaceOrderItem)]
 struct ItemBody {
+    #[schema(schema_with = schema::product_id_field, required = true)]
     product_id: Option<String>,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(value_type = Quantity, required = true)]
     quantity: Option<i64>,
 }
 
-#[derive(Deserialize)]
+/// How to pay.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = PlaceOrderPayment)]
 struct PaymentBody {
+    #[schema(schema_with = schema::payment_token, required = true)]
     token: Option<String>,
 }
 
@@ -247,6 +302,20 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
         }
         Some(PaymentBody { token: Some(token) }) => errors.check("/payment/token", PaymentToken::parse(&token)),
     };
+    // A product named twice is well-formed JSON the schema cannot rule out (JSON Schema has no
+    // uniqueness by member), so it is refused like the other cart rules, with 422.
+    let duplicates = Cart::duplicates(&lines);
+    if errors.is_empty() && !duplicates.is_empty() && (1..=MAX_LINES).contains(&lines.len()) {
+        let mut error = ApiError::unprocessable(
+            "duplicate_product",
+            "Duplicate product",
+            "a product appears on more than one line; send one line per product with the total quantity",
+        );
+        for duplicate in duplicates.into_vec() {
+            error = error.with_field(duplicate.field, duplicate.message);
+        }
+        return Err(error);
+    }
     let cart = if errors.is_empty() {
         Cart::new(lines).map_err(ApiError::validation)?
     } else {
@@ -256,6 +325,29 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
     Ok((customer_id, cart, payment_token.expect("no errors recorded")))
 }
 
+/// Place an order
+///
+/// Customers and admins. Reserves stock and records the order in one transaction, then answers
+/// 202: payment, inventory commit, fulfilment and e-mails follow as durable steps (watch the
+/// order with GET /orders/{id}). Nothing is reserved when any line fails.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(IdempotencyKey),
+    request_body = PlaceOrderBody,
+    responses(
+        (status = 202, description = "Accepted (or replayed: the first answer to this Idempotency-Key).", body = OrderView, headers(
+            ("Location" = String, description = "`/orders/{id}` of the order."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key."),
+            ("Cache-Control" = String, description = "`private, no-store`."),
+        )),
+        (status = 403, description = "A customer naming another customer, or a token whose subject is not a customer.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_key_in_use`: the first request with this key is still running.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`unknown_product` (with `product_ids`), `insufficient_stock` (with `items`: requested and available per short line), `duplicate_product` (a product on two lines), `unknown_customer`, or `idempotency_key_reused` (same key, different body).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn place(
     State(state): State<AppState>,
     principal: Principal,
@@ -266,7 +358,10 @@ async fn place(
     let (requested_customer, cart, payment_token) = parse_body(body)?;
     let customer_id = match (principal.is_admin(), requested_customer, principal.customer_id()) {
         (true, Some(customer), _) => customer,
-        (true, None, _) => {
+        // An operator who is also a customer (its subject is a customer id) orders for itself
+        // by default, like any customer.
+        (true, None, Some(own)) => own,
+        (true, None, None) => {
             return Err(ApiError::invalid_field(
                 "/customer_id",
                 "is required when an admin places an order",
@@ -356,7 +451,29 @@ fn rejected(rejection: CartRejection) -> ApiError {
 }
 
 /// Longest `Prefer: wait=N` honoured, in seconds.
-const MAX_WAIT_SECS: u64 = 30;
+pub const MAX_WAIT_SECS: u64 = 30;
+
+/// `Prefer: wait=N` on GET /orders/{id}.
+struct LongPoll;
+
+impl IntoParams for LongPoll {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![parameter(
+            "Prefer",
+            ParameterIn::Header,
+            false,
+            &format!(
+                "`wait=N` (RFC 7240): answer as soon as the order's status changes from the one it has now, or \
+                 after N seconds (at most {MAX_WAIT_SECS}; larger values are capped). Applied waits are echoed in \
+                 `Preference-Applied`."
+            ),
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^wait=[0-9]{1,9}$"))
+                .examples(["wait=10"]),
+        )]
+    }
+}
 
 /// `Prefer: wait=N` (RFC 7240): how long the client is willing to wait for a change.
 fn preferred_wait(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
@@ -375,6 +492,25 @@ fn preferred_wait(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     Ok(None)
 }
 
+/// Get an order
+///
+/// Owner or admin; another customer's order is 404. With items, totals, status, timeline,
+/// payment, notifications and the steps still pending. `Prefer: wait=N` long-polls for a status
+/// change.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The order's id."), LongPoll),
+    responses(
+        (status = 200, description = "The order.", body = OrderView, headers(
+            ("Preference-Applied" = String, description = "`wait=N` when a wait was honoured."),
+            ("Cache-Control" = String, description = "`private, no-store`."),
+        )),
+        (status = 404, description = "No such order (or not yours).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn show(
     State(state): State<AppState>,
     principal: Principal,
@@ -425,8 +561,24 @@ async fn show(
     Ok(response)
 }
 
-/// POST /orders/{id}/cancel: owners until fulfilment, admins. 202 with the order; compensation
-/// (refund if paid, stock released) runs as durable steps.
+/// Cancel an order
+///
+/// Owner or admin, until the order is fulfilled. Answers 202 with the order; compensation
+/// (refund if paid, stock released) runs as durable steps. Cancelling twice is harmless.
+#[utoipa::path(
+    post,
+    path = "/orders/{id}/cancel",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The order's id.")),
+    responses(
+        (status = 202, description = "Cancelled (compensation under way).", body = OrderView, headers(
+            ("Cache-Control" = String, description = "`private, no-store`."),
+        )),
+        (status = 404, description = "No such order (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`order_not_cancellable`: the order has been fulfilled.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn cancel(
     State(state): State<AppState>,
     principal: Principal,

@@ -1,39 +1,50 @@
 //! Catalog routes: public reads (cacheable, with ETags) and admin writes.
 
-use axum::Router;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
+use utoipa::openapi::path::{Parameter, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Admin;
-use super::error::ApiError;
-use super::extract::{ApiJson, QueryParams, path_id};
+use super::error::{ApiError, Problem};
+use super::extract::{
+    ApiJson, QueryParams, cursor_parameter, limit_parameter, optional_whole_number, parameter, path_id,
+};
+use super::schema;
 use crate::domain::product::{self, NewProduct, ProductPatch, StockAdjustment};
 use crate::domain::{Currency, FieldErrors, Money, Product, ProductId};
 use crate::store::{AdjustOutcome, ProductQuery};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/products", get(list).post(create))
-        .route("/products/{id}", get(show).patch(update))
-        .route("/products/{id}/stock", post(adjust_stock))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(list, create))
+        .routes(routes!(show, update))
+        .routes(routes!(adjust_stock))
 }
 
-/// How a product is shown to clients. `stock_quantity` is what can still be ordered.
-#[derive(Serialize)]
+/// How a product is shown to clients.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Product)]
 pub struct ProductView {
     product_id: ProductId,
+    /// Stock-keeping unit, unique across the catalog.
     sku: Option<String>,
     name: String,
     description: Option<String>,
     category: Option<String>,
+    /// Unit price in the store currency.
+    #[schema(schema_with = schema::money_ref)]
     price: serde_json::Number,
     currency: Currency,
+    /// Units that can still be ordered: on hand minus reserved for open orders.
     stock_quantity: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -56,18 +67,74 @@ impl ProductView {
     }
 }
 
-#[derive(Serialize)]
+/// A page of products, in creation order.
+#[derive(Serialize, ToSchema)]
 struct ProductList {
     data: Vec<ProductView>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
     next_cursor: Option<String>,
 }
 
+/// The query of GET /products.
+struct ProductListParams;
+
+impl IntoParams for ProductListParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            parameter(
+                "category",
+                ParameterIn::Query,
+                false,
+                "Only products in this category (exact match).",
+                schema::category(),
+            ),
+            limit_parameter(),
+            cursor_parameter(),
+        ]
+    }
+}
+
+/// `If-None-Match` on catalog reads.
+struct ConditionalRead;
+
+impl IntoParams for ConditionalRead {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![parameter(
+            "If-None-Match",
+            ParameterIn::Header,
+            false,
+            "ETags of copies the client holds; when one matches (or `*`), the answer is 304 without a body.",
+            ObjectBuilder::new().schema_type(Type::String),
+        )]
+    }
+}
+
+/// List products
+///
+/// The public catalog, one page at a time. Cacheable: a strong `ETag` and a public
+/// `Cache-Control`; a matching `If-None-Match` gets 304.
+#[utoipa::path(
+    get,
+    path = "/products",
+    tag = "catalog",
+    params(ProductListParams, ConditionalRead),
+    responses(
+        (status = 200, description = "A page of products.", body = ProductList, headers(
+            ("ETag" = String, description = "Strong validator of this representation."),
+            ("Cache-Control" = String, description = "Public and short-lived, e.g. `public, max-age=5, stale-while-revalidate=30`."),
+        )),
+        (status = 304, description = "Not modified: the client's copy (If-None-Match) is current.", headers(
+            ("ETag" = String, description = "The current validator."),
+            ("Cache-Control" = String),
+        )),
+    ),
+)]
 async fn list(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params = QueryParams::parse(raw.as_deref(), &["category", "limit", "cursor"])?;
+    let params = QueryParams::of::<ProductListParams>(raw.as_deref())?;
     let category = params
         .get("category")
         .map(|c| product::parse_category(c).map_err(|message| ApiError::invalid_field("query.category", message)))
@@ -86,6 +153,25 @@ async fn list(
     Ok(cacheable(&headers, &body))
 }
 
+/// Get a product
+///
+/// One product with the stock that can still be ordered. Cacheable like the list.
+#[utoipa::path(
+    get,
+    path = "/products/{id}",
+    tag = "catalog",
+    params(("id" = Uuid, Path, description = "The product's id."), ConditionalRead),
+    responses(
+        (status = 200, description = "The product.", body = ProductView, headers(
+            ("ETag" = String, description = "Strong validator of this representation."),
+            ("Cache-Control" = String, description = "Public and short-lived."),
+        )),
+        (status = 304, description = "Not modified: the client's copy (If-None-Match) is current.", headers(
+            ("ETag" = String), ("Cache-Control" = String),
+        )),
+        (status = 404, description = "No such product.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn show(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
     let id: ProductId = path_id("id", &id)?;
     let product = state
@@ -128,14 +214,22 @@ fn cacheable(request_headers: &HeaderMap, body: &impl Serialize) -> Response {
     response
 }
 
-#[derive(Deserialize)]
+/// A new catalog product. Prices are exact decimals in the store currency.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateProduct {
+    #[schema(schema_with = schema::product_name, required = true)]
     name: Option<String>,
+    #[schema(schema_with = schema::optional_product_description)]
     description: Option<String>,
+    #[schema(schema_with = schema::money_ref, required = true)]
     price: Option<serde_json::Number>,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(schema_with = schema::initial_stock, required = true)]
     stock_quantity: Option<i64>,
+    #[schema(schema_with = schema::optional_category)]
     category: Option<String>,
+    #[schema(schema_with = schema::optional_sku)]
     sku: Option<String>,
 }
 
@@ -150,6 +244,23 @@ fn required<T>(errors: &mut FieldErrors, field: &str, value: Option<T>) -> Optio
     value
 }
 
+/// Create a product
+///
+/// Admin only. The initial stock is written to the inventory ledger.
+#[utoipa::path(
+    post,
+    path = "/products",
+    tag = "catalog",
+    security(("bearer" = [])),
+    request_body = CreateProduct,
+    responses(
+        (status = 201, description = "Created.", body = ProductView, headers(
+            ("Location" = String, description = "`/products/{id}` of the new product."),
+        )),
+        (status = 403, description = "Not an admin.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`already_exists`: the SKU is taken.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn create(
     State(state): State<AppState>,
     Admin(_): Admin,
@@ -199,17 +310,54 @@ fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> 
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
-#[derive(Deserialize)]
+/// Changes to a product: any of its fields, at least one. `null` clears `description` or
+/// `category`; `name` and `price` cannot be cleared.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpdateProduct {
-    name: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(schema_with = schema::product_name)]
+    name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(schema_with = schema::optional_product_description)]
     description: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(schema_with = schema::optional_category)]
     category: Option<Option<String>>,
-    price: Option<serde_json::Number>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(schema_with = schema::money_ref)]
+    price: Option<Option<serde_json::Number>>,
 }
 
+/// A field that may be left out but, when present, must not be `null`.
+fn not_null<T>(errors: &mut FieldErrors, field: &str, value: Option<Option<T>>) -> Option<T> {
+    match value {
+        Some(None) => {
+            errors.add(field, "must not be null; leave it out to keep the current value");
+            None
+        }
+        Some(Some(value)) => Some(value),
+        None => None,
+    }
+}
+
+/// Update a product
+///
+/// Admin only. Changes name, description, category or price; stock changes go through
+/// POST /products/{id}/stock.
+#[utoipa::path(
+    patch,
+    path = "/products/{id}",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The product's id.")),
+    request_body = UpdateProduct,
+    responses(
+        (status = 200, description = "The updated product.", body = ProductView),
+        (status = 403, description = "Not an admin.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such product.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn update(
     State(state): State<AppState>,
     Admin(_): Admin,
@@ -219,17 +367,17 @@ async fn update(
     let id: ProductId = path_id("id", &id)?;
     let currency = state.checkout.currency;
     let mut errors = FieldErrors::new();
+    let name = not_null(&mut errors, "/name", body.name);
+    let price = not_null(&mut errors, "/price", body.price);
     let patch = ProductPatch {
-        name: body.name.and_then(|n| errors.check("/name", product::parse_name(&n))),
+        name: name.and_then(|n| errors.check("/name", product::parse_name(&n))),
         description: body
             .description
             .map(|d| d.and_then(|d| errors.check("/description", product::parse_description(&d)))),
         category: body
             .category
             .map(|c| c.and_then(|c| errors.check("/category", product::parse_category(&c)))),
-        price: body
-            .price
-            .and_then(|p| errors.check("/price", parse_price(&p, currency))),
+        price: price.and_then(|p| errors.check("/price", parse_price(&p, currency))),
     };
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
@@ -248,13 +396,35 @@ async fn update(
     Ok(axum::Json(ProductView::new(product, currency)).into_response())
 }
 
-#[derive(Deserialize)]
+/// A restock (positive `delta`) or correction (negative), with the reason for the ledger.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AdjustStock {
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(schema_with = schema::stock_delta, required = true)]
     delta: Option<i64>,
+    #[schema(schema_with = schema::stock_reason, required = true)]
     reason: Option<String>,
 }
 
+/// Adjust stock
+///
+/// Admin only. Writes an inventory ledger row; on-hand stock never goes below what is reserved
+/// for open orders.
+#[utoipa::path(
+    post,
+    path = "/products/{id}/stock",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The product's id.")),
+    request_body = AdjustStock,
+    responses(
+        (status = 200, description = "The product with its new stock.", body = ProductView),
+        (status = 403, description = "Not an admin.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such product.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`stock_below_reserved`: on-hand stock would fall below what is reserved (or above the maximum).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn adjust_stock(
     State(state): State<AppState>,
     Admin(_): Admin,
