@@ -409,8 +409,8 @@ mod tests {
         assert!(cli.command.is_none());
     }
 
-    #[test]
-    fn secret_is_generated_once() {
+    #[tokio::test]
+    async fn secret_is_generated_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwt-secret");
         let first = load_or_create_secret(&path).unwrap();
@@ -418,6 +418,6 @@ mod tests {
         assert_eq!(format!("{first:?}"), "Secret(***)");
         let auth = crate::http::Authenticator::hs256(&first);
         let token = auth.issue("x", &[], Duration::from_secs(60)).unwrap();
-        assert!(crate::http::Authenticator::hs256(&second).verify(&token).is_ok());
+        assert!(crate::http::Authenticator::hs256(&second).verify(&token).await.is_ok());
     }
 }
