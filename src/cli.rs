@@ -20,6 +20,7 @@ use crate::config::{
     AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, NotifierKind, PaymentProviderKind, SandboxProviderArgs,
     ServeArgs, TokenArgs,
 };
+use crate::http::auth::JwksSource;
 use crate::http::{AppState, Authenticator};
 use crate::queue::{QueueSettings, Runner};
 use crate::store::jobs::{JobFilter, ReplaySelector};
@@ -35,7 +36,7 @@ pub async fn run() -> ExitCode {
     telemetry::init(cli.global.log_format);
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.global, cli.serve).await,
-        Command::Token(args) => token(&cli.global, args),
+        Command::Token(args) => token(&cli.global, &cli.serve, args),
         Command::Migrate => migrate(&cli.global).await,
         Command::Seed => seed_catalog(&cli.global).await,
         Command::Audit(args) => return audit(&cli.global, args).await,
@@ -59,7 +60,10 @@ async fn open_store(global: &GlobalArgs) -> anyhow::Result<Arc<dyn Store>> {
 }
 
 async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
-    let secret = global.jwt_secret()?;
+    let auth = Arc::new(args.auth.authenticator(global)?);
+    if args.mode != Mode::Worker {
+        load_signing_keys(&auth).await?;
+    }
     let store = open_store(global).await?;
     let checkout = CheckoutSettings {
         currency: global.currency,
@@ -115,7 +119,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     } else {
         let state = AppState {
             store,
-            auth: Arc::new(Authenticator::hs256(&secret)),
+            auth,
             checkout: Arc::new(checkout),
             saga: Arc::new(saga_settings),
             body_limit: args.body_limit,
@@ -270,11 +274,34 @@ async fn shutdown_signal() {
     }
 }
 
-fn token(global: &GlobalArgs, args: TokenArgs) -> anyhow::Result<()> {
+/// Loads an identity provider's keys before serving: a key file that cannot be used stops the
+/// start; an unreachable JWKS URL is logged and tried again when tokens arrive.
+async fn load_signing_keys(auth: &Authenticator) -> anyhow::Result<()> {
+    let Some(source) = auth.key_source() else {
+        return Ok(());
+    };
+    match (auth.load_keys().await, source) {
+        (Ok(0), JwksSource::File(path)) => anyhow::bail!(
+            "{} holds no {:?} key: check --jwks-file and --jwt-algorithm",
+            path.display(),
+            auth.algorithm()
+        ),
+        (Ok(_), _) => {}
+        (Err(error), JwksSource::File(_)) => return Err(error.context("loading --jwks-file")),
+        (Err(error), JwksSource::Url(url)) => tracing::warn!(
+            %url,
+            error = format!("{error:#}"),
+            "could not load the token signing keys; trying again when a token arrives"
+        ),
+    }
+    Ok(())
+}
+
+fn token(global: &GlobalArgs, serve: &ServeArgs, args: TokenArgs) -> anyhow::Result<()> {
     if args.sub.trim().is_empty() {
         anyhow::bail!("--sub must not be empty");
     }
-    let auth = Authenticator::hs256(&global.jwt_secret()?);
+    let auth = serve.auth.token_issuer(global)?;
     println!("{}", auth.issue(&args.sub, &args.roles, args.ttl)?);
     Ok(())
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod auth;
+
+pub use self::auth::AuthArgs;
 use crate::domain::Currency;
 use crate::http::Secret;
 use crate::http::auth::parse_ttl;
@@ -189,6 +192,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, env = "ORDERFLOW_BODY_LIMIT", global = true, default_value_t = crate::http::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
+    /// Bearer-token verification: algorithm, identity provider keys, issuer, audience, claims.
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_TIMEOUT", global = true, default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
