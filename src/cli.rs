@@ -21,6 +21,7 @@ use crate::config::{
     ServeArgs, TokenArgs,
 };
 use crate::http::auth::JwksSource;
+use crate::http::edge::Edge;
 use crate::http::{AppState, Authenticator};
 use crate::queue::{QueueSettings, Runner};
 use crate::store::jobs::{JobFilter, ReplaySelector};
@@ -123,6 +124,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             checkout: Arc::new(checkout),
             saga: Arc::new(saga_settings),
             body_limit: args.body_limit,
+            edge: Arc::new(Edge::new(args.edge.settings())),
         };
         let listener = TcpListener::bind(args.listen)
             .await

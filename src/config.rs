@@ -14,6 +14,7 @@ pub use self::auth::AuthArgs;
 use crate::domain::Currency;
 use crate::http::Secret;
 use crate::http::auth::parse_ttl;
+use crate::http::edge::{CorsSettings, EdgeSettings, Rate, RateLimits};
 use crate::store::{ConnectOptions, SqliteDurability};
 
 #[derive(Debug, Parser)]
@@ -282,6 +283,101 @@ pub struct ServeArgs {
         default_value = "orderflow <orders@localhost>"
     )]
     pub mail_from: String,
+    #[command(flatten)]
+    pub edge: EdgeArgs,
+}
+
+/// The front door: rate limits, overload bounds, caching, CORS and security headers.
+#[derive(Debug, Args)]
+pub struct EdgeArgs {
+    /// Public catalog reads per principal (client IP when anonymous): `100/s`, `600/m`, `off`.
+    #[arg(long, env = "ORDERFLOW_RATE_LIMIT_CATALOG", global = true, default_value = "100/s", value_parser = parse_rate)]
+    pub rate_limit_catalog: RateArg,
+    /// Reads of a principal's own orders and customer record.
+    #[arg(long, env = "ORDERFLOW_RATE_LIMIT_READS", global = true, default_value = "50/s", value_parser = parse_rate)]
+    pub rate_limit_reads: RateArg,
+    /// Placing and cancelling orders, creating customers.
+    #[arg(long, env = "ORDERFLOW_RATE_LIMIT_WRITES", global = true, default_value = "20/s", value_parser = parse_rate)]
+    pub rate_limit_writes: RateArg,
+    /// Admin routes and catalog changes.
+    #[arg(long, env = "ORDERFLOW_RATE_LIMIT_ADMIN", global = true, default_value = "50/s", value_parser = parse_rate)]
+    pub rate_limit_admin: RateArg,
+    /// Most requests handled at once; beyond it 503 with Retry-After at once.
+    #[arg(long, env = "ORDERFLOW_MAX_IN_FLIGHT", global = true, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+    /// Longest a handler may run before 503 (a `Prefer: wait=N` long-poll gets N on top).
+    #[arg(long, env = "ORDERFLOW_HANDLER_TIMEOUT", global = true, default_value = "15s", value_parser = parse_duration)]
+    pub handler_timeout: Duration,
+    /// Longest a client may take to send a request body before 408.
+    #[arg(long, env = "ORDERFLOW_BODY_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// `Cache-Control` of public catalog reads.
+    #[arg(long, env = "ORDERFLOW_CATALOG_CACHE_CONTROL", global = true, default_value = crate::http::edge::DEFAULT_CATALOG_CACHE_CONTROL)]
+    pub catalog_cache_control: String,
+    /// `Strict-Transport-Security` sent on every response; empty sends none.
+    #[arg(long, env = "ORDERFLOW_HSTS", global = true, default_value = crate::http::edge::DEFAULT_HSTS)]
+    pub hsts: String,
+    /// Browser origins allowed to call the API (comma-separated, or `*`). Empty: CORS off.
+    #[arg(long, env = "ORDERFLOW_CORS_ALLOWED_ORIGINS", global = true, value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
+    /// Methods allowed cross-origin.
+    #[arg(
+        long,
+        env = "ORDERFLOW_CORS_ALLOWED_METHODS",
+        global = true,
+        value_delimiter = ',',
+        default_value = "GET,POST,PATCH"
+    )]
+    pub cors_allowed_methods: Vec<axum::http::Method>,
+    /// Request headers allowed cross-origin.
+    #[arg(
+        long,
+        env = "ORDERFLOW_CORS_ALLOWED_HEADERS",
+        global = true,
+        value_delimiter = ',',
+        default_value = "authorization,content-type,idempotency-key,if-none-match,prefer,x-correlation-id"
+    )]
+    pub cors_allowed_headers: Vec<String>,
+    /// How long browsers may cache a preflight answer.
+    #[arg(long, env = "ORDERFLOW_CORS_MAX_AGE", global = true, default_value = "10m", value_parser = parse_duration)]
+    pub cors_max_age: Duration,
+    /// Proxies in front of orderflow that append to X-Forwarded-For (0: use the peer address).
+    #[arg(long, env = "ORDERFLOW_TRUSTED_PROXY_HOPS", global = true, default_value_t = 0)]
+    pub trusted_proxy_hops: usize,
+}
+
+impl EdgeArgs {
+    pub fn settings(&self) -> EdgeSettings {
+        EdgeSettings {
+            rate_limits: RateLimits {
+                catalog: self.rate_limit_catalog.0,
+                reads: self.rate_limit_reads.0,
+                writes: self.rate_limit_writes.0,
+                admin: self.rate_limit_admin.0,
+            },
+            max_in_flight: self.max_in_flight as usize,
+            handler_timeout: self.handler_timeout,
+            body_timeout: self.body_timeout,
+            catalog_cache_control: self.catalog_cache_control.clone(),
+            hsts: self.hsts.clone(),
+            cors: CorsSettings {
+                allowed_origins: self
+                    .cors_allowed_origins
+                    .iter()
+                    .filter(|o| !o.is_empty())
+                    .cloned()
+                    .collect(),
+                allowed_methods: self.cors_allowed_methods.clone(),
+                allowed_headers: self
+                    .cors_allowed_headers
+                    .iter()
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .collect(),
+                max_age: self.cors_max_age,
+            },
+            trusted_proxy_hops: self.trusted_proxy_hops,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -381,6 +477,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
             .map_err(|_| format!("`{text}` is not a duration"));
     }
     parse_ttl(text)
+}
+
+/// A rate limit flag's value: `None` is `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct RateArg(pub Option<Rate>);
+
+fn parse_rate(text: &str) -> Result<RateArg, String> {
+    Rate::parse(text).map(RateArg)
 }
 
 fn parse_smtp_tls(text: &str) -> Result<crate::adapters::notify::smtp::SmtpTls, String> {

@@ -225,6 +225,16 @@ impl ApiError {
         }
     }
 
+    /// 408 `body_timeout`: the client sent its request body too slowly.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "Request body too slow",
+            format!("the request body did not arrive within {} ms", limit.as_millis()),
+        )
+    }
+
     /// Adds response headers.
     pub fn extend_headers(&mut self, headers: HeaderMap) {
         self.headers.extend(headers);

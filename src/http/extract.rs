@@ -116,14 +116,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             .get::<BodyLimit>()
             .map(|l| l.0)
             .unwrap_or(usize::MAX);
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| match rejection {
-                BytesRejection::FailedToBufferBody(_) if rejection.status() == 413 => {
-                    ApiError::payload_too_large(limit)
-                }
-                other => ApiError::malformed_json(other.body_text()),
-            })?;
+        let body_timeout = request.extensions().get::<BodyTimeout>().map(|t| t.0);
+        let read = Bytes::from_request(request, state);
+        let read = match body_timeout {
+            Some(limit) => tokio::time::timeout(limit, read)
+                .await
+                .map_err(|_| ApiError::body_timeout(limit))?,
+            None => read.await,
+        };
+        let bytes = read.map_err(|rejection| match rejection {
+            BytesRejection::FailedToBufferBody(_) if rejection.status() == 413 => ApiError::payload_too_large(limit),
+            other => ApiError::malformed_json(other.body_text()),
+        })?;
         parse_json(&bytes).map(ApiJson)
     }
 }
@@ -178,6 +182,10 @@ pub fn optional_whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) 
 /// The configured body limit, put in request extensions so rejections can name it.
 #[derive(Clone, Copy, Debug)]
 pub struct BodyLimit(pub usize);
+
+/// The longest a client may take to send its body, put in request extensions by the edge.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyTimeout(pub std::time::Duration);
 
 /// Deserializes JSON, naming the offending field as a JSON pointer on failure.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {

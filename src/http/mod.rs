@@ -7,6 +7,7 @@ pub mod auth;
 mod correlation;
 mod customers;
 mod docs;
+pub mod edge;
 pub mod error;
 mod extract;
 mod health;
@@ -49,12 +50,14 @@ pub struct AppState {
     pub saga: Arc<SagaSettings>,
     /// Largest accepted request body in bytes.
     pub body_limit: usize,
+    /// Rate limits, overload bounds, CORS, caching and security headers.
+    pub edge: Arc<edge::Edge>,
 }
 
 /// The whole API as a router.
 pub fn app(state: AppState) -> Router {
     let body_limit = state.body_limit;
-    Router::new()
+    let routes = Router::new()
         // Every resource module's routes, registered with their OpenAPI operations, plus
         // /openapi.json and /docs.
         .merge(openapi::routes(state.checkout.currency))
@@ -66,7 +69,8 @@ pub fn app(state: AppState) -> Router {
                 request.extensions_mut().insert(BodyLimit(body_limit));
                 next.run(request).await
             },
-        ))
+        ));
+    edge::wrap(routes, state.edge.clone(), state.auth.clone())
         .layer(middleware::from_fn(correlation::middleware))
         .with_state(state)
 }
@@ -77,7 +81,8 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
 }
 
 /// Personal responses must never be cached by a shared cache.

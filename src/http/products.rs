@@ -116,6 +116,7 @@ impl IntoParams for ConditionalRead {
 #[utoipa::path(
     get,
     path = "/products",
+    operation_id = "listProducts",
     tag = "catalog",
     params(ProductListParams, ConditionalRead),
     responses(
@@ -150,7 +151,7 @@ async fn list(
         data: page.items.into_iter().map(|p| ProductView::new(p, currency)).collect(),
         next_cursor: page.next_after.map(|id| id.simple().to_string()),
     };
-    Ok(cacheable(&headers, &body))
+    Ok(cacheable(&state, &headers, &body))
 }
 
 /// Get a product
@@ -159,6 +160,7 @@ async fn list(
 #[utoipa::path(
     get,
     path = "/products/{id}",
+    operation_id = "getProduct",
     tag = "catalog",
     params(("id" = Uuid, Path, description = "The product's id."), ConditionalRead),
     responses(
@@ -179,11 +181,16 @@ async fn show(State(state): State<AppState>, Path(id): Path<String>, headers: He
         .get_product(id)
         .await?
         .ok_or_else(|| ApiError::not_found("product"))?;
-    Ok(cacheable(&headers, &ProductView::new(product, state.checkout.currency)))
+    Ok(cacheable(
+        &state,
+        &headers,
+        &ProductView::new(product, state.checkout.currency),
+    ))
 }
 
-/// A public JSON response with a strong ETag; a matching `If-None-Match` gets 304.
-fn cacheable(request_headers: &HeaderMap, body: &impl Serialize) -> Response {
+/// A public JSON response with a strong ETag and the configured `Cache-Control`; a matching
+/// `If-None-Match` gets 304.
+fn cacheable(state: &AppState, request_headers: &HeaderMap, body: &impl Serialize) -> Response {
     let bytes = serde_json::to_vec(body).expect("views always serialize");
     let digest = Sha256::digest(&bytes);
     let etag = format!(
@@ -207,10 +214,9 @@ fn cacheable(request_headers: &HeaderMap, body: &impl Serialize) -> Response {
         header::ETAG,
         HeaderValue::from_str(&etag).expect("hex is a valid header"),
     );
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=5, stale-while-revalidate=30"),
-    );
+    if let Ok(value) = HeaderValue::from_str(&state.edge.settings.catalog_cache_control) {
+        headers.insert(header::CACHE_CONTROL, value);
+    }
     response
 }
 
@@ -250,6 +256,7 @@ fn required<T>(errors: &mut FieldErrors, field: &str, value: Option<T>) -> Optio
 #[utoipa::path(
     post,
     path = "/products",
+    operation_id = "createProduct",
     tag = "catalog",
     security(("bearer" = [])),
     request_body = CreateProduct,
@@ -348,6 +355,7 @@ fn not_null<T>(errors: &mut FieldErrors, field: &str, value: Option<Option<T>>) 
 #[utoipa::path(
     patch,
     path = "/products/{id}",
+    operation_id = "updateProduct",
     tag = "catalog",
     security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The product's id.")),
@@ -414,6 +422,7 @@ struct AdjustStock {
 #[utoipa::path(
     post,
     path = "/products/{id}/stock",
+    operation_id = "adjustStock",
     tag = "catalog",
     security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The product's id.")),

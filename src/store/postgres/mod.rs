@@ -137,6 +137,11 @@ enum Placed {
 impl PgStore {
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Self> {
         let connect: PgConnectOptions = url.parse().context("parsing the PostgreSQL URL")?;
+        // LISTEN holds its connection for good: it gets one of its own, so it never takes a
+        // slot of the pool that requests wait on (`--db-max-connections` means what it says).
+        let listener_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(connect.clone().application_name("orderflow-listener"));
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -148,7 +153,7 @@ impl PgStore {
             .await
             .context("applying PostgreSQL migrations")?;
         let jobs_ready = Arc::new(tokio::sync::Notify::new());
-        spawn_job_listener(pool.clone(), Arc::downgrade(&jobs_ready));
+        spawn_job_listener(listener_pool, Arc::downgrade(&jobs_ready));
         let wake_others = spawn_job_waker(pool.clone());
         Ok(Self {
             pool,
