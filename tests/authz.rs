@@ -1,0 +1,262 @@
+//! The authorization matrix: every route × (anonymous, customer A, customer B, admin) → the
+//! status the contract promises, from one table. The table is checked against the published
+//! OpenAPI document (which the router is built from), so a route added without a row here fails
+//! this test instead of going unchecked.
+//!
+//! Each cell runs against fresh fixtures (customer A's order, a dead job, …), so a cell that
+//! mutates (cancel, replay) cannot change what the next one sees. Requests carry valid bodies:
+//! the statuses are about who may do what, not about validation.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{Backend, TestApp};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug)]
+enum Who {
+    Anonymous,
+    CustomerA,
+    CustomerB,
+    Admin,
+}
+
+const EVERYONE: [Who; 4] = [Who::Anonymous, Who::CustomerA, Who::CustomerB, Who::Admin];
+
+/// What a cell's request works on.
+struct Fixture {
+    product: String,
+    customer_a: String,
+    token_a: String,
+    token_b: String,
+    order_a: String,
+    dead_job: Option<String>,
+}
+
+type Body = fn(&Fixture) -> Option<Value>;
+
+/// One route: method, path template, body, and the status for anonymous, A, B, admin.
+struct Row {
+    method: &'static str,
+    path: &'static str,
+    body: Body,
+    expect: [u16; 4],
+}
+
+const fn row(method: &'static str, path: &'static str, body: Body, expect: [u16; 4]) -> Row {
+    Row {
+        method,
+        path,
+        body,
+        expect,
+    }
+}
+
+fn none(_: &Fixture) -> Option<Value> {
+    None
+}
+
+const PUBLIC: [u16; 4] = [200, 200, 200, 200];
+const ADMIN_ONLY_200: [u16; 4] = [401, 403, 403, 200];
+/// Customer A's own resources: B is told they do not exist.
+const OWNER_OR_ADMIN: [u16; 4] = [401, 200, 404, 200];
+
+const TABLE: &[Row] = &[
+    row("GET", "/health/live", none, PUBLIC),
+    row("GET", "/health/ready", none, PUBLIC),
+    row("GET", "/openapi.json", none, PUBLIC),
+    row("GET", "/docs", none, PUBLIC),
+    row("GET", "/products", none, PUBLIC),
+    row("GET", "/products/{id}", none, PUBLIC),
+    row(
+        "POST",
+        "/products",
+        |_| Some(json!({ "name": "Matrix lamp", "price": 10.00, "stock_quantity": 5 })),
+        [401, 403, 403, 201],
+    ),
+    row(
+        "PATCH",
+        "/products/{id}",
+        |_| Some(json!({ "price": 12.50 })),
+        ADMIN_ONLY_200,
+    ),
+    row(
+        "POST",
+        "/products/{id}/stock",
+        |_| Some(json!({ "delta": 5, "reason": "restock" })),
+        ADMIN_ONLY_200,
+    ),
+    // A and B may only create their own record, and theirs exist already: 409, not 403.
+    row(
+        "POST",
+        "/customers",
+        |_| {
+            let email = format!("{}@example.com", Uuid::now_v7().simple());
+            Some(json!({ "email": email, "first_name": "Mat", "last_name": "Rix" }))
+        },
+        [401, 409, 409, 201],
+    ),
+    row("GET", "/customers/{id}", none, OWNER_OR_ADMIN),
+    row("GET", "/customers/{id}/orders", none, OWNER_OR_ADMIN),
+    // An order for customer A: A and an admin may place it; B may not order for A.
+    row(
+        "POST",
+        "/orders",
+        |f| Some(json!({ "customer_id": f.customer_a, "items": [{ "product_id": f.product, "quantity": 1 }] })),
+        [401, 202, 403, 202],
+    ),
+    row("GET", "/orders/{id}", none, OWNER_OR_ADMIN),
+    row("POST", "/orders/{id}/cancel", none, [401, 202, 404, 202]),
+    row("GET", "/admin/queues", none, ADMIN_ONLY_200),
+    row("GET", "/admin/jobs", none, ADMIN_ONLY_200),
+    row("POST", "/admin/jobs/replay", none, ADMIN_ONLY_200),
+    row("POST", "/admin/jobs/{id}/replay", none, ADMIN_ONLY_200),
+];
+
+impl Row {
+    /// The path with its `{id}` filled from the fixture.
+    fn concrete_path(&self, fixture: &Fixture) -> String {
+        let id = if self.path.starts_with("/products/") {
+            fixture.product.clone()
+        } else if self.path.starts_with("/customers/") {
+            fixture.customer_a.clone()
+        } else if self.path.starts_with("/orders/") {
+            fixture.order_a.clone()
+        } else if self.path.starts_with("/admin/jobs/{id}") {
+            fixture.dead_job.clone().expect("a dead job for this row")
+        } else {
+            return self.path.to_string();
+        };
+        self.path.replace("{id}", &id)
+    }
+}
+
+async fn fixture(app: &TestApp, needs_dead_job: bool) -> Fixture {
+    let product = app.product("10.00", 100).await;
+    let (customer_a, token_a) = app.customer().await;
+    let (_, token_b) = app.customer().await;
+    let placed = app
+        .place_order(
+            &token_a,
+            &Uuid::now_v7().to_string(),
+            &json!({ "items": [{ "product_id": product, "quantity": 1 }] }),
+        )
+        .await;
+    assert_eq!(placed.status(), 202);
+    let order_a = placed.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dead_job = if needs_dead_job {
+        // A payment the provider never answers: the charge step exhausts its attempts.
+        let parked = app
+            .place_order(
+                &token_a,
+                &Uuid::now_v7().to_string(),
+                &json!({ "items": [{ "product_id": product, "quantity": 1 }], "payment": { "token": "tok_unavailable" } }),
+            )
+            .await;
+        assert_eq!(parked.status(), 202);
+        app.drain().await;
+        let dead: Value = app
+            .get("/admin/jobs?state=dead", Some(&app.admin))
+            .await
+            .json()
+            .await
+            .unwrap();
+        Some(dead["data"][0]["job_id"].as_str().expect("a dead job").to_string())
+    } else {
+        None
+    };
+    Fixture {
+        product,
+        customer_a,
+        token_a,
+        token_b,
+        order_a,
+        dead_job,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_route_answers_each_principal_as_the_contract_says() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+
+    // The table covers exactly the operations the service publishes.
+    let document: Value = app.get("/openapi.json", None).await.json().await.unwrap();
+    let published: BTreeSet<(String, String)> = document["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, operations)| {
+            operations
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|method| ["get", "post", "put", "patch", "delete"].contains(&method.as_str()))
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let tabled: BTreeSet<(String, String)> = TABLE
+        .iter()
+        .map(|row| (row.method.to_string(), row.path.to_string()))
+        .collect();
+    assert_eq!(tabled.len(), TABLE.len(), "a route appears twice in the table");
+    assert_eq!(
+        published.difference(&tabled).collect::<Vec<_>>(),
+        Vec::<&(String, String)>::new(),
+        "published routes missing from the authorization table"
+    );
+    assert_eq!(
+        tabled.difference(&published).collect::<Vec<_>>(),
+        Vec::<&(String, String)>::new(),
+        "table rows for routes the service does not publish"
+    );
+
+    let mut mismatches = Vec::new();
+    for row in TABLE {
+        for (who, expected) in EVERYONE.into_iter().zip(row.expect) {
+            let fixture = fixture(&app, row.path.contains("/admin/jobs/{id}")).await;
+            let token = match who {
+                Who::Anonymous => None,
+                Who::CustomerA => Some(fixture.token_a.as_str()),
+                Who::CustomerB => Some(fixture.token_b.as_str()),
+                Who::Admin => Some(app.admin.as_str()),
+            };
+            let method = reqwest::Method::from_bytes(row.method.as_bytes()).unwrap();
+            let mut request = app
+                .client
+                .request(method, format!("{}{}", app.url, row.concrete_path(&fixture)))
+                .header("idempotency-key", Uuid::now_v7().to_string());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = (row.body)(&fixture) {
+                request = request.json(&body);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            if status != expected {
+                let body = response.text().await.unwrap_or_default();
+                mismatches.push(format!(
+                    "{} {} as {who:?}: {status}, expected {expected}: {body}",
+                    row.method, row.path
+                ));
+            } else if status == 401 {
+                assert!(
+                    response.headers().contains_key("www-authenticate"),
+                    "{} {}",
+                    row.method,
+                    row.path
+                );
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "authorization matrix mismatches:\n{}",
+        mismatches.join("\n")
+    );
+}
