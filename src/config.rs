@@ -311,6 +311,9 @@ pub struct EdgeArgs {
     /// Longest a client may take to send a request body before 408.
     #[arg(long, env = "ORDERFLOW_BODY_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,
+    /// Longest a client may take to send a request's headers before the connection is closed.
+    #[arg(long, env = "ORDERFLOW_HEADER_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
     /// `Cache-Control` of public catalog reads.
     #[arg(long, env = "ORDERFLOW_CATALOG_CACHE_CONTROL", global = true, default_value = crate::http::edge::DEFAULT_CATALOG_CACHE_CONTROL)]
     pub catalog_cache_control: String,
@@ -358,6 +361,7 @@ impl EdgeArgs {
             max_in_flight: self.max_in_flight as usize,
             handler_timeout: self.handler_timeout,
             body_timeout: self.body_timeout,
+            header_timeout: self.header_timeout,
             catalog_cache_control: self.catalog_cache_control.clone(),
             hsts: self.hsts.clone(),
             cors: CorsSettings {

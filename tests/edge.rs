@@ -561,3 +561,27 @@ async fn a_request_body_sent_too_slowly_gets_408_and_changes_nothing() {
     let products: Value = app.get("/products?limit=200", None).await.json().await.unwrap();
     assert!(products["data"].as_array().unwrap().iter().all(|p| p["name"] != "Slow"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_trickling_headers_is_disconnected_at_the_header_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(Backend::Sqlite, |state| {
+        state.edge = edge(EdgeSettings {
+            header_timeout: Duration::from_millis(300),
+            ..Default::default()
+        })
+    })
+    .await;
+    let address = app.url.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream.write_all(b"GET /products HTTP/1.1\r\nhost: x\r\n").await.unwrap(); // … never finished
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection instead of waiting forever")
+        .ok();
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    // The server still serves everyone else.
+    assert_eq!(app.get("/products", None).await.status(), StatusCode::OK);
+}

@@ -76,13 +76,14 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+/// See [`edge::server`] for why this is not `axum::serve`.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
+    let header_timeout = state.edge.settings.header_timeout;
+    edge::server::serve(listener, app(state), header_timeout, shutdown).await
 }
 
 /// Personal responses must never be cached by a shared cache.

@@ -16,6 +16,7 @@
 pub mod headers;
 pub mod overload;
 pub mod rate_limit;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,8 @@ pub struct EdgeSettings {
     pub handler_timeout: Duration,
     /// Longest a client may take to send its request body.
     pub body_timeout: Duration,
+    /// Longest a client may take to send a request's headers (slowloris defence).
+    pub header_timeout: Duration,
     /// `Cache-Control` of public catalog reads.
     pub catalog_cache_control: String,
     /// `Strict-Transport-Security` value; empty sends none.
@@ -55,6 +58,7 @@ impl Default for EdgeSettings {
             max_in_flight: 1024,
             handler_timeout: Duration::from_secs(15),
             body_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
             catalog_cache_control: DEFAULT_CATALOG_CACHE_CONTROL.into(),
             hsts: DEFAULT_HSTS.into(),
             cors: CorsSettings::default(),
