@@ -34,16 +34,27 @@ use crate::{http, seed, telemetry};
 /// Parses the command line and runs the command. `orderflow` alone means `orderflow serve`.
 pub async fn run() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.global.log_format);
+    let telemetry = match telemetry::init(&cli.global.telemetry_settings()) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("orderflow: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.global, cli.serve).await,
         Command::Token(args) => token(&cli.global, &cli.serve, args),
         Command::Migrate => migrate(&cli.global).await,
         Command::Seed => seed_catalog(&cli.global).await,
-        Command::Audit(args) => return audit(&cli.global, args).await,
+        Command::Audit(args) => {
+            let code = audit(&cli.global, args).await;
+            telemetry.shutdown().await;
+            return code;
+        }
         Command::Jobs { action } => jobs(&cli.global, action).await,
         Command::SandboxProvider(args) => sandbox_provider(&cli.global, args).await,
     };
+    telemetry.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -363,13 +374,14 @@ async fn jobs(global: &GlobalArgs, action: JobsAction) -> anyhow::Result<()> {
             for job in page.items {
                 let order = job.order_id.map(|id| id.to_string()).unwrap_or_else(|| "-".into());
                 println!(
-                    "{}  {:<18} {:<9} attempts {}/{}  order {}  {}",
+                    "{}  {:<18} {:<9} attempts {}/{}  order {}  correlation {}  {}",
                     job.job_id,
                     job.kind,
                     job.state,
                     job.attempts,
                     job.max_attempts,
                     order,
+                    job.correlation_id.as_deref().unwrap_or("-"),
                     job.last_error.unwrap_or_default()
                 );
             }

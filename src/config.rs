@@ -144,6 +144,25 @@ pub struct GlobalArgs {
         global = true
     )]
     pub log_format: LogFormat,
+    /// Logs' static fields and OpenTelemetry traces.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// Where this process runs and where its traces go.
+#[derive(Clone, Debug, Default, Args)]
+pub struct TelemetryArgs {
+    /// A region (or zone, or site) put on every JSON log line as `region` and on traces as
+    /// `cloud.region`, e.g. `eu-west-1`.
+    #[arg(long, env = "ORDERFLOW_REGION", global = true)]
+    pub region: Option<String>,
+    /// Export OpenTelemetry traces to this OTLP/HTTP collector (JSON encoding), e.g.
+    /// `http://127.0.0.1:4318` (`/v1/traces` is appended). Tracing is off without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` traces are reported under.
+    #[arg(long, env = "OTEL_SERVICE_NAME", global = true, default_value = crate::telemetry::SERVICE_NAME)]
+    pub otel_service_name: String,
 }
 
 /// How notifications are delivered.
@@ -405,6 +424,19 @@ pub struct AuditArgs {
 }
 
 impl GlobalArgs {
+    /// How logs and traces are set up.
+    pub fn telemetry_settings(&self) -> crate::telemetry::TelemetrySettings {
+        crate::telemetry::TelemetrySettings {
+            log_format: self.log_format,
+            region: self.telemetry.region.clone().filter(|r| !r.trim().is_empty()),
+            otlp_endpoint: self.telemetry.otlp_endpoint.clone(),
+            service_name: Some(self.telemetry.otel_service_name.trim())
+                .filter(|name| !name.is_empty())
+                .unwrap_or(crate::telemetry::SERVICE_NAME)
+                .to_string(),
+        }
+    }
+
     /// The database URL in force: the configured one or the embedded default.
     pub fn database_url(&self) -> String {
         match &self.database_url {

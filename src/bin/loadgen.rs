@@ -167,6 +167,7 @@ fn server_settings(args: &Args) -> GlobalArgs {
         sqlite_durability: SqliteDurability::Full,
         currency: Currency::USD,
         log_format: LogFormat::Text,
+        telemetry: Default::default(),
     }
 }
 

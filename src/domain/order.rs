@@ -98,9 +98,16 @@ impl Quantity {
 }
 
 /// An opaque payment-method token (a sandbox test token or a provider's token). Never card data.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A credential all the same: `Debug` does not show it, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct PaymentToken(String);
+
+impl std::fmt::Debug for PaymentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PaymentToken(***)")
+    }
+}
 
 impl PaymentToken {
     /// The token used when an order names no payment: the sandbox's approving card.

@@ -61,6 +61,7 @@ pub fn app(state: AppState) -> Router {
         // Every resource module's routes, registered with their OpenAPI operations, plus
         // /openapi.json and /docs.
         .merge(openapi::routes(state.checkout.currency))
+        .route_layer(middleware::from_fn(correlation::record_route))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))

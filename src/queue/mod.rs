@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use rand::Rng;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::field::Empty;
 
 use crate::clock;
 use crate::store::Store;
@@ -105,8 +106,17 @@ impl Runner {
     /// Runs one claimed job to its end: the step, heartbeats while it runs, and the bookkeeping
     /// of a failure.
     async fn execute(self: &Arc<Self>, step: Arc<dyn Step>, job: ClaimedJob) {
-        let span = tracing::info_span!("job", job_id = %job.lease.job_id, kind = %job.kind, attempt = job.attempt,
-            order_id = ?job.order_id.map(|id| id.to_string()), correlation_id = ?job.correlation_id);
+        // The fields every line logged while the step runs carries; as a trace span, a child of
+        // the span that enqueued the job (the checkout request, or the step before).
+        let span = tracing::info_span!("job", job_id = %job.lease.job_id, step = %job.kind, attempt = job.attempt,
+            order_id = Empty, correlation_id = Empty, otel.name = %format_args!("step {}", job.kind));
+        if let Some(order) = job.order_id {
+            span.record("order_id", tracing::field::display(order));
+        }
+        if let Some(correlation) = &job.correlation_id {
+            span.record("correlation_id", correlation.as_str());
+        }
+        crate::telemetry::continue_job_trace(&span, &job.payload);
         let result = if job.attempt > job.max_attempts {
             // Its earlier runs all died without a word (their leases ran out): stop here.
             Err(StepError::Fatal(format!(
@@ -114,7 +124,7 @@ impl Runner {
                 job.attempt - 1
             )))
         } else {
-            let heartbeat = self.heartbeat(&job);
+            let heartbeat = self.heartbeat(&job, &span);
             let outcome = tracing::Instrument::instrument(step.run(&job), span.clone()).await;
             heartbeat.abort();
             outcome
@@ -122,7 +132,7 @@ impl Runner {
         let now = clock::now();
         let recorded = match &result {
             Ok(()) => {
-                tracing::debug!(parent: &span, "step succeeded");
+                tracing::info!(parent: &span, "step succeeded");
                 return;
             }
             Err(StepError::LeaseLost) => {
@@ -161,20 +171,25 @@ impl Runner {
     }
 
     /// Extends the job's lease every third of its length while the step runs.
-    fn heartbeat(self: &Arc<Self>, job: &ClaimedJob) -> tokio::task::JoinHandle<()> {
+    fn heartbeat(self: &Arc<Self>, job: &ClaimedJob, span: &tracing::Span) -> tokio::task::JoinHandle<()> {
         let (runner, lease) = (self.clone(), job.lease);
-        tokio::spawn(async move {
-            let every = runner.settings.lease / 3;
-            loop {
-                tokio::time::sleep(every).await;
-                let until = clock::now() + runner.settings.lease;
-                match runner.store.extend_lease(&lease, until).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(error) => tracing::warn!(%error, "heartbeat failed"),
+        // Its warnings belong to the job: same span, same fields.
+        let span = span.clone();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let every = runner.settings.lease / 3;
+                loop {
+                    tokio::time::sleep(every).await;
+                    let until = clock::now() + runner.settings.lease;
+                    match runner.store.extend_lease(&lease, until).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(error) => tracing::warn!(%error, "heartbeat failed"),
+                    }
                 }
-            }
-        })
+            },
+            span,
+        ))
     }
 
     /// Claims and runs up to `limit` jobs of `kind`, waiting for them; returns how many ran.

@@ -78,15 +78,22 @@ pub async fn place_order(
         correlation_id: request.correlation_id,
         first_job: NewJob {
             kind: CHARGE_PAYMENT,
-            payload: json!({ "order_id": order_id }),
+            payload: crate::telemetry::with_trace_context(json!({ "order_id": order_id })),
             run_at: now,
             max_attempts: settings.payment_max_attempts,
         },
         now,
     };
-    tokio::spawn(async move { store.place_order(&place).await })
-        .await
-        .map_err(|error| StoreError::Corrupt(format!("the checkout task failed: {error}")))?
+    // The checkout transaction's span: a child of the request's, so its logs and trace carry
+    // the correlation id.
+    let span = tracing::info_span!("store.place_order", order_id = %order_id, otel.kind = "client",
+        db.operation.name = "place_order");
+    tokio::spawn(tracing::Instrument::instrument(
+        async move { store.place_order(&place).await },
+        span,
+    ))
+    .await
+    .map_err(|error| StoreError::Corrupt(format!("the checkout task failed: {error}")))?
 }
 
 #[cfg(test)]

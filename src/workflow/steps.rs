@@ -80,7 +80,7 @@ impl Saga {
         };
         NewJob {
             kind,
-            payload: json!({ "order_id": order }),
+            payload: crate::telemetry::with_trace_context(json!({ "order_id": order })),
             run_at: clock::now(),
             max_attempts,
         }
@@ -97,9 +97,15 @@ impl Saga {
     }
 
     async fn complete(&self, job: &ClaimedJob, effects: StepEffects) -> Result<CompleteOutcome, StepError> {
-        match self
-            .store
-            .complete_job(Some(&job.lease), &effects, clock::now())
+        // The step's transaction: its effects and the job's completion, committed together.
+        let span = tracing::info_span!(
+            "store.complete_job",
+            otel.kind = "client",
+            db.operation.name = "complete_job",
+            new_status = effects.new_status.map(|s| s.as_str()),
+            enqueued = effects.enqueue.len()
+        );
+        match tracing::Instrument::instrument(self.store.complete_job(Some(&job.lease), &effects, clock::now()), span)
             .await
             .map_err(retry)?
         {
@@ -402,7 +408,7 @@ pub async fn cancel_order(
         };
         let job = |kind, max_attempts| NewJob {
             kind,
-            payload: json!({ "order_id": id }),
+            payload: crate::telemetry::with_trace_context(json!({ "order_id": id })),
             run_at: clock::now(),
             max_attempts,
         };

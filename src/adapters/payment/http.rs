@@ -160,9 +160,18 @@ impl HttpProvider {
 
     /// Sends a call and returns the `id` of what it created.
     async fn call(&self, path: &str, idempotency_key: &str, request: RequestBuilder) -> Result<String, PaymentError> {
+        // The outgoing call's span (a child of the step's) and its W3C trace context on the wire,
+        // so a traced provider continues the order's trace.
+        let span = tracing::info_span!("payment.request", otel.name = %format_args!("POST {path}"),
+            otel.kind = "client", provider = %self.name, http.request.method = "POST", url.path = %path);
+        let mut request = request;
+        for (name, value) in span.in_scope(crate::telemetry::current_trace_headers) {
+            request = request.header(name, value);
+        }
         let started = Instant::now();
-        let result = self.exchange(path, request).await;
+        let result = tracing::Instrument::instrument(self.exchange(path, request), span.clone()).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        let _entered = span.enter();
         match &result {
             Ok(id) => {
                 tracing::debug!(provider = %self.name, %path, idempotency_key, elapsed_ms, id = %id, "payment provider call succeeded")

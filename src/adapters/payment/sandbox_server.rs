@@ -197,6 +197,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, (&'static str, String)
     Ok(key.to_string())
 }
 
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
 fn correlation_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get(CORRELATION_ID_HEADER)
@@ -247,11 +251,12 @@ async fn create_charge(
     let sandbox = state.sandbox.clone();
     let call = request.clone();
     let result = detached(async move { sandbox.charge(&call).await }).await;
+    // Never the payment token: it is the customer's payment credential.
     tracing::info!(
         idempotency_key = %request.idempotency_key,
-        token = %request.token,
         reference = %request.reference,
-        correlation_id = ?request.correlation_id,
+        correlation_id = request.correlation_id.as_deref(),
+        traceparent = header(&headers, "traceparent"),
         outcome = ?result,
         "sandbox charge"
     );
@@ -320,7 +325,8 @@ async fn create_refund(
     tracing::info!(
         idempotency_key = %request.idempotency_key,
         charge = %request.charge_id,
-        correlation_id = ?request.correlation_id,
+        correlation_id = request.correlation_id.as_deref(),
+        traceparent = header(&headers, "traceparent"),
         outcome = ?result,
         "sandbox refund"
     );
