@@ -11,6 +11,7 @@ mod common;
 mod effects;
 pub mod jobs;
 mod jobs_common;
+pub mod ops;
 mod postgres;
 mod reads;
 mod rows;
@@ -171,7 +172,7 @@ pub struct OrderDetails {
 
 /// The persistence contract. Implementations must give identical observable behaviour.
 #[async_trait]
-pub trait Store: jobs::JobStore + sandbox::SandboxBooks + Send + Sync + 'static {
+pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Cheap liveness check of the database (readiness probe).

@@ -24,6 +24,7 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 mod jobs;
+mod ops;
 
 use super::audit::{self, AuditReport};
 use super::common::{is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict};
