@@ -23,10 +23,14 @@ use crate::config::{
 use crate::http::auth::JwksSource;
 use crate::http::edge::Edge;
 use crate::http::{AppState, Authenticator};
+use crate::monitoring::metrics::CancelReason;
+use crate::monitoring::webhook::{DELIVER_ALERT, WebhookSecret, WebhookStep};
+use crate::monitoring::{Metrics, Monitoring, alarms};
 use crate::queue::{QueueSettings, Runner};
 use crate::store::jobs::{JobFilter, ReplaySelector};
 use crate::store::sandbox::SandboxBooks;
 use crate::store::{self, Store, redact_url};
+use crate::workflow::SEND_CANCELLATION;
 use crate::workflow::checkout::CheckoutSettings;
 use crate::workflow::steps::{Saga, SagaSettings, expire_reservations};
 use crate::{http, seed, telemetry};
@@ -76,6 +80,11 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     if args.mode != Mode::Worker {
         load_signing_keys(&auth).await?;
     }
+    let monitoring = Monitoring {
+        metrics: Metrics::new(),
+        alarms: Arc::new(args.monitoring.alarm_settings()?),
+        access: Arc::new(args.monitoring.metrics_access()),
+    };
     let store = open_store(global).await?;
     let checkout = CheckoutSettings {
         currency: global.currency,
@@ -100,6 +109,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             payments,
             notifier,
             settings: saga_settings.clone(),
+            metrics: monitoring.metrics.clone(),
         });
         let queue = QueueSettings {
             lease: args.job_lease,
@@ -110,12 +120,29 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             retention: args.job_retention,
         };
         let mut runner = Runner::new(store.clone(), queue);
+        runner.set_metrics(monitoring.metrics.clone());
         saga.register(&mut runner);
+        // Alert deliveries run where the signing secret is configured.
+        if let Some(secret) = &args.monitoring.alert_webhook_secret {
+            let step = WebhookStep::new(
+                store.clone(),
+                WebhookSecret::new(secret.clone()),
+                args.monitoring.alert_webhook_timeout,
+                monitoring.metrics.clone(),
+            )?;
+            runner.register(DELIVER_ALERT, Arc::new(step));
+        }
         tasks.spawn(Arc::new(runner).run(stop_rx.clone()));
+        tasks.spawn(alarms::run(
+            store.clone(),
+            (*monitoring.alarms).clone(),
+            stop_rx.clone(),
+        ));
         tasks.spawn(expire_reservations_periodically(
             store.clone(),
             saga_settings.clone(),
             args.reservation_ttl,
+            monitoring.metrics.clone(),
             stop_rx.clone(),
         ));
         tracing::info!("job workers started");
@@ -136,6 +163,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             saga: Arc::new(saga_settings),
             body_limit: args.body_limit,
             edge: Arc::new(Edge::new(args.edge.settings())),
+            monitoring,
         };
         let listener = TcpListener::bind(args.listen)
             .await
@@ -249,13 +277,18 @@ async fn expire_reservations_periodically(
     store: Arc<dyn Store>,
     settings: SagaSettings,
     ttl: Duration,
+    metrics: Metrics,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         match expire_reservations(store.as_ref(), &settings, ttl).await {
             Ok(0) => {}
-            Ok(expired) => tracing::info!(expired, "cancelled orders whose reservation expired"),
+            Ok(expired) => {
+                tracing::info!(expired, "cancelled orders whose reservation expired");
+                metrics.orders_cancelled(CancelReason::ReservationExpired, expired as u64);
+                metrics.step_enqueued(SEND_CANCELLATION, expired as u64);
+            }
             Err(error) => tracing::warn!(%error, "expiring reservations failed"),
         }
         tokio::select! {

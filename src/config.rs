@@ -304,6 +304,8 @@ pub struct ServeArgs {
     pub mail_from: String,
     #[command(flatten)]
     pub edge: EdgeArgs,
+    #[command(flatten)]
+    pub monitoring: MonitoringArgs,
 }
 
 /// The front door: rate limits, overload bounds, caching, CORS and security headers.
@@ -399,6 +401,137 @@ impl EdgeArgs {
                 max_age: self.cors_max_age,
             },
             trusted_proxy_hops: self.trusted_proxy_hops,
+        }
+    }
+}
+
+/// Who may scrape `/metrics`, alarm thresholds, and where alerts go.
+#[derive(Debug, Args)]
+pub struct MonitoringArgs {
+    /// Who may read `/metrics`: `public`, or `admin` (a token with the admin role, or the scrape
+    /// token).
+    #[arg(
+        long,
+        env = "ORDERFLOW_METRICS_ACCESS",
+        global = true,
+        value_enum,
+        default_value = "public"
+    )]
+    pub metrics_access: MetricsAccessArg,
+    /// A static bearer token Prometheus may scrape `/metrics` with (implies `--metrics-access admin`).
+    #[arg(long, env = "ORDERFLOW_METRICS_TOKEN", global = true, hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// How often alarms are evaluated.
+    #[arg(long, env = "ORDERFLOW_ALARM_INTERVAL", global = true, default_value = "15s", value_parser = parse_duration)]
+    pub alarm_interval: Duration,
+    /// Fire `oldest_job_age` when a step's oldest ready job is older than this (`off` disables).
+    #[arg(long, env = "ORDERFLOW_ALARM_OLDEST_JOB_AGE", global = true, default_value = "5m", value_parser = parse_optional_duration)]
+    pub alarm_oldest_job_age: OptionalDuration,
+    /// Fire `dead_jobs` when at least this many jobs are dead-lettered (0 disables).
+    #[arg(long, env = "ORDERFLOW_ALARM_DEAD_JOBS", global = true, default_value_t = 1)]
+    pub alarm_dead_jobs: u64,
+    /// Fire `step_error_rate` when more than this share (0–1) of a step's recent jobs fail (0 disables).
+    #[arg(long, env = "ORDERFLOW_ALARM_ERROR_RATE", global = true, default_value_t = 0.5)]
+    pub alarm_error_rate: f64,
+    /// The window of the error rate.
+    #[arg(long, env = "ORDERFLOW_ALARM_ERROR_RATE_WINDOW", global = true, default_value = "5m", value_parser = parse_duration)]
+    pub alarm_error_rate_window: Duration,
+    /// Fewest jobs in the window for the error rate to count.
+    #[arg(
+        long,
+        env = "ORDERFLOW_ALARM_ERROR_RATE_MIN_JOBS",
+        global = true,
+        default_value_t = 10
+    )]
+    pub alarm_error_rate_min_jobs: u32,
+    /// Fire `orders_stuck_unpaid` when an order is unpaid this long after checkout.
+    #[arg(long, env = "ORDERFLOW_ALARM_STUCK_UNPAID", global = true, default_value = "45m", value_parser = parse_duration)]
+    pub alarm_stuck_unpaid: Duration,
+    /// Fire `orders_stuck_unfulfilled` when a paid order is unfulfilled this long.
+    #[arg(long, env = "ORDERFLOW_ALARM_STUCK_UNFULFILLED", global = true, default_value = "1h", value_parser = parse_duration)]
+    pub alarm_stuck_unfulfilled: Duration,
+    /// POST firing/resolved alerts to this URL (repeatable, or comma-separated).
+    #[arg(
+        long = "alert-webhook-url",
+        env = "ORDERFLOW_ALERT_WEBHOOK_URLS",
+        global = true,
+        value_delimiter = ','
+    )]
+    pub alert_webhook_urls: Vec<String>,
+    /// HMAC-SHA256 key of the `X-Orderflow-Signature` header (required with a webhook URL).
+    #[arg(long, env = "ORDERFLOW_ALERT_WEBHOOK_SECRET", global = true, hide_env_values = true)]
+    pub alert_webhook_secret: Option<String>,
+    /// Attempts of one alert delivery before it is dead-lettered.
+    #[arg(long, env = "ORDERFLOW_ALERT_DELIVERY_ATTEMPTS", global = true, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub alert_delivery_attempts: u32,
+    /// Timeout of one alert POST.
+    #[arg(long, env = "ORDERFLOW_ALERT_WEBHOOK_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
+    pub alert_webhook_timeout: Duration,
+}
+
+/// `--metrics-access` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MetricsAccessArg {
+    Public,
+    Admin,
+}
+
+/// A duration flag that may be `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct OptionalDuration(pub Option<Duration>);
+
+fn parse_optional_duration(text: &str) -> Result<OptionalDuration, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(OptionalDuration(None));
+    }
+    parse_duration(text).map(|d| OptionalDuration(Some(d)))
+}
+
+impl MonitoringArgs {
+    /// Alarm thresholds; refuses webhooks without a secret and nonsense rates.
+    pub fn alarm_settings(&self) -> anyhow::Result<crate::monitoring::AlarmSettings> {
+        let urls: Vec<String> = self
+            .alert_webhook_urls
+            .iter()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        for url in &urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("--alert-webhook-url `{url}` must be an http:// or https:// URL");
+            }
+        }
+        if !urls.is_empty() && self.alert_webhook_secret.as_deref().is_none_or(|s| s.len() < 16) {
+            bail!(
+                "--alert-webhook-url needs --alert-webhook-secret (ORDERFLOW_ALERT_WEBHOOK_SECRET) of at least 16 bytes"
+            );
+        }
+        if !(0.0..=1.0).contains(&self.alarm_error_rate) {
+            bail!("--alarm-error-rate must be between 0 and 1");
+        }
+        if self.alarm_interval.is_zero() {
+            bail!("--alarm-interval must be more than 0");
+        }
+        Ok(crate::monitoring::AlarmSettings {
+            interval: self.alarm_interval,
+            oldest_job_age: self.alarm_oldest_job_age.0,
+            dead_jobs: (self.alarm_dead_jobs > 0).then_some(self.alarm_dead_jobs),
+            error_rate: (self.alarm_error_rate > 0.0).then_some(self.alarm_error_rate),
+            error_rate_window: self.alarm_error_rate_window,
+            error_rate_min_jobs: i64::from(self.alarm_error_rate_min_jobs),
+            stuck_unpaid: self.alarm_stuck_unpaid,
+            stuck_unfulfilled: self.alarm_stuck_unfulfilled,
+            webhook_urls: urls,
+            delivery_attempts: self.alert_delivery_attempts,
+        })
+    }
+
+    pub fn metrics_access(&self) -> crate::monitoring::MetricsAccess {
+        use crate::monitoring::{MetricsAccess, ScrapeToken};
+        let scrape_token = self.metrics_token.clone().filter(|t| !t.is_empty()).map(ScrapeToken);
+        match (self.metrics_access, scrape_token) {
+            (MetricsAccessArg::Public, None) => MetricsAccess::Public,
+            (_, scrape_token) => MetricsAccess::Restricted { scrape_token },
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod monitoring;
 pub mod queue;
 pub mod seed;
 pub mod store;

@@ -66,6 +66,8 @@ const OWNER_OR_ADMIN: [u16; 4] = [401, 200, 404, 200];
 const TABLE: &[Row] = &[
     row("GET", "/health/live", none, PUBLIC),
     row("GET", "/health/ready", none, PUBLIC),
+    // Public by default (`--metrics-access admin` restricts it; tests/metrics.rs covers that).
+    row("GET", "/metrics", none, PUBLIC),
     row("GET", "/openapi.json", none, PUBLIC),
     row("GET", "/docs", none, PUBLIC),
     row("GET", "/products", none, PUBLIC),

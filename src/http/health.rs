@@ -35,6 +35,19 @@ struct Liveness {
 struct Readiness {
     status: Status,
     components: Components,
+    /// Alarms firing now (they never make the instance unready: restarting it would not help).
+    alarms: Vec<FiringAlarm>,
+}
+
+/// An alarm that is firing; see `docs/operations.md` for what to do.
+#[derive(Serialize, ToSchema)]
+struct FiringAlarm {
+    /// e.g. `oldest_job_age`, `dead_jobs`, `step_error_rate`, `orders_stuck_unpaid`.
+    alarm: String,
+    /// The step it is about, for per-step alarms.
+    step: Option<String>,
+    /// When it started firing.
+    since: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -86,6 +99,21 @@ async fn live() -> impl IntoResponse {
 )]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let backend = state.store.backend();
+    let alarms = match state.store.alarm_states().await {
+        Ok(records) => records
+            .into_iter()
+            .filter(|record| record.firing)
+            .map(|record| {
+                let (alarm, step) = crate::monitoring::alarms::split(&record.alarm);
+                FiringAlarm {
+                    alarm: alarm.to_string(),
+                    step: step.map(str::to_string),
+                    since: record.changed_at,
+                }
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
     let (code, status) = match state.store.ping().await {
         Ok(()) => (StatusCode::OK, Status::Ok),
         Err(error) => {
@@ -100,6 +128,7 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
             components: Components {
                 database: Database { status, backend },
             },
+            alarms,
         }),
     )
 }

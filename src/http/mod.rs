@@ -11,6 +11,7 @@ pub mod edge;
 pub mod error;
 mod extract;
 mod health;
+mod metrics;
 pub mod openapi;
 mod orders;
 mod products;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub body_limit: usize,
     /// Rate limits, overload bounds, CORS, caching and security headers.
     pub edge: Arc<edge::Edge>,
+    /// Metrics registry, alarm thresholds, and who may scrape `/metrics`.
+    pub monitoring: crate::monitoring::Monitoring,
 }
 
 /// The whole API as a router.
@@ -62,6 +65,7 @@ pub fn app(state: AppState) -> Router {
         // /openapi.json and /docs.
         .merge(openapi::routes(state.checkout.currency))
         .route_layer(middleware::from_fn(correlation::record_route))
+        .route_layer(middleware::from_fn(metrics::tag_route))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))
@@ -71,7 +75,11 @@ pub fn app(state: AppState) -> Router {
                 next.run(request).await
             },
         ));
+    let counted = state.monitoring.metrics.clone();
     edge::wrap(routes, state.edge.clone(), state.auth.clone())
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            metrics::count(counted.clone(), request, next)
+        }))
         .layer(middleware::from_fn(correlation::middleware))
         .with_state(state)
 }

@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::Problem;
-use super::{AppState, admin, customers, docs, health, orders, products, schema};
+use super::{AppState, admin, customers, docs, health, metrics, orders, products, schema};
 use crate::domain::{Currency, FieldError};
 
 /// The document's fixed parts; paths and schemas come from the registered handlers.
@@ -91,6 +91,7 @@ pub fn routes(currency: Currency) -> Router<AppState> {
 fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::routes())
+        .merge(metrics::routes())
         .merge(products::routes())
         .merge(customers::routes())
         .merge(orders::routes())

@@ -388,7 +388,10 @@ async fn place(
         correlation_id: Some(correlation.0),
     };
     match checkout::place_order(state.store.clone(), &state.checkout, request).await? {
-        PlaceOrderOutcome::Created(order) => Ok(accepted(order, false)),
+        PlaceOrderOutcome::Created(order) => {
+            state.monitoring.metrics.order_placed(crate::workflow::CHARGE_PAYMENT);
+            Ok(accepted(order, false))
+        }
         PlaceOrderOutcome::Replayed(order) => Ok(accepted(order, true)),
         PlaceOrderOutcome::KeyReused => Err(ApiError::unprocessable(
             "idempotency_key_reused",
@@ -598,7 +601,9 @@ async fn cancel(
     } else {
         "cancelled by the customer"
     };
-    if cancel_order(state.store.as_ref(), &state.saga, id, reason).await? == CancelOutcome::TooLate {
+    let outcome = cancel_order(state.store.as_ref(), &state.saga, id, reason).await?;
+    state.monitoring.metrics.cancellation(outcome, principal.is_admin());
+    if outcome == CancelOutcome::TooLate {
         return Err(ApiError::conflict(
             "order_not_cancellable",
             "the order has been fulfilled and can no longer be cancelled",

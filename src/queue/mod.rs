@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tracing::field::Empty;
 
 use crate::clock;
+use crate::monitoring::metrics::{Metrics, StepOutcome};
 use crate::store::Store;
 use crate::store::jobs::{ClaimedJob, FailOutcome};
 
@@ -84,6 +85,8 @@ pub struct Runner {
     store: Arc<dyn Store>,
     steps: BTreeMap<&'static str, Arc<dyn Step>>,
     settings: QueueSettings,
+    /// Where step outcomes and run times are counted.
+    metrics: Metrics,
 }
 
 impl Runner {
@@ -92,10 +95,20 @@ impl Runner {
             store,
             steps: BTreeMap::new(),
             settings,
+            metrics: Metrics::default(),
         }
     }
 
+    /// Counts step outcomes in `metrics` (the app's registry) instead of a private one.
+    pub fn set_metrics(&mut self, metrics: Metrics) {
+        for kind in self.steps.keys() {
+            metrics.step_registered(kind);
+        }
+        self.metrics = metrics;
+    }
+
     pub fn register(&mut self, kind: &'static str, step: Arc<dyn Step>) {
+        self.metrics.step_registered(kind);
         self.steps.insert(kind, step);
     }
 
@@ -117,26 +130,27 @@ impl Runner {
             span.record("correlation_id", correlation.as_str());
         }
         crate::telemetry::continue_job_trace(&span, &job.payload);
-        let result = if job.attempt > job.max_attempts {
+        let (result, elapsed) = if job.attempt > job.max_attempts {
             // Its earlier runs all died without a word (their leases ran out): stop here.
-            Err(StepError::Fatal(format!(
-                "abandoned by {} workers whose leases ran out",
-                job.attempt - 1
-            )))
+            let abandoned = format!("abandoned by {} workers whose leases ran out", job.attempt - 1);
+            (Err(StepError::Fatal(abandoned)), Duration::ZERO)
         } else {
+            let started = std::time::Instant::now();
             let heartbeat = self.heartbeat(&job, &span);
             let outcome = tracing::Instrument::instrument(step.run(&job), span.clone()).await;
             heartbeat.abort();
-            outcome
+            (outcome, started.elapsed())
         };
         let now = clock::now();
         let recorded = match &result {
             Ok(()) => {
                 tracing::info!(parent: &span, "step succeeded");
+                self.metrics.step_finished(&job.kind, StepOutcome::Succeeded, elapsed);
                 return;
             }
             Err(StepError::LeaseLost) => {
                 tracing::warn!(parent: &span, "lease lost; another worker owns the job");
+                self.metrics.step_finished(&job.kind, StepOutcome::LeaseLost, elapsed);
                 return;
             }
             Err(StepError::Retry(error)) => {
@@ -155,6 +169,12 @@ impl Runner {
             Err(StepError::Fatal(error)) => self.store.fail_job(&job.lease, error, None, now).await,
         };
         let error = result.err().map(|e| e.to_string()).unwrap_or_default();
+        let outcome = match recorded {
+            Ok(FailOutcome::Retrying) => StepOutcome::Retrying,
+            Ok(FailOutcome::Dead) => StepOutcome::Dead,
+            Ok(FailOutcome::LeaseLost) | Err(_) => StepOutcome::LeaseLost,
+        };
+        self.metrics.step_finished(&job.kind, outcome, elapsed);
         match recorded {
             Ok(FailOutcome::Retrying) => {
                 tracing::warn!(parent: &span, %error, "step failed; will retry")

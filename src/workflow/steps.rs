@@ -16,6 +16,7 @@ use crate::adapters::notify::{Message, Notifier};
 use crate::adapters::payment::{ChargeRequest, PaymentError, PaymentProvider, RefundRequest};
 use crate::clock;
 use crate::domain::{Order, OrderId, OrderStatus};
+use crate::monitoring::metrics::{CancelReason, Metrics};
 use crate::queue::{Runner, Step, StepError};
 use crate::store::jobs::{
     ClaimedJob, CompleteOutcome, InventoryAction, NotificationSent, NotificationSlot, PaymentChange, PaymentState,
@@ -47,6 +48,8 @@ pub struct Saga {
     pub payments: Arc<dyn PaymentProvider>,
     pub notifier: Arc<dyn Notifier>,
     pub settings: SagaSettings,
+    /// Where orders fulfilled/cancelled, jobs enqueued and payment calls are counted.
+    pub metrics: Metrics,
 }
 
 /// The provider idempotency key of an order's charge: the same on every attempt (I4).
@@ -110,6 +113,15 @@ impl Saga {
             .map_err(retry)?
         {
             CompleteOutcome::LeaseLost => Err(StepError::LeaseLost),
+            CompleteOutcome::Completed => {
+                for next in &effects.enqueue {
+                    self.metrics.step_enqueued(next.kind, 1);
+                }
+                if effects.new_status == Some(OrderStatus::Fulfilled) {
+                    self.metrics.order_fulfilled();
+                }
+                Ok(CompleteOutcome::Completed)
+            }
             outcome => Ok(outcome),
         }
     }
@@ -143,7 +155,16 @@ impl Saga {
             currency: order.currency.code().to_string(),
             detail,
         };
-        match self.payments.charge(&request).await {
+        let started = std::time::Instant::now();
+        let charged = self.payments.charge(&request).await;
+        let outcome = match &charged {
+            Ok(_) => "succeeded",
+            Err(PaymentError::Declined(_)) => "declined",
+            Err(PaymentError::Transient(_)) => "unavailable",
+            Err(PaymentError::Rejected(_)) => "rejected",
+        };
+        self.metrics.payment("charge", outcome, started.elapsed());
+        match charged {
             Ok(charge_id) => {
                 let paid = StepEffects {
                     order_id: Some(order.id),
@@ -185,7 +206,10 @@ impl Saga {
                 };
                 match self.complete(job, declined).await? {
                     CompleteOutcome::UnexpectedStatus(_) => self.nothing_to_do(job).await,
-                    _ => Ok(()),
+                    _ => {
+                        self.metrics.orders_cancelled(CancelReason::PaymentDeclined, 1);
+                        Ok(())
+                    }
                 }
             }
             Err(PaymentError::Transient(error)) => Err(StepError::Retry(error)),
@@ -257,7 +281,16 @@ impl Saga {
                     amount_minor: payment.amount_minor,
                     correlation_id: job.correlation_id.clone(),
                 };
-                let refund_id = match self.payments.refund(&request).await {
+                let started = std::time::Instant::now();
+                let refunded = self.payments.refund(&request).await;
+                let outcome = match &refunded {
+                    Ok(_) => "succeeded",
+                    Err(PaymentError::Declined(_)) => "declined",
+                    Err(PaymentError::Transient(_)) => "unavailable",
+                    Err(PaymentError::Rejected(_)) => "rejected",
+                };
+                self.metrics.payment("refund", outcome, started.elapsed());
+                let refund_id = match refunded {
                     Ok(id) => id,
                     Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
                     Err(error) => return Err(StepError::Fatal(error.to_string())),
@@ -392,6 +425,17 @@ pub enum CancelOutcome {
     AlreadyCancelled,
     /// Fulfilled orders cannot be cancelled.
     TooLate,
+}
+
+impl CancelOutcome {
+    /// The job the cancellation enqueued, if it cancelled anything.
+    pub fn enqueued(self) -> Option<&'static str> {
+        match self {
+            CancelOutcome::Cancelled => Some(SEND_CANCELLATION),
+            CancelOutcome::RefundQueued => Some(REFUND_PAYMENT),
+            CancelOutcome::AlreadyCancelled | CancelOutcome::TooLate => None,
+        }
+    }
 }
 
 /// Cancels an order (customer request, operator, or reservation expiry): compensation in reverse

@@ -210,8 +210,10 @@ impl TestApp {
                 rate_limits: orderflow::http::edge::RateLimits::off(),
                 ..Default::default()
             })),
+            monitoring: Default::default(),
         };
         configure(&mut state);
+        let metrics = state.monitoring.metrics.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
@@ -232,7 +234,7 @@ impl TestApp {
             mail.path().to_path_buf(),
             "shop@example.com".into(),
         ));
-        let runner = saga_runner(&store, sandbox.clone(), notifier);
+        let runner = saga_runner_with_metrics(&store, sandbox.clone(), notifier, metrics);
         TestApp {
             url,
             client,
@@ -384,13 +386,25 @@ pub fn saga_runner(
     payments: Arc<dyn orderflow::adapters::payment::PaymentProvider>,
     notifier: Arc<dyn orderflow::adapters::notify::Notifier>,
 ) -> Arc<orderflow::queue::Runner> {
+    saga_runner_with_metrics(store, payments, notifier, Default::default())
+}
+
+/// [`saga_runner`] counting into `metrics` (an app's registry, so its `/metrics` shows the steps).
+pub fn saga_runner_with_metrics(
+    store: &Arc<dyn Store>,
+    payments: Arc<dyn orderflow::adapters::payment::PaymentProvider>,
+    notifier: Arc<dyn orderflow::adapters::notify::Notifier>,
+    metrics: orderflow::monitoring::Metrics,
+) -> Arc<orderflow::queue::Runner> {
     let saga = Arc::new(orderflow::workflow::steps::Saga {
         store: store.clone(),
         payments,
         notifier,
         settings: SagaSettings::default(),
+        metrics: metrics.clone(),
     });
     let mut runner = orderflow::queue::Runner::new(store.clone(), fast_queue_settings());
+    runner.set_metrics(metrics);
     saga.register(&mut runner);
     Arc::new(runner)
 }

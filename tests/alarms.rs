@@ -1,0 +1,228 @@
+//! Alarms end to end: with the payment provider down, the oldest-job-age and dead-job alarms fire;
+//! a real webhook receiver gets exactly one signed "firing" message per alarm even with two
+//! evaluators (two "processes") sharing the database; after the provider is back and the dead
+//! job is replayed, exactly one "resolved" message each. The alarm states also show in `/metrics`
+//! and `/health/ready` (which stays 200).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::{Backend, TestApp};
+use hmac::{Hmac, Mac};
+use orderflow::monitoring::alarms::{self, AlarmSettings};
+use orderflow::monitoring::webhook::{DELIVER_ALERT, WebhookSecret, WebhookStep};
+use orderflow::queue::Runner;
+use orderflow::store::jobs::ReplaySelector;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::net::TcpListener;
+
+on_both_backends!(provider_outage_fires_and_replay_resolves_each_alarm_once);
+
+const SECRET: &str = "alert-signing-secret-0123456789";
+
+/// What the receiver saw.
+#[derive(Default)]
+struct Inbox {
+    messages: Vec<Value>,
+    /// Requests whose signature did not verify (answered 401).
+    forged: usize,
+}
+
+/// A webhook receiver on a real socket that checks the HMAC like a customer's would.
+async fn receiver() -> (String, Arc<Mutex<Inbox>>) {
+    let inbox = Arc::new(Mutex::new(Inbox::default()));
+    async fn receive(State(inbox): State<Arc<Mutex<Inbox>>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let timestamp = header("x-orderflow-timestamp");
+        let signature = header("x-orderflow-signature");
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(&body);
+        let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let fresh = timestamp
+            .parse::<i64>()
+            .is_ok_and(|t| (chrono::Utc::now().timestamp() - t).abs() < 300);
+        let mut inbox = inbox.lock().unwrap();
+        if signature != expected || !fresh || header("content-type") != "application/json" {
+            inbox.forged += 1;
+            return StatusCode::UNAUTHORIZED;
+        }
+        inbox
+            .messages
+            .push(serde_json::from_slice(&body).expect("alert body is JSON"));
+        StatusCode::NO_CONTENT
+    }
+    let app = Router::new().route("/alerts", post(receive)).with_state(inbox.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, inbox)
+}
+
+/// `(alarm, step, status)` of every message received.
+fn received(inbox: &Mutex<Inbox>) -> Vec<(String, Option<String>, String)> {
+    let inbox = inbox.lock().unwrap();
+    assert_eq!(inbox.forged, 0, "some alerts were not signed correctly");
+    inbox
+        .messages
+        .iter()
+        .map(|m| {
+            (
+                m["alarm"].as_str().unwrap().to_string(),
+                m["step"].as_str().map(str::to_string),
+                m["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn count(messages: &[(String, Option<String>, String)], alarm: &str, status: &str) -> usize {
+    messages.iter().filter(|(a, _, s)| a == alarm && s == status).count()
+}
+
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn place(app: &TestApp, buyer: &str, product: &str) {
+    let response = app
+        .place_order(
+            buyer,
+            &uuid::Uuid::now_v7().to_string(),
+            &json!({"items": [{"product_id": product, "quantity": 1}], "payment": {"token": "tok_unavailable"}}),
+        )
+        .await;
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+}
+
+async fn provider_outage_fires_and_replay_resolves_each_alarm_once(backend: Backend) {
+    let (url, inbox) = receiver().await;
+    let settings = AlarmSettings {
+        interval: Duration::from_millis(25),
+        oldest_job_age: Some(Duration::from_millis(300)),
+        dead_jobs: Some(1),
+        // Error rate and stuck orders are not what this test is about.
+        error_rate: None,
+        stuck_unpaid: Duration::from_secs(3600),
+        stuck_unfulfilled: Duration::from_secs(3600),
+        webhook_urls: vec![url],
+        delivery_attempts: 5,
+        ..AlarmSettings::default()
+    };
+    let app = TestApp::spawn_with(backend, |state| {
+        state.monitoring.alarms = Arc::new(settings.clone());
+    })
+    .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Two evaluators, each with its own connection pool, as two processes would have.
+    let other_process = app.db.connect().await;
+    tokio::spawn(alarms::run(app.store.clone(), settings.clone(), stopped.clone()));
+    tokio::spawn(alarms::run(other_process.clone(), settings.clone(), stopped.clone()));
+    // The workers that deliver alerts (the saga's steps are run by the test, below).
+    let mut deliveries = Runner::new(app.store.clone(), common::fast_queue_settings());
+    let step = WebhookStep::new(
+        app.store.clone(),
+        WebhookSecret::new(SECRET),
+        Duration::from_secs(5),
+        Default::default(),
+    )
+    .unwrap();
+    deliveries.register(DELIVER_ALERT, Arc::new(step));
+    tokio::spawn(Arc::new(deliveries).run(stopped.clone()));
+
+    let product = app.product("10.00", 50).await;
+    let (_, buyer) = app.customer().await;
+    // The provider is down: the first order's payment fails every attempt and is dead-lettered…
+    place(&app, &buyer, &product).await;
+    app.drain().await;
+    // …and the second one's waits, growing old.
+    place(&app, &buyer, &product).await;
+    wait_for("both alarms to fire", async || {
+        let messages = received(&inbox);
+        count(&messages, "dead_jobs", "firing") >= 1 && count(&messages, "oldest_job_age", "firing") >= 1
+    })
+    .await;
+    let messages = received(&inbox);
+    assert!(
+        messages.contains(&("oldest_job_age".into(), Some("charge_payment".into()), "firing".into())),
+        "{messages:?}"
+    );
+    let firing = inbox.lock().unwrap().messages.clone();
+    let dead = firing.iter().find(|m| m["alarm"] == "dead_jobs").unwrap();
+    assert_eq!(dead["source"], "orderflow");
+    assert_eq!(dead["detail"]["by_step"]["charge_payment"], 1);
+    assert!(dead["id"].as_str().is_some() && dead["at"].as_str().is_some() && dead["summary"].as_str().is_some());
+
+    // Visible in /metrics and /health/ready, which stays ready.
+    let metrics = app.get("/metrics", None).await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("orderflow_alarm_firing{alarm=\"oldest_job_age\",step=\"charge_payment\"} 1")),
+        "{metrics}"
+    );
+    let ready = app.get("/health/ready", None).await;
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    let ready: Value = ready.json().await.unwrap();
+    let firing_now: Vec<&str> = ready["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["alarm"].as_str().unwrap())
+        .collect();
+    assert!(
+        firing_now.contains(&"dead_jobs") && firing_now.contains(&"oldest_job_age"),
+        "{ready}"
+    );
+
+    // The provider is back; the operator replays the dead job and the pipeline catches up.
+    app.sandbox.set_outage(false);
+    let replayed = app
+        .store
+        .replay_jobs(&ReplaySelector::AllDead { kind: None }, orderflow::clock::now())
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    app.drain().await;
+    wait_for("both alarms to resolve", async || {
+        let messages = received(&inbox);
+        count(&messages, "dead_jobs", "resolved") >= 1 && count(&messages, "oldest_job_age", "resolved") >= 1
+    })
+    .await;
+
+    // Settled: more evaluations (from either "process") change nothing, and every delivery is done.
+    for store in [&app.store, &other_process] {
+        assert!(
+            alarms::evaluate_once(store.as_ref(), &settings)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    wait_for("deliveries to finish", async || {
+        !app.store.has_pending_work().await.unwrap()
+    })
+    .await;
+    let messages = received(&inbox);
+    for alarm in ["dead_jobs", "oldest_job_age"] {
+        assert_eq!(count(&messages, alarm, "firing"), 1, "{alarm}: {messages:?}");
+        assert_eq!(count(&messages, alarm, "resolved"), 1, "{alarm}: {messages:?}");
+    }
+    assert_eq!(messages.len(), 4, "only these alarms changed: {messages:?}");
+    let ready: Value = app.get("/health/ready", None).await.json().await.unwrap();
+    assert_eq!(ready["alarms"], json!([]));
+    let _ = stop.send(true);
+}
