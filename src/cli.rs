@@ -148,6 +148,32 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("job workers started");
     }
 
+    let state = AppState {
+        store,
+        auth,
+        checkout: Arc::new(checkout),
+        saga: Arc::new(saga_settings),
+        body_limit: args.body_limit,
+        edge: Arc::new(Edge::new(args.edge.settings())),
+        monitoring,
+    };
+    if let Some(address) = args.monitoring.metrics_listen {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening for metrics scrapes on {address}"))?;
+        println!("metrics at http://{}/metrics", listener.local_addr()?);
+        let mut stop = stop_rx.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        let metrics_server = http::serve_metrics(listener, state.clone(), stopped);
+        tasks.spawn(async move {
+            if let Err(error) = metrics_server.await {
+                tracing::error!(%error, "the metrics listener failed");
+            }
+        });
+    }
+
     if args.mode == Mode::Worker {
         println!(
             "orderflow worker running (database: {})",
@@ -156,15 +182,6 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing running steps");
     } else {
-        let state = AppState {
-            store,
-            auth,
-            checkout: Arc::new(checkout),
-            saga: Arc::new(saga_settings),
-            body_limit: args.body_limit,
-            edge: Arc::new(Edge::new(args.edge.settings())),
-            monitoring,
-        };
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;

@@ -421,6 +421,10 @@ pub struct MonitoringArgs {
     /// A static bearer token Prometheus may scrape `/metrics` with (implies `--metrics-access admin`).
     #[arg(long, env = "ORDERFLOW_METRICS_TOKEN", global = true, hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Also serve `/metrics` (only) on this address, e.g. for a `--mode worker` process, which
+    /// serves no API.
+    #[arg(long, env = "ORDERFLOW_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
     /// How often alarms are evaluated.
     #[arg(long, env = "ORDERFLOW_ALARM_INTERVAL", global = true, default_value = "15s", value_parser = parse_duration)]
     pub alarm_interval: Duration,
@@ -679,6 +683,54 @@ mod tests {
             .to_string();
         assert!(error.contains("--listen"), "{error}");
         assert!(Cli::try_parse_from(["orderflow", "token", "--sub", "x", "--ttl", "forever"]).is_err());
+    }
+
+    #[test]
+    fn alarm_flags_are_checked() {
+        let settings = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["orderflow"], args].concat()).unwrap();
+            cli.serve.monitoring.alarm_settings()
+        };
+        let error = settings(&["--alert-webhook-url", "https://hooks.example.com/a"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--alert-webhook-secret"), "{error}");
+        assert!(
+            settings(&[
+                "--alert-webhook-url",
+                "ftp://x",
+                "--alert-webhook-secret",
+                "0123456789abcdef"
+            ])
+            .is_err()
+        );
+        assert!(settings(&["--alarm-error-rate", "1.5"]).is_err());
+        let ok = settings(&[
+            "--alert-webhook-url",
+            "https://a.example.com/x,https://b.example.com/y",
+            "--alert-webhook-secret",
+            "0123456789abcdef",
+            "--alarm-oldest-job-age",
+            "off",
+            "--alarm-dead-jobs",
+            "0",
+            "--alarm-interval",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(ok.webhook_urls.len(), 2);
+        assert_eq!((ok.oldest_job_age, ok.dead_jobs), (None, None));
+        assert_eq!(ok.interval, Duration::from_millis(500));
+        let defaults = settings(&[]).unwrap();
+        assert_eq!(defaults.oldest_job_age, Some(Duration::from_secs(300)));
+        assert!(matches!(
+            Cli::try_parse_from(["orderflow", "--metrics-token", "t"])
+                .unwrap()
+                .serve
+                .monitoring
+                .metrics_access(),
+            crate::monitoring::MetricsAccess::Restricted { scrape_token: Some(_) }
+        ));
     }
 
     #[test]

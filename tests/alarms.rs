@@ -24,7 +24,11 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio::net::TcpListener;
 
-on_both_backends!(provider_outage_fires_and_replay_resolves_each_alarm_once);
+on_both_backends!(
+    provider_outage_fires_and_replay_resolves_each_alarm_once,
+    error_rate_and_stuck_orders_are_read_from_the_database,
+    refused_deliveries_are_retried_and_counted,
+);
 
 const SECRET: &str = "alert-signing-secret-0123456789";
 
@@ -34,11 +38,17 @@ struct Inbox {
     messages: Vec<Value>,
     /// Requests whose signature did not verify (answered 401).
     forged: usize,
+    /// Answer 503 to this many more well-signed requests (a receiver having a bad moment).
+    refuse: usize,
+    refused: usize,
 }
 
 /// A webhook receiver on a real socket that checks the HMAC like a customer's would.
-async fn receiver() -> (String, Arc<Mutex<Inbox>>) {
-    let inbox = Arc::new(Mutex::new(Inbox::default()));
+async fn receiver(refuse_first: usize) -> (String, Arc<Mutex<Inbox>>) {
+    let inbox = Arc::new(Mutex::new(Inbox {
+        refuse: refuse_first,
+        ..Inbox::default()
+    }));
     async fn receive(State(inbox): State<Arc<Mutex<Inbox>>>, headers: HeaderMap, body: Bytes) -> StatusCode {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
         let timestamp = header("x-orderflow-timestamp");
@@ -55,6 +65,11 @@ async fn receiver() -> (String, Arc<Mutex<Inbox>>) {
         if signature != expected || !fresh || header("content-type") != "application/json" {
             inbox.forged += 1;
             return StatusCode::UNAUTHORIZED;
+        }
+        if inbox.refuse > 0 {
+            inbox.refuse -= 1;
+            inbox.refused += 1;
+            return StatusCode::SERVICE_UNAVAILABLE;
         }
         inbox
             .messages
@@ -109,7 +124,7 @@ async fn place(app: &TestApp, buyer: &str, product: &str) {
 }
 
 async fn provider_outage_fires_and_replay_resolves_each_alarm_once(backend: Backend) {
-    let (url, inbox) = receiver().await;
+    let (url, inbox) = receiver(0).await;
     let settings = AlarmSettings {
         interval: Duration::from_millis(25),
         oldest_job_age: Some(Duration::from_millis(300)),
@@ -225,4 +240,106 @@ async fn provider_outage_fires_and_replay_resolves_each_alarm_once(backend: Back
     let ready: Value = app.get("/health/ready", None).await.json().await.unwrap();
     assert_eq!(ready["alarms"], json!([]));
     let _ = stop.send(true);
+}
+
+fn condition<'a>(conditions: &'a [alarms::Condition], alarm: &str) -> &'a alarms::Condition {
+    conditions
+        .iter()
+        .find(|c| c.alarm == alarm)
+        .unwrap_or_else(|| panic!("no {alarm} in {conditions:?}"))
+}
+
+/// The error-rate and stuck-order alarms, evaluated straight from the database.
+async fn error_rate_and_stuck_orders_are_read_from_the_database(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let settings = AlarmSettings {
+        oldest_job_age: None,
+        dead_jobs: None,
+        error_rate: Some(0.5),
+        error_rate_window: Duration::from_secs(60),
+        error_rate_min_jobs: 1,
+        // Any unpaid order counts as stuck; no paid order stays unfulfilled for an hour here.
+        stuck_unpaid: Duration::ZERO,
+        stuck_unfulfilled: Duration::from_secs(3600),
+        ..AlarmSettings::default()
+    };
+    let product = app.product("10.00", 50).await;
+    let (_, buyer) = app.customer().await;
+    place(&app, &buyer, &product).await;
+    // One failed attempt: the only charge_payment job of the window is failing.
+    assert_eq!(app.runner.run_batch("charge_payment", 1).await.unwrap(), 1);
+    let now = orderflow::clock::now();
+    let conditions = alarms::evaluate(app.store.as_ref(), &settings, now).await.unwrap();
+    let rate = condition(&conditions, "step_error_rate:charge_payment");
+    assert!(rate.firing, "{rate:?}");
+    assert_eq!(rate.detail["failing"], 1);
+    assert_eq!(rate.detail["succeeded"], 0);
+    let unpaid = condition(&conditions, "orders_stuck_unpaid");
+    assert!(unpaid.firing && unpaid.detail["orders"] == 1, "{unpaid:?}");
+    assert!(!condition(&conditions, "orders_stuck_unfulfilled").firing);
+    assert!(
+        conditions
+            .iter()
+            .all(|c| !c.alarm.starts_with("oldest_job_age") && c.alarm != "dead_jobs")
+    );
+    // Below the minimum number of jobs the rate does not count.
+    let strict = AlarmSettings {
+        error_rate_min_jobs: 2,
+        ..settings.clone()
+    };
+    let conditions = alarms::evaluate(app.store.as_ref(), &strict, now).await.unwrap();
+    assert!(!condition(&conditions, "step_error_rate:charge_payment").firing);
+
+    // The provider recovers: the job succeeds, the order is paid and fulfilled.
+    app.sandbox.set_outage(false);
+    app.drain().await;
+    let conditions = alarms::evaluate(app.store.as_ref(), &settings, orderflow::clock::now())
+        .await
+        .unwrap();
+    let rate = condition(&conditions, "step_error_rate:charge_payment");
+    assert!(!rate.firing && rate.detail["succeeded"] == 1, "{rate:?}");
+    assert!(!condition(&conditions, "orders_stuck_unpaid").firing);
+}
+
+/// A receiver that refuses twice gets the alert on the third try; the queue's retries do it.
+async fn refused_deliveries_are_retried_and_counted(backend: Backend) {
+    let (url, inbox) = receiver(2).await;
+    let settings = AlarmSettings {
+        oldest_job_age: None,
+        error_rate: None,
+        webhook_urls: vec![url],
+        delivery_attempts: 5,
+        ..AlarmSettings::default()
+    };
+    let app = TestApp::spawn(backend).await;
+    let metrics = app.metrics.clone();
+    let product = app.product("10.00", 50).await;
+    let (_, buyer) = app.customer().await;
+    place(&app, &buyer, &product).await;
+    app.drain().await;
+    let made = alarms::evaluate_once(app.store.as_ref(), &settings).await.unwrap();
+    assert_eq!(made.iter().map(|c| c.alarm.as_str()).collect::<Vec<_>>(), ["dead_jobs"]);
+    let mut deliveries = Runner::new(app.store.clone(), common::fast_queue_settings());
+    deliveries.set_metrics(metrics.clone());
+    let step = WebhookStep::new(
+        app.store.clone(),
+        WebhookSecret::new(SECRET),
+        Duration::from_secs(5),
+        metrics,
+    )
+    .unwrap();
+    deliveries.register(DELIVER_ALERT, Arc::new(step));
+    Arc::new(deliveries).drain(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(inbox.lock().unwrap().refused, 2);
+    let messages = received(&inbox);
+    assert_eq!(messages, [("dead_jobs".to_string(), None, "firing".to_string())]);
+    let text = app.get("/metrics", None).await.text().await.unwrap();
+    for line in [
+        "orderflow_alert_deliveries_total{outcome=\"refused\"} 2",
+        "orderflow_alert_deliveries_total{outcome=\"delivered\"} 1",
+        "orderflow_step_failed_total{step=\"deliver_alert\"} 2",
+        "orderflow_step_succeeded_total{step=\"deliver_alert\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Backend, TestApp};
+use common::{Backend, TestApp, TestDb};
 use orderflow::monitoring::alarms::{AlarmSettings, evaluate_once};
 use orderflow::monitoring::{MetricsAccess, ScrapeToken};
 use reqwest::StatusCode;
@@ -17,6 +17,7 @@ on_both_backends!(
     scenario_counts_are_exact,
     oldest_ready_age_is_kept_across_retries,
     restricted_metrics_need_admin_or_the_scrape_token,
+    worker_process_serves_its_step_metrics_on_metrics_listen,
 );
 
 /// A parsed exposition: `(name, sorted labels) → value`, plus the declared types.
@@ -306,4 +307,93 @@ async fn restricted_metrics_need_admin_or_the_scrape_token(backend: Backend) {
     );
     scrape(&app, Some(&app.admin)).await;
     scrape(&app, Some("scrape-me-please")).await;
+}
+
+/// A `--mode worker` process serves no API, but with `--metrics-listen` its step counters can be
+/// scraped; the order placed by another "process" (this test) shows up in them.
+async fn worker_process_serves_its_step_metrics_on_metrics_listen(backend: Backend) {
+    use orderflow::domain::{Cart, CartLine, PaymentToken, Quantity};
+    use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
+    use tokio::io::AsyncBufReadExt;
+
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let (product, customer) = common::seed_lamp_and_buyer(store.as_ref(), "worker@example.com").await;
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--jwt-secret", "metrics-test-secret-metrics-test-secret"])
+        .args([
+            "--database-url",
+            db.url(),
+            "--mode",
+            "worker",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--job-poll", "50ms", "--no-seed"])
+        .env("ORDERFLOW_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start orderflow");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("metrics at ") {
+                return rest.trim().to_string();
+            }
+        }
+        panic!("orderflow exited before listening")
+    })
+    .await
+    .expect("the metrics listener did not start");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let client = reqwest::Client::new();
+    let scrape = async || {
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        Exposition::parse(&response.text().await.unwrap())
+    };
+    // Registered at 0 before anything ran, so rates work from the first scrape.
+    let first = scrape().await;
+    assert_eq!(
+        first.value("orderflow_step_succeeded_total", &[("step", "fulfil_order")]),
+        0.0
+    );
+    let api = client.get(url.replace("/metrics", "/orders")).send().await.unwrap();
+    assert_eq!(api.status(), StatusCode::NOT_FOUND, "only /metrics is served there");
+
+    let request = CheckoutRequest {
+        principal: customer.to_string(),
+        idempotency_key: "worker-metrics".into(),
+        customer_id: customer,
+        cart: Cart::new(vec![CartLine {
+            product_id: product,
+            quantity: Quantity::parse(1).unwrap(),
+        }])
+        .unwrap(),
+        payment_token: PaymentToken::parse("tok_visa").unwrap(),
+        correlation_id: None,
+    };
+    checkout::place_order(store.clone(), &CheckoutSettings::default(), request)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = scrape().await;
+        if m.value("orderflow_step_succeeded_total", &[("step", "send_confirmation")]) == 1.0 {
+            assert_eq!(m.value("orderflow_orders_fulfilled_total", &[]), 1.0);
+            assert_eq!(
+                m.value("orderflow_step_succeeded_total", &[("step", "charge_payment")]),
+                1.0
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker never fulfilled the order");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
 }

@@ -95,6 +95,20 @@ pub async fn serve(
     edge::server::serve(listener, app(state), header_timeout, shutdown).await
 }
 
+/// Serves only `GET /metrics` on `listener` (`--metrics-listen`), with the same access rule as the
+/// API's, until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = Router::new()
+        .route("/metrics", axum::routing::get(metrics::scrape))
+        .fallback(|| async { ApiError::not_found("route") })
+        .with_state(state);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
 /// Personal responses must never be cached by a shared cache.
 fn private(response: impl IntoResponse) -> Response {
     let mut response = response.into_response();

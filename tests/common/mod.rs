@@ -174,6 +174,8 @@ pub struct TestApp {
     pub sandbox: Arc<orderflow::adapters::payment::sandbox::Sandbox>,
     /// Runs the order pipeline when a test drains it (no background workers: tests decide).
     pub runner: Arc<orderflow::queue::Runner>,
+    /// The app's metric registry (what its `/metrics` renders; the runner counts into it too).
+    pub metrics: orderflow::monitoring::Metrics,
     _mail: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     // Dropped last: the database outlives the server.
@@ -234,7 +236,7 @@ impl TestApp {
             mail.path().to_path_buf(),
             "shop@example.com".into(),
         ));
-        let runner = saga_runner_with_metrics(&store, sandbox.clone(), notifier, metrics);
+        let runner = saga_runner_with_metrics(&store, sandbox.clone(), notifier, metrics.clone());
         TestApp {
             url,
             client,
@@ -244,6 +246,7 @@ impl TestApp {
             backend,
             sandbox,
             runner,
+            metrics,
             _mail: mail,
             shutdown: Some(shutdown),
             db,
