@@ -85,6 +85,12 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         alarms: Arc::new(args.monitoring.alarm_settings()?),
         access: Arc::new(args.monitoring.metrics_access()),
     };
+    if monitoring.alarms.stuck_unpaid <= args.reservation_ttl {
+        tracing::warn!(
+            "--alarm-stuck-unpaid is not longer than --reservation-ttl: orders waiting for payment within \
+             their reservation will fire orders_stuck_unpaid"
+        );
+    }
     let store = open_store(global).await?;
     let checkout = CheckoutSettings {
         currency: global.currency,

@@ -70,7 +70,7 @@ pub async fn count(metrics: Metrics, request: Request, next: Next) -> Response {
             content_type = "application/problem+json"),
     ),
 )]
-pub(super) async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers).await?;
     let monitoring = &state.monitoring;
     let text = monitoring

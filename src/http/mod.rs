@@ -102,8 +102,9 @@ pub async fn serve_metrics(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = Router::new()
-        .route("/metrics", axum::routing::get(metrics::scrape))
+    // The same documented operation as the API's, registered the same way.
+    let (router, _) = metrics::routes().split_for_parts();
+    let router = router
         .fallback(|| async { ApiError::not_found("route") })
         .with_state(state);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
