@@ -574,7 +574,10 @@ async fn a_client_trickling_headers_is_disconnected_at_the_header_deadline() {
     .await;
     let address = app.url.trim_start_matches("http://").to_string();
     let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
-    stream.write_all(b"GET /products HTTP/1.1\r\nhost: x\r\n").await.unwrap(); // … never finished
+    stream
+        .write_all(b"GET /products HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap(); // … never finished
     let started = Instant::now();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
