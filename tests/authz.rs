@@ -115,6 +115,11 @@ const TABLE: &[Row] = &[
     row("GET", "/admin/jobs", none, ADMIN_ONLY_200),
     row("POST", "/admin/jobs/replay", none, ADMIN_ONLY_200),
     row("POST", "/admin/jobs/{id}/replay", none, ADMIN_ONLY_200),
+    row("GET", "/admin/orders", none, ADMIN_ONLY_200),
+    // The dashboard's shell and assets carry no data: its script reads the admin API with a token.
+    row("GET", "/ops", none, PUBLIC),
+    row("GET", "/ops/app.js", none, PUBLIC),
+    row("GET", "/ops/app.css", none, PUBLIC),
 ];
 
 impl Row {

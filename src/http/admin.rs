@@ -1,4 +1,4 @@
-//! Operator routes: queue health, dead-lettered jobs and their replay (admin only).
+//! Operator routes: queue health, dead-lettered jobs and their replay, every order (admin only).
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
@@ -13,10 +13,14 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::auth::Admin;
+use super::customers::OrderList;
 use super::error::{ApiError, Problem};
 use super::extract::{QueryParams, cursor_parameter, limit_parameter, parameter, path_id};
+use super::orders::OrderView;
 use super::{AppState, private};
 use crate::clock;
+use crate::domain::{OrderId, OrderStatus};
+use crate::store::OrderQuery;
 use crate::store::jobs::{JobError, JobFilter, JobRecord, QueueStats, ReplaySelector};
 use crate::workflow::ALL_STEPS;
 
@@ -26,6 +30,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs))
         .routes(routes!(replay_all))
         .routes(routes!(replay_one))
+        .routes(routes!(orders))
 }
 
 const STATES: [&str; 4] = ["ready", "running", "succeeded", "dead"];
@@ -326,4 +331,79 @@ async fn replay_all(
         .await?;
     tracing::info!(replayed, kind = ?kind, by = %admin.subject, "replayed dead jobs");
     Ok(private(Json(Replayed { replayed })))
+}
+
+fn order_status() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(OrderStatus::ALL.map(OrderStatus::as_str)))
+        .description(Some("The order's status."))
+        .build()
+}
+
+/// The query of GET /admin/orders.
+struct OrderListParams;
+
+impl IntoParams for OrderListParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            parameter(
+                "status",
+                ParameterIn::Query,
+                false,
+                "Only orders in this status.",
+                order_status(),
+            ),
+            limit_parameter(),
+            cursor_parameter(),
+        ]
+    }
+}
+
+/// List every order
+///
+/// Admin only. Every customer's orders, newest first, optionally of one status: the ops
+/// dashboard's recent orders.
+#[utoipa::path(
+    get,
+    path = "/admin/orders",
+    operation_id = "listAllOrders",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(OrderListParams),
+    responses(
+        (status = 200, description = "A page of orders, newest first.", body = OrderList, headers(
+            ("Cache-Control" = String, description = "`private, no-store`."),
+        )),
+        (status = 403, description = "Not an admin.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+async fn orders(State(state): State<AppState>, Admin(_): Admin, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let params = QueryParams::of::<OrderListParams>(raw.as_deref())?;
+    let status = params
+        .get("status")
+        .map(|s| {
+            s.parse::<OrderStatus>().map_err(|_| {
+                let known: Vec<&str> = OrderStatus::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::invalid_field("query.status", format!("must be one of: {}", known.join(", ")))
+            })
+        })
+        .transpose()?;
+    let before: Option<OrderId> = params.cursor()?;
+    let page = state
+        .store
+        .list_orders(&OrderQuery {
+            status,
+            before,
+            limit: params.limit()?,
+        })
+        .await?;
+    Ok(private(Json(OrderList {
+        data: page
+            .items
+            .into_iter()
+            .map(|order| OrderView::new(order, None))
+            .collect(),
+        next_cursor: page.next_after.map(|id| id.simple().to_string()),
+    })))
 }

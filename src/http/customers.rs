@@ -184,10 +184,10 @@ async fn show(
 
 /// A page of orders, newest first.
 #[derive(Serialize, ToSchema)]
-struct OrderList {
-    data: Vec<OrderView>,
+pub(super) struct OrderList {
+    pub(super) data: Vec<OrderView>,
     /// Pass as `cursor` to get the next page; `null` on the last page.
-    next_cursor: Option<String>,
+    pub(super) next_cursor: Option<String>,
 }
 
 /// List a customer's orders

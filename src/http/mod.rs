@@ -13,6 +13,7 @@ mod extract;
 mod health;
 mod metrics;
 pub mod openapi;
+mod ops;
 mod orders;
 mod products;
 mod schema;

@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::Problem;
-use super::{AppState, admin, customers, docs, health, metrics, orders, products, schema};
+use super::{AppState, admin, customers, docs, health, metrics, ops, orders, products, schema};
 use crate::domain::{Currency, FieldError};
 
 /// The document's fixed parts; paths and schemas come from the registered handlers.
@@ -43,6 +43,7 @@ use crate::domain::{Currency, FieldError};
         (name = "orders", description = "Checkout and order tracking."),
         (name = "admin", description = "The order pipeline's queues and dead-lettered jobs (admin role)."),
         (name = "health", description = "Probes for orchestrators and load balancers."),
+        (name = "ops", description = "The operators' dashboard page (its data comes from the admin API)."),
         (name = "meta", description = "This document and its HTML rendering."),
     ),
     components(schemas(Problem, FieldError)),
@@ -96,6 +97,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(customers::routes())
         .merge(orders::routes())
         .merge(admin::routes())
+        .merge(ops::routes())
 }
 
 /// The document as `/openapi.json` serves it, for tools and tests that want it without a server.

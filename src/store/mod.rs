@@ -98,6 +98,15 @@ pub struct ProductQuery {
     pub limit: u32,
 }
 
+/// Filters and position of the operators' list of every order (newest first).
+#[derive(Clone, Debug, Default)]
+pub struct OrderQuery {
+    pub status: Option<crate::domain::OrderStatus>,
+    /// Orders older than this one (the previous page's last).
+    pub before: Option<OrderId>,
+    pub limit: u32,
+}
+
 /// Result of a stock adjustment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdjustOutcome {
@@ -208,6 +217,8 @@ pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send +
         before: Option<OrderId>,
         limit: u32,
     ) -> StoreResult<Page<Order>>;
+    /// Every customer's orders, newest first (the operators' view).
+    async fn list_orders(&self, query: &OrderQuery) -> StoreResult<Page<Order>>;
 
     /// The checkout commitment: see [`PlaceOrder`] and [`PlaceOrderOutcome`].
     async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome>;

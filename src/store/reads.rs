@@ -1,11 +1,12 @@
-//! Single-record reads written once for both backends (numbered parameters work in SQLite too).
+//! Single-record reads, and the operators' order listing, written once for both backends
+//! (numbered parameters work in SQLite too).
 
 use uuid::Uuid;
 
 use super::rows::{
     CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderEventRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow,
 };
-use super::{OrderDetails, StoreResult};
+use super::{OrderDetails, OrderQuery, StoreResult};
 use crate::domain::{Customer, CustomerId, OrderEvent, OrderId, Product, ProductId};
 
 pub(super) async fn get_product<DB>(pool: &sqlx::Pool<DB>, id: ProductId) -> StoreResult<Option<Product>>
@@ -72,4 +73,26 @@ where
             .map(OrderEvent::try_from)
             .collect::<StoreResult<_>>()?,
     }))
+}
+
+/// The SELECT of the operators' order listing, newest first (ids are UUIDv7, so id order is
+/// creation order), one row more than the page to tell whether another follows. Each backend
+/// runs it on its read pool and attaches the lines.
+pub(super) fn list_orders_query<'a, DB>(query: &OrderQuery) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut sql = sqlx::QueryBuilder::new(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE 1 = 1"));
+    if let Some(status) = query.status {
+        sql.push(" AND status = ").push_bind(status.as_str().to_string());
+    }
+    if let Some(before) = query.before {
+        sql.push(" AND id < ").push_bind(before.as_uuid());
+    }
+    sql.push(" ORDER BY id DESC LIMIT ")
+        .push_bind(i64::from(query.limit) + 1);
+    sql
 }

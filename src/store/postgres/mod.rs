@@ -29,7 +29,7 @@ use super::rows::{
     self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow,
 };
 use super::{
-    AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, Page, PlaceOrder, PlaceOrderOutcome,
+    AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder, PlaceOrderOutcome,
     ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::order::price_lines;
@@ -544,6 +544,17 @@ impl Store for PgStore {
         let items = self.order_items(&ids).await?;
         let orders = rows::assemble_orders(rows, &items)?;
         Ok(Page::from_rows(orders, limit, |o| o.id.as_uuid()))
+    }
+
+    async fn list_orders(&self, query: &OrderQuery) -> StoreResult<Page<Order>> {
+        let rows: Vec<OrderRow> = reads::list_orders_query::<Postgres>(query)
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await?;
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+        let items = self.order_items(&ids).await?;
+        let orders = rows::assemble_orders(rows, &items)?;
+        Ok(Page::from_rows(orders, query.limit, |o| o.id.as_uuid()))
     }
 
     async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome> {
