@@ -98,6 +98,15 @@
     return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
   }
 
+  /** An amount in its currency's own format (129 USD → $129.00), or as given if unknown. */
+  function money(amount, currency) {
+    try {
+      return new Intl.NumberFormat(undefined, { style: 'currency', currency }).format(amount);
+    } catch (_) {
+      return `${amount} ${currency}`;
+    }
+  }
+
   function time(iso) {
     if (!iso) return '–';
     const date = new Date(iso);
@@ -197,7 +206,7 @@
         el('td', order.order_id, 'mono'),
         el('td', order.customer_id, 'mono'),
         el('td', order.status, 's-' + order.status),
-        el('td', `${order.total_amount} ${order.currency}`, 'n'),
+        el('td', money(order.total_amount, order.currency), 'n'),
         el('td', time(order.created_at)),
         el('td', time(order.updated_at)),
       ]);
