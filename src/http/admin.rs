@@ -393,6 +393,7 @@ async fn orders(State(state): State<AppState>, Admin(_): Admin, RawQuery(raw): R
     let page = state
         .store
         .list_orders(&OrderQuery {
+            customer: None,
             status,
             before,
             limit: params.limit()?,

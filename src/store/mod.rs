@@ -98,9 +98,11 @@ pub struct ProductQuery {
     pub limit: u32,
 }
 
-/// Filters and position of the operators' list of every order (newest first).
+/// Filters and position of an order listing (newest first): a customer's, or every order.
 #[derive(Clone, Debug, Default)]
 pub struct OrderQuery {
+    /// One customer's orders only.
+    pub customer: Option<CustomerId>,
     pub status: Option<crate::domain::OrderStatus>,
     /// Orders older than this one (the previous page's last).
     pub before: Option<OrderId>,
@@ -216,8 +218,16 @@ pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send +
         id: CustomerId,
         before: Option<OrderId>,
         limit: u32,
-    ) -> StoreResult<Page<Order>>;
-    /// Every customer's orders, newest first (the operators' view).
+    ) -> StoreResult<Page<Order>> {
+        self.list_orders(&OrderQuery {
+            customer: Some(id),
+            status: None,
+            before,
+            limit,
+        })
+        .await
+    }
+    /// Orders, newest first: every customer's (the operators' view) or one's.
     async fn list_orders(&self, query: &OrderQuery) -> StoreResult<Page<Order>>;
 
     /// The checkout commitment: see [`PlaceOrder`] and [`PlaceOrderOutcome`].

@@ -1,4 +1,4 @@
-//! Single-record reads, and the operators' order listing, written once for both backends
+//! Single-record reads, and order listings, written once for both backends
 //! (numbered parameters work in SQLite too).
 
 use uuid::Uuid;
@@ -75,7 +75,7 @@ where
     }))
 }
 
-/// The SELECT of the operators' order listing, newest first (ids are UUIDv7, so id order is
+/// The SELECT of an order listing (a customer's, or the operators' list of every order), newest first (ids are UUIDv7, so id order is
 /// creation order), one row more than the page to tell whether another follows. Each backend
 /// runs it on its read pool and attaches the lines.
 pub(super) fn list_orders_query<'a, DB>(query: &OrderQuery) -> sqlx::QueryBuilder<'a, DB>
@@ -86,6 +86,9 @@ where
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let mut sql = sqlx::QueryBuilder::new(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE 1 = 1"));
+    if let Some(customer) = query.customer {
+        sql.push(" AND customer_id = ").push_bind(customer.as_uuid());
+    }
     if let Some(status) = query.status {
         sql.push(" AND status = ").push_bind(status.as_str().to_string());
     }

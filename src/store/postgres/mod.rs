@@ -25,9 +25,7 @@ mod ops;
 use super::audit::{self, AuditReport};
 use super::common::{is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict};
 use super::reads;
-use super::rows::{
-    self, CUSTOMER_COLUMNS, CustomerRow, ORDER_COLUMNS, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow,
-};
+use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::{
     AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder, PlaceOrderOutcome,
     ProductQuery, Store, StoreError, StoreResult,
@@ -525,25 +523,6 @@ impl Store for PgStore {
         .await
         .map_err(unique_is_conflict("email"))?;
         row.ok_or(StoreError::Conflict("customer_id"))?.try_into()
-    }
-
-    async fn list_customer_orders(
-        &self,
-        id: CustomerId,
-        before: Option<OrderId>,
-        limit: u32,
-    ) -> StoreResult<Page<Order>> {
-        let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = "));
-        sql.push_bind(id.as_uuid());
-        if let Some(before) = before {
-            sql.push(" AND id < ").push_bind(before.as_uuid());
-        }
-        sql.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit) + 1);
-        let rows: Vec<OrderRow> = sql.build_query_as().fetch_all(&self.pool).await?;
-        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let items = self.order_items(&ids).await?;
-        let orders = rows::assemble_orders(rows, &items)?;
-        Ok(Page::from_rows(orders, limit, |o| o.id.as_uuid()))
     }
 
     async fn list_orders(&self, query: &OrderQuery) -> StoreResult<Page<Order>> {
