@@ -154,6 +154,7 @@ struct Replayed {
 #[utoipa::path(
     get,
     path = "/admin/queues",
+    operation_id = "getQueues",
     tag = "admin",
     security(("bearer" = [])),
     responses(
@@ -242,6 +243,7 @@ fn kind_param(params: &QueryParams) -> Result<Option<String>, ApiError> {
 #[utoipa::path(
     get,
     path = "/admin/jobs",
+    operation_id = "listJobs",
     tag = "admin",
     security(("bearer" = [])),
     params(JobListParams),
@@ -281,6 +283,7 @@ async fn jobs(State(state): State<AppState>, Admin(_): Admin, RawQuery(raw): Raw
 #[utoipa::path(
     post,
     path = "/admin/jobs/{id}/replay",
+    operation_id = "replayJob",
     tag = "admin",
     security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The job's id.")),
@@ -310,6 +313,7 @@ async fn replay_one(
 #[utoipa::path(
     post,
     path = "/admin/jobs/replay",
+    operation_id = "replayDeadJobs",
     tag = "admin",
     security(("bearer" = [])),
     params(ReplayParams),

@@ -71,6 +71,7 @@ struct CreateCustomer {
 #[utoipa::path(
     post,
     path = "/customers",
+    operation_id = "createCustomer",
     tag = "customers",
     security(("bearer" = [])),
     request_body = CreateCustomer,
@@ -155,6 +156,7 @@ async fn create(
 #[utoipa::path(
     get,
     path = "/customers/{id}",
+    operation_id = "getCustomer",
     tag = "customers",
     security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The customer's id.")),
@@ -196,6 +198,7 @@ pub(super) struct OrderList {
 #[utoipa::path(
     get,
     path = "/customers/{id}/orders",
+    operation_id = "listCustomerOrders",
     tag = "customers",
     security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The customer's id."), PageParams),

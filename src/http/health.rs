@@ -77,6 +77,7 @@ fn backend() -> utoipa::openapi::schema::Object {
 #[utoipa::path(
     get,
     path = "/health/live",
+    operation_id = "getLiveness",
     tag = "health",
     responses((status = 200, description = "Alive.", body = Liveness)),
 )]
@@ -91,6 +92,7 @@ async fn live() -> impl IntoResponse {
 #[utoipa::path(
     get,
     path = "/health/ready",
+    operation_id = "getReadiness",
     tag = "health",
     responses(
         (status = 200, description = "Ready.", body = Readiness),

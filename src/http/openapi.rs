@@ -24,6 +24,32 @@ use super::error::Problem;
 use super::{AppState, admin, customers, docs, health, metrics, ops, orders, products, schema};
 use crate::domain::{Currency, FieldError};
 
+/// How one operation's answer leads to the next (OpenAPI links): the id a create returns is the
+/// `id` of the operations on that resource. `(from operation, status, to operation, id source)`.
+const LINKS: [(&str, &str, &str, &str); 10] = [
+    ("createProduct", "201", "getProduct", "$response.body#/product_id"),
+    ("createProduct", "201", "updateProduct", "$response.body#/product_id"),
+    ("createProduct", "201", "adjustStock", "$response.body#/product_id"),
+    ("createCustomer", "201", "getCustomer", "$response.body#/customer_id"),
+    (
+        "createCustomer",
+        "201",
+        "listCustomerOrders",
+        "$response.body#/customer_id",
+    ),
+    ("placeOrder", "202", "getOrder", "$response.body#/order_id"),
+    ("placeOrder", "202", "cancelOrder", "$response.body#/order_id"),
+    ("getOrder", "200", "cancelOrder", "$response.body#/order_id"),
+    ("listProducts", "200", "getProduct", "$response.body#/data/0/product_id"),
+    ("listJobs", "200", "replayJob", "$response.body#/data/0/job_id"),
+];
+
+/// Links whose target takes the id in its body: a product just created or listed can be ordered.
+const BODY_LINKS: [(&str, &str, &str, &str); 2] = [
+    ("createProduct", "201", "placeOrder", "$response.body#/product_id"),
+    ("listProducts", "200", "placeOrder", "$response.body#/data/0/product_id"),
+];
+
 /// The document's fixed parts; paths and schemas come from the registered handlers.
 #[derive(OpenApi)]
 #[openapi(
@@ -118,6 +144,7 @@ pub fn document(currency: Currency) -> Value {
 #[utoipa::path(
     get,
     path = "/openapi.json",
+    operation_id = "getOpenApi",
     tag = "meta",
     responses((status = 200, description = "The OpenAPI document.", content_type = "application/json", body = serde_json::Value)),
 )]
@@ -134,6 +161,7 @@ async fn openapi_json(Extension(published): Extension<Arc<OnceLock<Published>>>)
 #[utoipa::path(
     get,
     path = "/docs",
+    operation_id = "getDocs",
     tag = "meta",
     responses((status = 200, description = "The reference page.", content_type = "text/html", body = String, headers(
         ("Content-Security-Policy" = String, description = "Nothing may load but the page's inline styles."),
@@ -211,6 +239,13 @@ fn shared_responses() -> Map<String, Value> {
         ),
     );
     responses.insert(
+        "RequestTimeout".into(),
+        problem_response(
+            "`body_timeout`: the request body did not arrive in time (`--body-timeout`).",
+            json!({}),
+        ),
+    );
+    responses.insert(
         "UnsupportedMediaType".into(),
         problem_response(
             "`unsupported_media_type`: send the body as `Content-Type: application/json`.",
@@ -234,8 +269,9 @@ fn shared_responses() -> Map<String, Value> {
     responses.insert(
         "ServiceUnavailable".into(),
         problem_response(
-            "`service_unavailable` (or `overloaded`): too many requests in flight or no database connection free \
-             in time; shed quickly rather than queued. Retry after the given delay.",
+            "`overloaded` (too many requests in flight), `timed_out` (the handler ran past its deadline) or \
+             `service_unavailable` (no database connection free in time): shed quickly rather than queued. Retry \
+             after the given delay.",
             json!({ "Retry-After": retry_after() }),
         ),
     );
@@ -304,6 +340,7 @@ fn finish(mut doc: Value, currency: Currency) -> Value {
             }
         }
     }
+    add_links(&mut doc);
     // Shared responses carry it too.
     for response in doc["components"]["responses"]
         .as_object_mut()
@@ -318,6 +355,37 @@ fn finish(mut doc: Value, currency: Currency) -> Value {
         headers[CORRELATION_HEADER] = correlation.clone();
     }
     doc
+}
+
+/// Adds [`LINKS`] to the responses they start from.
+fn add_links(doc: &mut Value) {
+    let by_id = LINKS.map(|(from, status, to, source)| (from, status, to, json!({ "parameters": { "id": source } })));
+    let by_body = BODY_LINKS.map(|(from, status, to, source)| {
+        (
+            from,
+            status,
+            to,
+            json!({ "requestBody": { "items": [{ "product_id": source, "quantity": 1 }] } }),
+        )
+    });
+    for (from, status, to, mut link) in by_id.into_iter().chain(by_body) {
+        let response = doc["paths"]
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|paths| paths.values_mut())
+            .filter_map(Value::as_object_mut)
+            .flat_map(|item| item.values_mut())
+            .find(|operation| operation["operationId"] == from)
+            .and_then(|operation| operation["responses"].get_mut(status))
+            .unwrap_or_else(|| panic!("link from {from} {status}: no such operation or response"));
+        let links = response
+            .as_object_mut()
+            .expect("responses are objects")
+            .entry("links")
+            .or_insert_with(|| json!({}));
+        link["operationId"] = json!(to);
+        links[to] = link;
+    }
 }
 
 /// Adds the responses an operation can give because of what it takes (see the module docs).
@@ -367,6 +435,7 @@ fn complete_operation(operation: &mut Map<String, Value>) {
         add("401", "Unauthorized");
     }
     if has_body {
+        add("408", "RequestTimeout");
         add("413", "PayloadTooLarge");
         add("415", "UnsupportedMediaType");
     }

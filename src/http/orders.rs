@@ -333,6 +333,7 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
 #[utoipa::path(
     post,
     path = "/orders",
+    operation_id = "placeOrder",
     tag = "orders",
     security(("bearer" = [])),
     params(IdempotencyKey),
@@ -472,27 +473,86 @@ impl IntoParams for LongPoll {
             ),
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .pattern(Some(r"^wait=[0-9]{1,9}$"))
+                .pattern(Some(prefer_pattern()))
                 .examples(["wait=10"]),
         )]
     }
 }
 
-/// `Prefer: wait=N` (RFC 7240): how long the client is willing to wait for a change.
+/// Most digits of a `wait=N` preference.
+const WAIT_DIGITS_MAX: usize = 9;
+
+/// The characters of an HTTP token (RFC 9110 `tchar`).
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
+}
+
+/// The `Prefer` header [`preferred_wait`] accepts, as the schema publishes it: comma-separated
+/// preferences, each `wait=N` or another `token[=token|"quoted"]` (ignored, as RFC 7240 asks).
+/// JSON Schema patterns have no look-ahead, so "a token other than `wait`" is spelled out: any
+/// length but four, or four characters differing from `wait` in one place.
+fn prefer_pattern() -> String {
+    let t = r"[!#$%&'*+.^_`|~0-9A-Za-z-]";
+    let lowercase_except = |c: char| -> String {
+        match c {
+            'a' => "b-z".into(),
+            'z' => "a-y".into(),
+            c => format!("a-{}{}-z", (c as u8 - 1) as char, (c as u8 + 1) as char),
+        }
+    };
+    let not = |c: char| format!(r"[!#$%&'*+.^_`|~0-9A-Z{}-]", lowercase_except(c));
+    let other = format!(
+        "({t}{{1,3}}|{t}{{5,}}|{w}{t}{{3}}|w{a}{t}{{2}}|wa{i}{t}|wai{z})",
+        w = not('w'),
+        a = not('a'),
+        i = not('i'),
+        z = not('t'),
+    );
+    let element = format!(r#"[ \t]*(wait=[0-9]{{1,{WAIT_DIGITS_MAX}}}|{other}(=({t}+|"[^",]*"))?)[ \t]*"#);
+    format!("^{element}(,{element})*$")
+}
+
+/// `Prefer: wait=N` (RFC 7240): how long the client is willing to wait for a change. Other
+/// preferences are ignored; a malformed header or `wait` is refused so the client learns its
+/// wait was not understood.
 fn preferred_wait(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let invalid = || {
+        ApiError::invalid_field(
+            "Prefer",
+            format!(
+                "must be preferences such as `wait=N` (N a whole number of seconds, at most {WAIT_DIGITS_MAX} digits)"
+            ),
+        )
+    };
+    let mut wait = None;
     for value in headers.get_all("prefer").iter() {
-        let Ok(text) = value.to_str() else { continue };
+        let text = value.to_str().map_err(|_| invalid())?;
         for preference in text.split(',') {
-            if let Some(seconds) = preference.trim().strip_prefix("wait=") {
-                let seconds: u64 = seconds
-                    .trim()
-                    .parse()
-                    .map_err(|_| ApiError::invalid_field("Prefer", "wait must be a whole number of seconds"))?;
-                return Ok(Some(seconds.min(MAX_WAIT_SECS)));
+            let preference = preference.trim_matches([' ', '\t']);
+            let (name, value) = match preference.split_once('=') {
+                Some((name, value)) => (name, Some(value)),
+                None => (preference, None),
+            };
+            if name == "wait" {
+                let seconds = value
+                    .filter(|v| (1..=WAIT_DIGITS_MAX).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(invalid)?;
+                wait.get_or_insert(seconds.min(MAX_WAIT_SECS));
+            } else {
+                let quoted = |v: &str| {
+                    v.len() >= 2 && v.starts_with('"') && v.ends_with('"') && !v[1..v.len() - 1].contains('"')
+                };
+                if !is_token(name) || !value.is_none_or(|v| is_token(v) || quoted(v)) {
+                    return Err(invalid());
+                }
             }
         }
     }
-    Ok(None)
+    Ok(wait)
 }
 
 /// Get an order
@@ -503,6 +563,7 @@ fn preferred_wait(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 #[utoipa::path(
     get,
     path = "/orders/{id}",
+    operation_id = "getOrder",
     tag = "orders",
     security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order's id."), LongPoll),
@@ -571,6 +632,7 @@ async fn show(
 #[utoipa::path(
     post,
     path = "/orders/{id}/cancel",
+    operation_id = "cancelOrder",
     tag = "orders",
     security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order's id.")),
@@ -618,4 +680,48 @@ async fn cancel(
         StatusCode::ACCEPTED,
         Json(OrderView::new(details.order, Some(details.events))),
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(value: &str) -> Result<Option<u64>, u16> {
+        let mut headers = HeaderMap::new();
+        headers.insert("prefer", value.parse().unwrap());
+        preferred_wait(&headers).map_err(|error| error.status().as_u16())
+    }
+
+    #[test]
+    fn prefer_wait_is_read_and_other_preferences_ignored() {
+        assert_eq!(wait("wait=10"), Ok(Some(10)));
+        assert_eq!(wait(" respond-async , wait=5"), Ok(Some(5)));
+        assert_eq!(wait("wait=999"), Ok(Some(MAX_WAIT_SECS)));
+        assert_eq!(wait("handling=lenient"), Ok(None));
+        assert_eq!(wait(r#"foo="a b""#), Ok(None));
+        assert_eq!(wait("waits=x"), Ok(None));
+        for bad in [
+            "wait=soon",
+            "wait",
+            "wait=",
+            "{}",
+            "wait=1234567890",
+            "a,,b",
+            "wait = 5",
+            r#"x="a,b""#,
+        ] {
+            assert_eq!(wait(bad), Err(400), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefer_pattern_spells_out_the_wait_rule() {
+        let pattern = prefer_pattern();
+        assert!(
+            pattern.starts_with("^[ \\t]*(wait=[0-9]{1,9}|") && pattern.ends_with(")*$"),
+            "{pattern}"
+        );
+        // "A token other than wait": four characters differing from `wait` in one place.
+        assert!(pattern.contains("|w[!#$%&'*+.^_`|~0-9A-Zb-z-]"), "{pattern}");
+    }
 }
