@@ -17,6 +17,8 @@ use super::validation::FieldErrors;
 pub const MAX_LINES: usize = 100;
 pub const MAX_QUANTITY: u32 = 1000;
 pub const PAYMENT_TOKEN_MAX: usize = 255;
+/// [`PaymentToken::parse`]'s character rule as the regular expression the API schema publishes.
+pub const PAYMENT_TOKEN_PATTERN: &str = "^[!-~]+$";
 
 /// Where an order is in its life. Every legal move is listed in [`OrderStatus::can_become`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -18,7 +18,10 @@ use crate::telemetry;
 
 pub const HEADER: &str = "x-correlation-id";
 const TRACEPARENT: &str = "traceparent";
-const MAX_LEN: usize = 128;
+/// Longest correlation id taken from a caller.
+pub const MAX_LEN: usize = 128;
+/// [`is_valid`]'s rule as the regular expression the API schema publishes.
+pub const PATTERN: &str = "^[A-Za-z0-9._:-]+$";
 
 /// The request's correlation id, in request extensions.
 #[derive(Clone, Debug)]

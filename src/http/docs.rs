@@ -9,6 +9,7 @@ use std::fmt::Write;
 use serde_json::Value;
 
 const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+const CORRELATION_HEADER: &str = "X-Correlation-Id";
 
 const STYLE: &str = "
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#fafbfc}
@@ -42,7 +43,8 @@ pub fn render(doc: &Value) -> String {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{t} API reference</title><style>{STYLE}</style></head><body><main>\
          <h1>{t} API reference</h1><p class=\"sec\">Version {v} · OpenAPI {o} · \
-         machine-readable: <a href=\"/openapi.json\">/openapi.json</a></p>{d}",
+         machine-readable: <a href=\"/openapi.json\">/openapi.json</a> · every response carries \
+         <code>{CORRELATION_HEADER}</code></p>{d}",
         t = escape(&title),
         v = escape(&version),
         o = escape(&text(&doc["openapi"])),
@@ -223,6 +225,8 @@ fn render_operation(out: &mut String, doc: &Value, op: &Operation) {
             .as_object()
             .into_iter()
             .flatten()
+            // Every response carries it; the page says so once at the top.
+            .filter(|(name, _)| name.as_str() != CORRELATION_HEADER)
             .map(|(name, header)| {
                 format!(
                     "<code>{}</code>{}",

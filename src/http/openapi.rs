@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::Problem;
-use super::{AppState, admin, customers, docs, health, metrics, ops, orders, products, schema};
+use super::{AppState, admin, correlation, customers, docs, health, metrics, ops, orders, products, schema};
 use crate::domain::{Currency, FieldError};
 
 /// How one operation's answer leads to the next (OpenAPI links): the id a create returns is the
@@ -312,8 +312,11 @@ fn finish(mut doc: Value, currency: Currency) -> Value {
     }
 
     let correlation = header_object(
-        "The caller's correlation id when it sent a valid one (1–128 of `A-Z a-z 0-9 - _ . :`), else a new UUID.",
-        json!({ "type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9._:-]+$" }),
+        &format!(
+            "The caller's correlation id when it sent a valid one (1–{} of `A-Z a-z 0-9 - _ . :`), else a new UUID.",
+            correlation::MAX_LEN
+        ),
+        json!({ "type": "string", "minLength": 1, "maxLength": correlation::MAX_LEN, "pattern": correlation::PATTERN }),
     );
     let paths = doc["paths"].as_object_mut().expect("paths were generated");
     for item in paths.values_mut() {

@@ -12,7 +12,7 @@ use utoipa::{PartialSchema, ToSchema};
 
 use crate::domain::customer::{EMAIL_MAX, PERSON_NAME_MAX};
 use crate::domain::money::MAX_MINOR;
-use crate::domain::order::{MAX_LINES, MAX_QUANTITY, PAYMENT_TOKEN_MAX};
+use crate::domain::order::{MAX_LINES, MAX_QUANTITY, PAYMENT_TOKEN_MAX, PAYMENT_TOKEN_PATTERN};
 use crate::domain::product::{CATEGORY_MAX, DESCRIPTION_MAX, NAME_MAX, REASON_MAX, SKU_MAX, SKU_PATTERN, STOCK_MAX};
 use crate::domain::validation::{OPTIONAL_TEXT_PATTERN, TEXT_PATTERN};
 use crate::domain::{Currency, CustomerId, Email, FieldError, OrderId, OrderStatus, ProductId, Quantity, Shortage};
@@ -117,7 +117,7 @@ pub fn payment_token() -> Object {
     )
     .min_length(Some(1))
     .max_length(Some(PAYMENT_TOKEN_MAX))
-    .pattern(Some("^[!-~]+$"))
+    .pattern(Some(PAYMENT_TOKEN_PATTERN))
     .examples(["tok_visa"])
     .build()
 }
