@@ -8,6 +8,8 @@ use super::ids::CustomerId;
 use super::validation;
 
 pub const EMAIL_MAX: usize = 254;
+/// Longest local part (before the `@`), as RFC 5321 allows.
+pub const EMAIL_LOCAL_MAX: usize = 64;
 pub const PERSON_NAME_MAX: usize = 100;
 
 /// A syntactically valid e-mail address, lower-cased so uniqueness is case-insensitive.
@@ -29,7 +31,7 @@ impl Email {
             && !domain.contains("..")
             && domain.chars().all(|c| c.is_alphanumeric() || c == '-' || c == '.');
         let local_ok = !local.is_empty()
-            && local.len() <= 64
+            && local.len() <= EMAIL_LOCAL_MAX
             && !local.contains('@')
             && local.chars().all(|c| !c.is_whitespace() && !c.is_control());
         if !domain_ok || !local_ok {

@@ -10,7 +10,7 @@ use utoipa::openapi::schema::{
 use utoipa::openapi::{Ref, RefOr};
 use utoipa::{PartialSchema, ToSchema};
 
-use crate::domain::customer::{EMAIL_MAX, PERSON_NAME_MAX};
+use crate::domain::customer::{EMAIL_LOCAL_MAX, EMAIL_MAX, PERSON_NAME_MAX};
 use crate::domain::money::MAX_MINOR;
 use crate::domain::order::{MAX_LINES, MAX_QUANTITY, PAYMENT_TOKEN_MAX, PAYMENT_TOKEN_PATTERN};
 use crate::domain::product::{CATEGORY_MAX, DESCRIPTION_MAX, NAME_MAX, REASON_MAX, SKU_MAX, SKU_PATTERN, STOCK_MAX};
@@ -104,10 +104,13 @@ pub fn person_name() -> Object {
 }
 
 pub fn email() -> Object {
-    string("E-mail address; stored lower-cased, unique across customers.")
-        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Email)))
-        .max_length(Some(EMAIL_MAX))
-        .build()
+    string(&format!(
+        "E-mail address; stored lower-cased, unique across customers. A local part of at most {EMAIL_LOCAL_MAX} \
+         characters, and a domain of letters, digits and hyphens with at least one dot."
+    ))
+    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Email)))
+    .max_length(Some(EMAIL_MAX))
+    .build()
 }
 
 pub fn payment_token() -> Object {
