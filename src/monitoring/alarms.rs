@@ -104,7 +104,9 @@ pub async fn evaluate(store: &dyn Store, settings: &AlarmSettings, now: DateTime
     let mut conditions = Vec::new();
     let stats = store.queue_stats(now).await?;
     if let Some(limit) = settings.oldest_job_age {
-        for row in &stats {
+        // Alert deliveries are not judged by alerts: a late or failing webhook would only queue
+        // more deliveries to itself. Their backlog shows in /metrics, and a dead one in `dead_jobs`.
+        for row in stats.iter().filter(|row| row.kind != DELIVER_ALERT) {
             let age = row.oldest_ready_age_seconds.unwrap_or(0.0);
             conditions.push(Condition {
                 alarm: format!("oldest_job_age:{}", row.kind),
@@ -135,7 +137,12 @@ pub async fn evaluate(store: &dyn Store, settings: &AlarmSettings, now: DateTime
     }
     if let Some(limit) = settings.error_rate {
         let since = now - settings.error_rate_window;
-        for row in store.step_outcomes(since).await? {
+        for row in store
+            .step_outcomes(since)
+            .await?
+            .into_iter()
+            .filter(|row| row.kind != DELIVER_ALERT)
+        {
             let total = row.succeeded + row.failing;
             let rate = if total == 0 {
                 0.0
