@@ -1220,4 +1220,26 @@ async fn responses_carry_correlation_ids(backend: Backend) {
     let ready: Value = app.get("/health/ready", None).await.json().await.unwrap();
     assert_eq!(ready["status"], "ok");
     assert_eq!(app.get("/health/live", None).await.status(), 200);
+
+    // An order keeps the id of the request that placed it: reading it back names the key to its
+    // story, and a retry under another id is still the first request's order.
+    let product = app.product("5.00", 10).await;
+    let (_, token) = app.customer().await;
+    let place = |correlation_id: &'static str| {
+        app.client
+            .post(format!("{}/orders", app.url))
+            .bearer_auth(&token)
+            .header("idempotency-key", "correlated")
+            .header("x-correlation-id", correlation_id)
+            .json(&json!({ "items": [{ "product_id": product, "quantity": 1 }] }))
+            .send()
+    };
+    let placed: Value = place("checkout-42").await.unwrap().json().await.unwrap();
+    assert_eq!(placed["correlation_id"], "checkout-42");
+    let retried = place("checkout-42-retry").await.unwrap();
+    assert_eq!(retried.headers()["x-correlation-id"], "checkout-42-retry");
+    assert_eq!(retried.json::<Value>().await.unwrap()["correlation_id"], "checkout-42");
+    let order_path = format!("/orders/{}", placed["order_id"].as_str().unwrap());
+    let read: Value = app.get(&order_path, Some(&token)).await.json().await.unwrap();
+    assert_eq!(read["correlation_id"], "checkout-42");
 }

@@ -271,6 +271,9 @@ pub struct Order {
     pub lines: Vec<OrderLine>,
     pub total: Money,
     pub payment_token: PaymentToken,
+    /// The id of the request that placed the order, carried by its events, jobs, provider calls,
+    /// e-mails and log lines: the key to the order's whole story.
+    pub correlation_id: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -76,6 +76,11 @@ pub struct OrderView {
     currency: Currency,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    /// The `X-Correlation-Id` of the request that placed the order. Its events, pipeline steps,
+    /// provider calls, e-mails and log lines carry the same id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    correlation_id: Option<String>,
     /// Every change, oldest first (GET /orders/{id} and cancellation answers).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -162,6 +167,7 @@ impl OrderView {
             currency,
             created_at: order.created_at,
             updated_at: order.updated_at,
+            correlation_id: order.correlation_id,
             timeline: events.map(|events| {
                 events
                     .into_iter()

@@ -14,7 +14,8 @@ use crate::domain::{
 pub const PRODUCT_COLUMNS: &str = "id, sku, name, description, category, price_minor, on_hand, \
      reserved, version, created_at, updated_at";
 pub const CUSTOMER_COLUMNS: &str = "id, email, first_name, last_name, created_at";
-pub const ORDER_COLUMNS: &str = "id, customer_id, status, currency, total_minor, payment_token, created_at, updated_at";
+pub const ORDER_COLUMNS: &str =
+    "id, customer_id, status, currency, total_minor, payment_token, correlation_id, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 pub struct ProductRow {
@@ -80,6 +81,7 @@ pub struct OrderRow {
     currency: String,
     total_minor: i64,
     payment_token: String,
+    correlation_id: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -123,6 +125,7 @@ impl OrderRow {
             lines,
             total: Money::from_minor(self.total_minor).map_err(corrupt("orders.total_minor"))?,
             payment_token: PaymentToken::parse(&self.payment_token).map_err(corrupt("orders.payment_token"))?,
+            correlation_id: self.correlation_id,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })
