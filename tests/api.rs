@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::SendJson;
+
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,12 +67,8 @@ async fn catalog_admin_crud_and_stock_ledger(backend: Backend) {
         .patch(format!("{}/products/{id}", app.url))
         .bearer_auth(&app.admin)
         .json(&json!({"name": "Desk lamp II", "price": 19.99, "category": null}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(patched["name"], "Desk lamp II");
     assert_eq!(patched["price"].to_string(), "19.99");
     assert_eq!(patched["category"], Value::Null);

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::SendJson;
+
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -126,12 +128,8 @@ async fn kill_nine_during_300_orders(backend: Backend) {
             .post(format!("{base}/products"))
             .bearer_auth(&admin)
             .json(&json!({"name": format!("P{n}"), "price": 5, "stock_quantity": 100000}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .send_json()
+            .await;
         products.push(body["product_id"].as_str().unwrap().to_string());
     }
     let mut buyers = Vec::new();
@@ -140,12 +138,8 @@ async fn kill_nine_during_300_orders(backend: Backend) {
             .post(format!("{base}/customers"))
             .bearer_auth(&admin)
             .json(&json!({"email": format!("c{n}@example.com"), "first_name": "C", "last_name": "N"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .send_json()
+            .await;
         let id = body["customer_id"].as_str().unwrap().to_string();
         buyers.push(auth.issue(&id, &[], Duration::from_secs(3600)).unwrap());
     }
@@ -223,12 +217,8 @@ async fn kill_nine_during_300_orders(backend: Backend) {
         let queues: Value = http
             .get(format!("{base}/admin/queues"))
             .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .send_json()
+            .await;
         let busy: i64 = queues["data"]
             .as_array()
             .unwrap()
@@ -249,12 +239,8 @@ async fn kill_nine_during_300_orders(backend: Backend) {
         let body: Value = http
             .get(format!("{base}/orders/{order}"))
             .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .send_json()
+            .await;
         let status = body["status"].as_str().unwrap();
         // Finished, or parked visibly: a kill can cost a step an attempt, so even a good card
         // may end dead-lettered, but never silently waiting.

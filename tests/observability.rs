@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::SendJson;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::Stdio;
@@ -260,25 +262,14 @@ async fn one_correlation_id_finds_the_whole_story_of_an_order() {
 
     let http = reqwest::Client::new();
     let admin = token(&shop, &["--sub", "ops", "--role", "admin"]).await;
-    let catalog: Value = http
-        .get(format!("{}/products", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let catalog: Value = http.get(format!("{}/products", server.url)).send_json().await;
     let product = catalog["data"][0]["product_id"].as_str().unwrap().to_string();
     let customer: Value = http
         .post(format!("{}/customers", server.url))
         .bearer_auth(&admin)
         .json(&json!({"email": "story@example.com", "first_name": "Story", "last_name": "Teller"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let buyer = token(&shop, &["--sub", customer["customer_id"].as_str().unwrap()]).await;
 
     // The order, placed with our id.
@@ -304,12 +295,8 @@ async fn one_correlation_id_finds_the_whole_story_of_an_order() {
             .get(format!("{}/orders/{order_id}", server.url))
             .bearer_auth(&buyer)
             .header("prefer", "wait=2")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .send_json()
+            .await;
         if order["status"] == "fulfilled" {
             break;
         }

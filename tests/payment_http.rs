@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::SendJson;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,15 +198,7 @@ impl HttpPipeline {
 
 async fn visa_over_http_is_fulfilled_with_one_charge(backend: Backend) {
     let p = HttpPipeline::new(backend).await;
-    let health: Value = p
-        .client
-        .get(format!("{}/health", p.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = p.client.get(format!("{}/health", p.url)).send_json().await;
     assert_eq!(health["status"], "ok");
 
     let order = p.place("tok_visa", 3).await;

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::SendJson;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -98,14 +100,7 @@ async fn accepted_orders_survive_sigkill(backend: Backend) {
     let admin = token(&db, &["--sub", "ops", "--role", "admin"]).await;
 
     // The first start loaded the sample catalog.
-    let catalog: Value = http
-        .get(format!("{}/products", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let catalog: Value = http.get(format!("{}/products", server.url)).send_json().await;
     let product = catalog["data"][4].clone();
     let product_id = product["product_id"].as_str().unwrap().to_string();
     let stock_before = product["stock_quantity"].as_i64().unwrap();
@@ -113,12 +108,8 @@ async fn accepted_orders_survive_sigkill(backend: Backend) {
         .post(format!("{}/customers", server.url))
         .bearer_auth(&admin)
         .json(&json!({"email": "kill@example.com", "first_name": "K", "last_name": "Nine"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let buyer = token(&db, &["--sub", customer["customer_id"].as_str().unwrap()]).await;
 
     // A burst of orders; the process is killed while it is still answering them.
@@ -195,12 +186,8 @@ async fn accepted_orders_survive_sigkill(backend: Backend) {
                 .get(format!("{}/orders/{order_id}", server.url))
                 .bearer_auth(&buyer)
                 .header("prefer", "wait=5")
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+                .send_json()
+                .await;
             if order["status"] == "fulfilled" {
                 break;
             }
@@ -218,12 +205,8 @@ async fn accepted_orders_survive_sigkill(backend: Backend) {
             customer["customer_id"].as_str().unwrap()
         ))
         .bearer_auth(&buyer)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let stored: i64 = orders["data"]
         .as_array()
         .unwrap()
@@ -233,12 +216,8 @@ async fn accepted_orders_survive_sigkill(backend: Backend) {
     assert!(stored >= reserved);
     let after: Value = http
         .get(format!("{}/products/{product_id}", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(
         after["stock_quantity"].as_i64().unwrap(),
         stock_before - stored,
@@ -443,37 +422,22 @@ async fn http_payment_provider_across_processes() {
 
     let http = reqwest::Client::new();
     let admin = token(&shop, &["--sub", "ops", "--role", "admin"]).await;
-    let catalog: Value = http
-        .get(format!("{url}/products"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let catalog: Value = http.get(format!("{url}/products")).send_json().await;
     let product = catalog["data"][0]["product_id"].as_str().unwrap().to_string();
     let customer: Value = http
         .post(format!("{url}/customers"))
         .bearer_auth(&admin)
         .json(&json!({"email": "net@example.com", "first_name": "N", "last_name": "Et"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let buyer = token(&shop, &["--sub", customer["customer_id"].as_str().unwrap()]).await;
     let order: Value = http
         .post(format!("{url}/orders"))
         .bearer_auth(&buyer)
         .header("idempotency-key", "over-the-network")
         .json(&json!({"items": [{"product_id": product, "quantity": 1}], "payment": {"token": "tok_timeout"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let order_id = order["order_id"].as_str().unwrap().to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let done = loop {
@@ -481,12 +445,8 @@ async fn http_payment_provider_across_processes() {
             .get(format!("{url}/orders/{order_id}"))
             .bearer_auth(&buyer)
             .header("prefer", "wait=5")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .send_json()
+            .await;
         if body["status"] == "fulfilled" {
             break body;
         }
@@ -496,12 +456,8 @@ async fn http_payment_provider_across_processes() {
     assert_eq!(done["payment"]["attempts"], 2, "the first call timed out");
     let charges: Value = http
         .get(format!("http://127.0.0.1:{port}/v1/charges?reference={order_id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let charges = charges["data"].as_array().unwrap();
     assert_eq!(charges.len(), 1, "one charge in the provider's books: {charges:?}");
     assert_eq!(charges[0]["id"], done["payment"]["provider_reference"]);
@@ -515,37 +471,22 @@ async fn jobs_command_lists_and_replays_dead_jobs(backend: Backend) {
     let server = Server::start(&db).await;
     let http = reqwest::Client::new();
     let admin = token(&db, &["--sub", "ops", "--role", "admin"]).await;
-    let catalog: Value = http
-        .get(format!("{}/products", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let catalog: Value = http.get(format!("{}/products", server.url)).send_json().await;
     let product = catalog["data"][0]["product_id"].as_str().unwrap().to_string();
     let customer: Value = http
         .post(format!("{}/customers", server.url))
         .bearer_auth(&admin)
         .json(&json!({"email": "ops@example.com", "first_name": "O", "last_name": "P"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let buyer = token(&db, &["--sub", customer["customer_id"].as_str().unwrap()]).await;
     let order: Value = http
         .post(format!("{}/orders", server.url))
         .bearer_auth(&buyer)
         .header("idempotency-key", "parked")
         .json(&json!({"items": [{"product_id": product, "quantity": 1}], "payment": {"token": "tok_unavailable"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let order_id = order["order_id"].as_str().unwrap().to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let listing = loop {

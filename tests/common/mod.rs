@@ -445,3 +445,20 @@ pub async fn seed_lamp_and_buyer(
         .id;
     (product, customer)
 }
+
+/// Sends a request and reads its JSON body: the set-up steps of process-level tests, where any
+/// failure is the test's failure.
+pub trait SendJson {
+    fn send_json(self) -> impl std::future::Future<Output = Value> + Send;
+}
+
+impl SendJson for reqwest::RequestBuilder {
+    async fn send_json(self) -> Value {
+        self.send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+}
