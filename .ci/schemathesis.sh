@@ -68,6 +68,13 @@ ORDERFLOW_FUZZ_ORDER_ID=$(curl -fsS -H "$auth" -H 'Content-Type: application/jso
   -d "{\"customer_id\":\"$admin_id\",\"items\":[{\"product_id\":\"$product\",\"quantity\":1}]}" |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["order_id"])')
 
+# A webhook endpoint that stays failing: nothing listens on the discard port, so the relay's
+# attempts fail and the endpoint list (and, through its link, GET of the first endpoint) answers
+# with real health and attempts. The other endpoint operations get ids through the links from
+# POST /admin/webhook-endpoints (a fixed id would turn a fuzzed DELETE of it into failures).
+curl -fsS -o /dev/null -H "$auth" -H 'Content-Type: application/json' "$base/admin/webhook-endpoints" \
+  -d '{"url":"http://127.0.0.1:9/fuzz","description":"schemathesis"}'
+
 status=0
 started=$SECONDS
 python3 -m schemathesis.cli --config-file .ci/schemathesis.toml run "$base/openapi.json" \

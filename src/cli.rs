@@ -17,8 +17,8 @@ use crate::adapters::payment::sandbox::Sandbox;
 use crate::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
 use crate::clock;
 use crate::config::{
-    AuditArgs, Cli, Command, GlobalArgs, JobsAction, Mode, NotifierKind, PaymentProviderKind, SandboxProviderArgs,
-    ServeArgs, TokenArgs,
+    AuditArgs, Cli, Command, EventsAction, GlobalArgs, JobsAction, Mode, NotifierKind, PaymentProviderKind,
+    SandboxProviderArgs, ServeArgs, TokenArgs,
 };
 use crate::http::auth::JwksSource;
 use crate::http::edge::Edge;
@@ -56,6 +56,7 @@ pub async fn run() -> ExitCode {
             return code;
         }
         Command::Jobs { action } => jobs(&cli.global, action).await,
+        Command::Events { action } => events(&cli.global, &cli.serve, action).await,
         Command::SandboxProvider(args) => sandbox_provider(&cli.global, args).await,
     };
     telemetry.shutdown().await;
@@ -91,6 +92,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
              their reservation will fire orders_stuck_unpaid"
         );
     }
+    let event_settings = Arc::new(args.events.settings()?);
     let store = open_store(global).await?;
     let checkout = CheckoutSettings {
         currency: global.currency,
@@ -139,6 +141,12 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             runner.register(DELIVER_ALERT, Arc::new(step));
         }
         tasks.spawn(Arc::new(runner).run(stop_rx.clone()));
+        tasks.spawn(crate::events::run(
+            store.clone(),
+            (*event_settings).clone(),
+            monitoring.metrics.clone(),
+            stop_rx.clone(),
+        ));
         tasks.spawn(alarms::run(
             store.clone(),
             (*monitoring.alarms).clone(),
@@ -162,6 +170,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         body_limit: args.body_limit,
         edge: Arc::new(Edge::new(args.edge.settings())),
         monitoring,
+        events: event_settings.clone(),
     };
     if let Some(address) = args.monitoring.metrics_listen {
         let listener = TcpListener::bind(address)
@@ -411,6 +420,74 @@ async fn audit(global: &GlobalArgs, args: AuditArgs) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+async fn events(global: &GlobalArgs, serve: &ServeArgs, action: EventsAction) -> anyhow::Result<()> {
+    use crate::domain::events::TypePattern;
+    use crate::store::events::{EventQuery, ReplayRange};
+    let store = open_store(global).await?;
+    match action {
+        EventsAction::List {
+            after,
+            event_type,
+            limit,
+            json,
+        } => {
+            let types = event_type
+                .as_deref()
+                .map(TypePattern::parse)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--type: {e}"))?;
+            let source = serve.events.events_source.clone();
+            let events = store
+                .events()
+                .events_after(&EventQuery {
+                    after,
+                    limit: limit.clamp(1, crate::store::events::MAX_BATCH),
+                    types,
+                })
+                .await?;
+            if events.is_empty() && !json {
+                println!("no events after position {after}");
+            }
+            for event in events {
+                if json {
+                    println!("{}", String::from_utf8_lossy(&event.to_json(&source)));
+                } else {
+                    println!(
+                        "{:>8}  {}  {:<26} {:<48} seq {:<3} {}",
+                        event.position,
+                        event.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        event.event_type,
+                        event.subject,
+                        event.sequence,
+                        event.id
+                    );
+                }
+            }
+        }
+        EventsAction::Replay {
+            endpoint,
+            from_position,
+            to_position,
+            since,
+            until,
+        } => {
+            let range = match (from_position, to_position, since, until) {
+                (Some(from), Some(to), None, None) if from <= to => ReplayRange::Positions { from, to },
+                (None, None, Some(since), Some(until)) if since < until => ReplayRange::Time { since, until },
+                _ => {
+                    anyhow::bail!("give --from-position N --to-position M (N <= M) or --since T --until U (T before U)")
+                }
+            };
+            if store.events().get_endpoint(endpoint).await?.is_none() {
+                anyhow::bail!("no webhook endpoint {endpoint}");
+            }
+            let queued = store.events().replay_deliveries(endpoint, range, clock::now()).await?;
+            println!("queued {queued} event(s) again for endpoint {endpoint}");
+        }
+    }
+    Ok(())
 }
 
 async fn jobs(global: &GlobalArgs, action: JobsAction) -> anyhow::Result<()> {

@@ -54,6 +54,43 @@ pub enum Command {
         #[command(subcommand)]
         action: JobsAction,
     },
+    /// Inspect the event feed and replay events to a webhook endpoint.
+    Events {
+        #[command(subcommand)]
+        action: EventsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsAction {
+    /// Print events in position order (one CloudEvent JSON per line with `--json`).
+    List {
+        /// Events after this position.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// One type or a prefix, e.g. `order.*`.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue events again for a webhook endpoint (the same event ids), by position or time range.
+    Replay {
+        /// The endpoint's id.
+        #[arg(long)]
+        endpoint: uuid::Uuid,
+        #[arg(long, requires = "to_position", conflicts_with_all = ["since", "until"])]
+        from_position: Option<i64>,
+        #[arg(long, requires = "from_position")]
+        to_position: Option<i64>,
+        /// RFC 3339 time, e.g. 2026-12-01T00:00:00Z.
+        #[arg(long, requires = "until")]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long, requires = "since")]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +237,100 @@ pub enum LogFormat {
     Json,
 }
 
+/// Events out (API.md "Events out"): where committed events go and how long they are kept.
+#[derive(Debug, Args)]
+pub struct EventArgs {
+    /// The CloudEvent `source` of every event.
+    #[arg(long, env = "ORDERFLOW_EVENTS_SOURCE", global = true, default_value = "orderflow")]
+    pub events_source: String,
+    /// NATS server to publish events to with JetStream (off when unset), e.g. `nats://127.0.0.1:4222`.
+    #[arg(long, env = "ORDERFLOW_NATS_URL", global = true)]
+    pub nats_url: Option<String>,
+    /// The JetStream stream (created or updated on start) on subjects `orderflow.events.>`.
+    #[arg(
+        long,
+        env = "ORDERFLOW_NATS_STREAM",
+        global = true,
+        default_value = "ORDERFLOW_EVENTS"
+    )]
+    pub nats_stream: String,
+    /// The stream's duplicate window: re-sends within it are dropped by `Nats-Msg-Id`. Must be
+    /// longer than a relay's worst re-send (its channel lease plus one batch).
+    #[arg(long, env = "ORDERFLOW_NATS_DUPLICATE_WINDOW", global = true, default_value = "2m", value_parser = parse_duration)]
+    pub nats_duplicate_window: Duration,
+    /// Publish acknowledgements awaited at once.
+    #[arg(long, env = "ORDERFLOW_NATS_MAX_IN_FLIGHT", global = true, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub nats_max_in_flight: u32,
+    /// How long one webhook delivery may take.
+    #[arg(long, env = "ORDERFLOW_WEBHOOK_TIMEOUT", global = true, default_value = "15s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+    /// Webhook deliveries in flight at once per endpoint (across processes).
+    #[arg(long, env = "ORDERFLOW_WEBHOOK_MAX_IN_FLIGHT", global = true, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub webhook_max_in_flight: u32,
+    /// Delays between a delivery's attempts, comma-separated (jittered ±10%); after the last the
+    /// delivery has failed.
+    #[arg(long, env = "ORDERFLOW_WEBHOOK_RETRY_SCHEDULE", global = true, value_delimiter = ',', default_value = "0s,5s,5m,30m,2h,5h,10h,14h,20h,24h", value_parser = parse_delay)]
+    pub webhook_retry_schedule: Vec<Duration>,
+    /// An endpoint failing continuously this long is disabled (with an alarm and a
+    /// `webhook_endpoint.disabled` event).
+    #[arg(long, env = "ORDERFLOW_WEBHOOK_DISABLE_AFTER", global = true, default_value = "5d", value_parser = parse_duration)]
+    pub webhook_disable_after: Duration,
+    /// How long events are kept (feed, replay) once every channel has them.
+    #[arg(long, env = "ORDERFLOW_EVENT_RETENTION", global = true, default_value = "30d", value_parser = parse_duration)]
+    pub event_retention: Duration,
+    /// Longest sleep of the idle relay.
+    #[arg(long, env = "ORDERFLOW_EVENTS_POLL", global = true, default_value = "1s", value_parser = parse_duration)]
+    pub events_poll: Duration,
+    /// How long a relay holds the NATS channel without renewing it: after a crash of its holder,
+    /// another process takes over (and re-sends) once this runs out.
+    #[arg(long, env = "ORDERFLOW_EVENTS_CHANNEL_LEASE", global = true, default_value = "15s", value_parser = parse_duration)]
+    pub events_channel_lease: Duration,
+}
+
+impl EventArgs {
+    pub fn settings(&self) -> anyhow::Result<crate::events::EventSettings> {
+        use crate::adapters::events::nats::NatsSettings;
+        use crate::events::{EventSettings, WebhookSettings};
+        if self.events_source.trim().is_empty() {
+            bail!("--events-source must not be empty");
+        }
+        if self.webhook_retry_schedule.is_empty() {
+            bail!("--webhook-retry-schedule needs at least one delay");
+        }
+        let defaults = EventSettings::default();
+        // A re-send after a crash comes at most one lease plus one batch's acks after the first send.
+        if let Some(url) = &self.nats_url
+            && self.nats_duplicate_window <= self.events_channel_lease * 2
+        {
+            bail!(
+                "--nats-duplicate-window must be longer than twice --events-channel-lease ({}s), or re-sends to \
+                 {url} after a crash could be stored twice",
+                self.events_channel_lease.as_secs()
+            );
+        }
+        Ok(EventSettings {
+            source: self.events_source.clone(),
+            nats: self.nats_url.as_ref().map(|url| NatsSettings {
+                url: url.clone(),
+                stream: self.nats_stream.clone(),
+                duplicate_window: self.nats_duplicate_window,
+                max_in_flight: self.nats_max_in_flight as usize,
+                ..NatsSettings::default()
+            }),
+            webhooks: WebhookSettings {
+                timeout: self.webhook_timeout,
+                schedule: self.webhook_retry_schedule.clone(),
+                max_in_flight: self.webhook_max_in_flight,
+                disable_after: self.webhook_disable_after,
+            },
+            retention: self.event_retention,
+            poll_interval: self.events_poll,
+            channel_lease: self.events_channel_lease,
+            ..defaults
+        })
+    }
+}
+
 /// Settings of the server; accepted as `orderflow --listen …` and `orderflow serve --listen …`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -215,6 +346,9 @@ pub struct ServeArgs {
     /// Bearer-token verification: algorithm, identity provider keys, issuer, audience, claims.
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// Events out: NATS JetStream, webhooks, retention.
+    #[command(flatten)]
+    pub events: EventArgs,
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_TIMEOUT", global = true, default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -431,6 +565,10 @@ pub struct MonitoringArgs {
     /// Fire `oldest_job_age` when a step's oldest ready job is older than this (`off` disables).
     #[arg(long, env = "ORDERFLOW_ALARM_OLDEST_JOB_AGE", global = true, default_value = "5m", value_parser = parse_optional_duration)]
     pub alarm_oldest_job_age: OptionalDuration,
+    /// Fire `events_unpublished:nats` when an event has waited longer than this for NATS
+    /// JetStream to acknowledge it (`off` disables).
+    #[arg(long, env = "ORDERFLOW_ALARM_EVENTS_UNPUBLISHED_AGE", global = true, default_value = "1m", value_parser = parse_optional_duration)]
+    pub alarm_events_unpublished_age: OptionalDuration,
     /// Fire `dead_jobs` when at least this many jobs are dead-lettered (0 disables).
     #[arg(long, env = "ORDERFLOW_ALARM_DEAD_JOBS", global = true, default_value_t = 1)]
     pub alarm_dead_jobs: u64,
@@ -527,6 +665,7 @@ impl MonitoringArgs {
             stuck_unfulfilled: self.alarm_stuck_unfulfilled,
             webhook_urls: urls,
             delivery_attempts: self.alert_delivery_attempts,
+            events_unpublished_age: self.alarm_events_unpublished_age.0,
         })
     }
 
@@ -642,7 +781,7 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Secret> {
     }
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if let Some(ms) = text.strip_suffix("ms") {
         return ms
             .parse::<u64>()
@@ -650,6 +789,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
             .map_err(|_| format!("`{text}` is not a duration"));
     }
     parse_ttl(text)
+}
+
+/// A delay that may be zero (`0`, `0s`): the first entry of a retry schedule is "at once".
+fn parse_delay(text: &str) -> Result<Duration, String> {
+    match text.trim() {
+        "0" | "0s" | "0ms" => Ok(Duration::ZERO),
+        other => parse_duration(other),
+    }
 }
 
 /// A rate limit flag's value: `None` is `off`.

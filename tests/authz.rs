@@ -33,6 +33,7 @@ struct Fixture {
     token_b: String,
     order_a: String,
     dead_job: Option<String>,
+    webhook_endpoint: Option<String>,
 }
 
 type Body = fn(&Fixture) -> Option<Value>;
@@ -116,6 +117,36 @@ const TABLE: &[Row] = &[
     row("POST", "/admin/jobs/replay", none, ADMIN_ONLY_200),
     row("POST", "/admin/jobs/{id}/replay", none, ADMIN_ONLY_200),
     row("GET", "/admin/orders", none, ADMIN_ONLY_200),
+    row(
+        "POST",
+        "/admin/webhook-endpoints",
+        |_| Some(json!({ "url": "https://hooks.example.com/orderflow" })),
+        [401, 403, 403, 201],
+    ),
+    row("GET", "/admin/webhook-endpoints", none, ADMIN_ONLY_200),
+    row("GET", "/admin/webhook-endpoints/{id}", none, ADMIN_ONLY_200),
+    row(
+        "PATCH",
+        "/admin/webhook-endpoints/{id}",
+        |_| Some(json!({ "description": "matrix" })),
+        ADMIN_ONLY_200,
+    ),
+    row("DELETE", "/admin/webhook-endpoints/{id}", none, [401, 403, 403, 204]),
+    row(
+        "POST",
+        "/admin/webhook-endpoints/{id}/rotate-secret",
+        |_| Some(json!({ "previous_valid_for": "1h" })),
+        ADMIN_ONLY_200,
+    ),
+    row("GET", "/admin/webhook-endpoints/{id}/deliveries", none, ADMIN_ONLY_200),
+    row(
+        "POST",
+        "/admin/webhook-endpoints/{id}/replay",
+        |_| Some(json!({ "from_position": 1, "to_position": 100 })),
+        [401, 403, 403, 202],
+    ),
+    // The feed: admins and the `integrations` role (tests/events_api.rs checks the latter).
+    row("GET", "/events", none, ADMIN_ONLY_200),
     // The dashboard's shell and assets carry no data: its script reads the admin API with a token.
     row("GET", "/ops", none, PUBLIC),
     row("GET", "/ops/app.js", none, PUBLIC),
@@ -133,6 +164,11 @@ impl Row {
             fixture.order_a.clone()
         } else if self.path.starts_with("/admin/jobs/{id}") {
             fixture.dead_job.clone().expect("a dead job for this row")
+        } else if self.path.starts_with("/admin/webhook-endpoints/{id}") {
+            fixture
+                .webhook_endpoint
+                .clone()
+                .expect("a webhook endpoint for this row")
         } else {
             return self.path.to_string();
         };
@@ -140,7 +176,8 @@ impl Row {
     }
 }
 
-async fn fixture(app: &TestApp, needs_dead_job: bool) -> Fixture {
+async fn fixture(app: &TestApp, row: &Row) -> Fixture {
+    let needs_dead_job = row.path.contains("/admin/jobs/{id}");
     let product = app.product("10.00", 100).await;
     let (customer_a, token_a) = app.customer().await;
     let (_, token_b) = app.customer().await;
@@ -177,6 +214,20 @@ async fn fixture(app: &TestApp, needs_dead_job: bool) -> Fixture {
     } else {
         None
     };
+    let webhook_endpoint = if row.path.contains("/admin/webhook-endpoints/{id}") {
+        let created = app
+            .post(
+                "/admin/webhook-endpoints",
+                Some(&app.admin),
+                &json!({ "url": "https://hooks.example.com/matrix" }),
+            )
+            .await;
+        assert_eq!(created.status(), 201);
+        let body: Value = created.json().await.unwrap();
+        Some(body["endpoint_id"].as_str().expect("endpoint_id").to_string())
+    } else {
+        None
+    };
     Fixture {
         product,
         customer_a,
@@ -184,6 +235,7 @@ async fn fixture(app: &TestApp, needs_dead_job: bool) -> Fixture {
         token_b,
         order_a,
         dead_job,
+        webhook_endpoint,
     }
 }
 
@@ -225,7 +277,7 @@ async fn every_route_answers_each_principal_as_the_contract_says() {
     let mut mismatches = Vec::new();
     for row in TABLE {
         for (who, expected) in EVERYONE.into_iter().zip(row.expect) {
-            let fixture = fixture(&app, row.path.contains("/admin/jobs/{id}")).await;
+            let fixture = fixture(&app, row).await;
             let token = match who {
                 Who::Anonymous => None,
                 Who::CustomerA => Some(fixture.token_a.as_str()),

@@ -11,7 +11,10 @@ use common::{Backend, TestApp, error_fields, expect_problem};
 use orderflow::domain::customer::{EMAIL_MAX, PERSON_NAME_MAX};
 use orderflow::domain::order::{MAX_LINES, MAX_QUANTITY, PAYMENT_TOKEN_MAX};
 use orderflow::domain::product::{CATEGORY_MAX, DESCRIPTION_MAX, NAME_MAX, REASON_MAX, SKU_MAX, STOCK_MAX};
-use orderflow::http::openapi::{CURSOR_LEN, IDEMPOTENCY_KEY_MAX, LIMIT_DEFAULT, LIMIT_MAX, LIMIT_MIN};
+use orderflow::http::openapi::{
+    CURSOR_LEN, ENABLED_EVENTS_MAX, ENABLED_EVENTS_MIN, FEED_LIMIT_DEFAULT, FEED_LIMIT_MAX, FEED_LIMIT_MIN,
+    IDEMPOTENCY_KEY_MAX, LIMIT_DEFAULT, LIMIT_MAX, LIMIT_MIN, WEBHOOK_DESCRIPTION_MAX, WEBHOOK_URL_MAX,
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -379,6 +382,43 @@ async fn limits_in_the_schema_are_the_constants_the_validators_use() {
         status["enum"],
         json!(["pending_payment", "paid", "fulfilled", "cancelled"])
     );
+
+    let endpoint = schema(&doc, "CreateWebhookEndpoint");
+    assert_eq!(endpoint["properties"]["url"]["maxLength"], WEBHOOK_URL_MAX);
+    assert_eq!(
+        endpoint["properties"]["description"]["maxLength"],
+        WEBHOOK_DESCRIPTION_MAX
+    );
+    let events = &endpoint["properties"]["enabled_events"];
+    assert_eq!(
+        (&events["minItems"], &events["maxItems"]),
+        (&json!(ENABLED_EVENTS_MIN), &json!(ENABLED_EVENTS_MAX))
+    );
+    assert_eq!(events["default"], json!(["*"]));
+    let patterns = events["items"]["enum"].as_array().unwrap();
+    for pattern in ["*", "order.*", "order.paid", "webhook_endpoint.disabled"] {
+        assert!(patterns.contains(&json!(pattern)), "{pattern}");
+    }
+    assert_eq!(endpoint["additionalProperties"], false);
+    assert_eq!(schema(&doc, "UpdateWebhookEndpoint")["minProperties"], 1);
+    let feed_limit = &parameter(&doc, "get", "/events", "limit")["schema"];
+    assert_eq!(
+        (&feed_limit["minimum"], &feed_limit["maximum"], &feed_limit["default"]),
+        (
+            &json!(FEED_LIMIT_MIN),
+            &json!(FEED_LIMIT_MAX),
+            &json!(FEED_LIMIT_DEFAULT)
+        )
+    );
+    assert_eq!(
+        parameter(&doc, "get", "/events", "type")["schema"]["enum"].as_array(),
+        Some(patterns)
+    );
+    assert_eq!(parameter(&doc, "get", "/events", "Prefer")["in"], "header");
+    let replay = schema(&doc, "ReplayWebhookDeliveries");
+    let ranges = replay["oneOf"].as_array().expect("a time range or a position range");
+    assert_eq!(ranges[0]["required"], json!(["since", "until"]));
+    assert_eq!(ranges[1]["required"], json!(["from_position", "to_position"]));
 }
 
 /// The limits the document publishes hold over HTTP at their boundaries: the largest allowed
@@ -517,9 +557,20 @@ async fn bad_query_parameters_are_400_naming_the_parameter(backend: Backend) {
         ("/admin/jobs?state=zombie".into(), true, "query.state"),
         ("/admin/jobs?kind=teleport".into(), true, "query.kind"),
         ("/admin/jobs?limit=-1".into(), true, "query.limit"),
+        ("/admin/webhook-endpoints?limit=0".into(), true, "query.limit"),
+        ("/admin/webhook-endpoints?cursor=zz".into(), true, "query.cursor"),
+        (
+            format!("/admin/webhook-endpoints/{}/deliveries?state=lost", Uuid::now_v7()),
+            true,
+            "query.state",
+        ),
+        ("/events?after=-1".into(), true, "query.after"),
+        ("/events?limit=1001".into(), true, "query.limit"),
+        ("/events?type=order.teleported".into(), true, "query.type"),
+        ("/events?colour=red".into(), true, "query.colour"),
     ];
     for (path, authenticated, field) in cases {
-        let token = if path.starts_with("/admin") {
+        let token = if path.starts_with("/admin") || path.starts_with("/events") {
             Some(app.admin.as_str())
         } else {
             authenticated.then_some(token.as_str())
@@ -563,6 +614,8 @@ async fn bad_path_parameters_are_400_naming_the_parameter(backend: Backend) {
     let none = json!(null);
     let rename = json!({ "name": "x" });
     let restock = json!({ "delta": 1, "reason": "count" });
+    let describe = json!({ "description": "x" });
+    let positions = json!({ "from_position": 1, "to_position": 2 });
     for (method, path, token, body) in [
         ("GET", "/products/not-a-uuid", None, &none),
         ("PATCH", "/products/123", Some(admin), &rename),
@@ -577,6 +630,12 @@ async fn bad_path_parameters_are_400_naming_the_parameter(backend: Backend) {
         ),
         ("POST", "/orders/x/cancel", Some(token.as_str()), &none),
         ("POST", "/admin/jobs/x/replay", Some(admin), &none),
+        ("GET", "/admin/webhook-endpoints/x", Some(admin), &none),
+        ("PATCH", "/admin/webhook-endpoints/x", Some(admin), &describe),
+        ("DELETE", "/admin/webhook-endpoints/x", Some(admin), &none),
+        ("POST", "/admin/webhook-endpoints/x/rotate-secret", Some(admin), &none),
+        ("GET", "/admin/webhook-endpoints/x/deliveries", Some(admin), &none),
+        ("POST", "/admin/webhook-endpoints/x/replay", Some(admin), &positions),
     ] {
         let mut request = app.client.request(
             Method::from_bytes(method.as_bytes()).unwrap(),

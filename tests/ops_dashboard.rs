@@ -1,19 +1,25 @@
 //! The operators' views: the `/ops` page driven in headless Chromium (it loads under its strict
 //! CSP, shows the numbers the admin API gives, replays a dead job from its button and picks up
-//! changes on its own refresh), the admin list of every order behind it on both backends, and the
-//! Grafana dashboard in `ops/grafana/` (valid JSON that queries only series `/metrics` exposes).
+//! changes on its own refresh; its Integrations section shows a failing webhook endpoint and its
+//! delivery log, disables it and replays a position range to it), the admin list of every order
+//! behind it on both backends, and the Grafana dashboard in `ops/grafana/` (valid JSON that
+//! queries only series `/metrics` exposes).
 
 mod common;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Backend, TestApp, expect_problem};
+use orderflow::events::{EventSettings, WebhookSettings};
 use orderflow::monitoring::alarms::{AlarmSettings, evaluate_once};
 use orderflow::store::jobs::JobFilter;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use webdriver::Browser;
 
@@ -305,6 +311,371 @@ async fn dashboard_in_headless_chromium_shows_live_numbers_and_replays_a_dead_jo
         .await;
     assert!(seen[0].as_u64() > refreshes.as_u64(), "{seen} after {refreshes}");
     assert_eq!(seen[2], expected_ready.as_str());
+
+    browser.quit().await;
+}
+
+/// What the failing webhook receiver answers: a 500 whose body is markup, which the page must
+/// show as text.
+const SINK_ANSWER: &str = "<img src=x id=sink-markup><b>sink is down</b>";
+
+/// A webhook receiver that is down: it reads each request and answers 500 with [`SINK_ANSWER`].
+/// Returns its URL and how many requests it has answered.
+async fn failing_sink() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counter = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                // The whole request (head, then Content-Length bytes) before answering.
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 8192];
+                loop {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                    let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length:"))
+                        .and_then(|value| value.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if request.len() >= end + 4 + length {
+                        break;
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let answer = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{SINK_ANSWER}",
+                    SINK_ANSWER.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (url, answered)
+}
+
+/// The relay running in the background until dropped.
+struct Relay {
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    /// Polls fast; a failed delivery is retried only after a minute, so a test sees it failing.
+    fn start(app: &TestApp) -> Relay {
+        let settings = EventSettings {
+            webhooks: WebhookSettings {
+                timeout: Duration::from_secs(5),
+                schedule: vec![Duration::ZERO, Duration::from_secs(60)],
+                ..WebhookSettings::default()
+            },
+            poll_interval: Duration::from_millis(50),
+            ..EventSettings::default()
+        };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(orderflow::events::run(
+            app.store.clone(),
+            settings,
+            app.metrics.clone(),
+            stopped,
+        ));
+        Relay { stop }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Polls an admin GET until `accept` takes its body, or fails after [`WAIT`] with the last one.
+async fn admin_until(app: &TestApp, path: &str, what: &str, accept: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = admin_json(app, path).await;
+        if accept(&body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}: last {path} answered {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The Integrations section against a real relay and a receiver that answers 500: the endpoint
+/// shows as failing with its counts, its delivery log shows the failing attempt (status, error,
+/// the receiver's answer as text), the toggle disables it, the replay form queues a position
+/// range (and shows the problem detail of a bad one), and the feed's last position is shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn integrations_show_a_failing_endpoint_disable_it_and_replay() {
+    let browser = Browser::launch().await;
+    let (sink, sink_answered) = failing_sink().await;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+
+    // Created before the order, so the order's events fan out to it.
+    let created = app
+        .post(
+            "/admin/webhook-endpoints",
+            Some(&app.admin),
+            &json!({ "url": sink, "enabled_events": ["order.*"], "description": "warehouse <b>bridge</b>" }),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let endpoint = created["endpoint_id"].as_str().unwrap().to_string();
+    let endpoint_path = format!("/admin/webhook-endpoints/{endpoint}");
+    let product = app.product("10.00", 100).await;
+    let (_, alice) = app.customer().await;
+    let placed = order(&app, &alice, &product, None).await;
+    app.drain().await;
+    let _relay = Relay::start(&app);
+
+    // The relay positions the order's events and fails the first delivery; the order's later
+    // events wait behind it.
+    let feed = admin_until(&app, "/events?after=0&limit=1000", "the order's events", |feed| {
+        feed["data"]
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["type"] == "order.fulfilled"))
+    })
+    .await;
+    let last_position = feed["last_position"].as_i64().unwrap();
+    let order_events: Vec<&Value> = feed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"].as_str().unwrap().starts_with("order."))
+        .collect();
+    assert!(order_events.len() >= 2, "{feed}");
+    assert!(order_events.iter().all(|e| e["subject"] == format!("orders/{placed}")));
+    let shown = admin_until(&app, &endpoint_path, "a failing delivery", |e| {
+        e["health"]["failing"] == 1 && e["health"]["pending"] == order_events.len()
+    })
+    .await;
+    assert_eq!(shown["health"]["failed"], 0);
+    assert!(sink_answered.load(Ordering::SeqCst) >= 1);
+    let pending = admin_json(&app, &format!("{endpoint_path}/deliveries?state=pending")).await;
+    let failing: Vec<&Value> = pending["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["attempts"].as_i64() > Some(0))
+        .collect();
+    assert_eq!(failing.len(), 1, "{pending}");
+    let failing = failing[0].clone();
+    assert_eq!(failing["event_type"], "order.placed");
+    assert_eq!(failing["last_status"], 500);
+    let attempt = &failing["attempt_log"][0];
+    assert_eq!(attempt["response_excerpt"], SINK_ANSWER);
+    let error = attempt["error"].as_str().unwrap().to_string();
+    assert!(error.contains("500"), "{error}");
+
+    // The section: the endpoint with its counts, the feed's last position, no NATS.
+    browser
+        .goto(&format!("{}/ops#token={}&refresh=2", app.url, app.admin))
+        .await;
+    let row = format!("document.querySelector(\"#webhook-endpoints tr[data-endpoint-id='{endpoint}']\")");
+    let cells = format!(
+        "const row = {row};
+         if (!row) return null;
+         const cell = (field) => row.querySelector('[data-field=\"' + field + '\"]').textContent;
+         return {{
+           status: row.dataset.status, statusText: cell('status'), url: cell('url'), events: cell('events'),
+           pending: cell('pending'), failing: cell('failing'), failed: cell('failed'), oldest: cell('oldest'),
+           failingSince: cell('failing-since'),
+           toggle: row.querySelector('button[data-action=toggle]').textContent,
+           feed: document.getElementById('feed-position').textContent,
+           nats: document.getElementById('nats-backlog').textContent,
+           tile: document.getElementById('webhook-failures').textContent,
+           latest: [...document.querySelectorAll('#latest-events tbody tr')].map((r) => Number(r.dataset.position)),
+         }};"
+    );
+    let page = browser
+        .wait_for("the failing endpoint", WAIT, &cells, |v| {
+            v["failing"] == "1" && v["feed"] == last_position.to_string()
+        })
+        .await;
+    assert_eq!(page["status"], "enabled");
+    assert_eq!(page["statusText"], "enabled");
+    assert_eq!(
+        page["url"],
+        format!("{sink}warehouse <b>bridge</b>"),
+        "the description, as text"
+    );
+    assert_eq!(page["events"], "order.*");
+    assert_eq!(page["pending"], order_events.len().to_string());
+    assert_eq!(page["failed"], "0");
+    assert_ne!(page["oldest"], "–");
+    assert_ne!(page["failingSince"], "–");
+    assert_eq!(page["toggle"], "Disable");
+    assert_eq!(page["nats"], "not configured");
+    assert_eq!(page["tile"], "1");
+    let newest: Vec<i64> = (1..=last_position).rev().take(5).collect();
+    assert_eq!(page["latest"], json!(newest));
+
+    // The delivery log: the failing delivery with its last attempt; the receiver's markup is text.
+    browser
+        .click(&format!(
+            "#webhook-endpoints button[data-action=deliveries][data-endpoint-id='{endpoint}']"
+        ))
+        .await;
+    let delivery_id = failing["delivery_id"].as_str().unwrap();
+    let deliveries = browser
+        .wait_for(
+            "the failing delivery",
+            WAIT,
+            "if (document.getElementById('endpoint-detail').hidden) return null;
+             return [...document.querySelectorAll('#webhook-deliveries tbody tr[data-delivery-id]')].map((row) => {
+               const cell = (field) => row.querySelector('[data-field=\"' + field + '\"]').textContent;
+               return { id: row.dataset.deliveryId, event: row.dataset.eventId, state: cell('state'),
+                        position: cell('position'), attempts: cell('attempts'), status: cell('status'),
+                        error: cell('error'), excerpt: cell('excerpt'), next: cell('next'),
+                        attempted: cell('attempted') };
+             });",
+            |v| v.as_array().is_some_and(|rows| !rows.is_empty()),
+        )
+        .await;
+    let shown = &deliveries[0];
+    assert_eq!(
+        deliveries.as_array().unwrap().len(),
+        1,
+        "only the failing one: {deliveries}"
+    );
+    assert_eq!(shown["id"], delivery_id);
+    assert_eq!(shown["event"], failing["event_id"]);
+    assert_eq!(shown["state"], "failing");
+    assert_eq!(shown["position"], failing["position"].to_string());
+    assert_eq!(shown["attempts"], "1");
+    assert_eq!(shown["status"], "500");
+    assert_eq!(shown["error"], error.as_str());
+    assert_eq!(shown["excerpt"], SINK_ANSWER);
+    assert_ne!(shown["next"], "–");
+    assert_ne!(shown["attempted"], "–");
+    assert_eq!(
+        browser
+            .script(
+                "return document.querySelectorAll('#integrations img, #integrations b').length
+                        + (document.getElementById('sink-markup') ? 1 : 0)"
+            )
+            .await,
+        0,
+        "server strings are shown as text, never as markup"
+    );
+
+    // The toggle disables it (in the store, through the API) and the page says so.
+    browser
+        .click(&format!(
+            "#webhook-endpoints button[data-action=toggle][data-endpoint-id='{endpoint}']"
+        ))
+        .await;
+    let page = browser
+        .wait_for("the endpoint to be disabled", WAIT, &cells, |v| {
+            v["status"] == "disabled" && v["toggle"] == "Enable"
+        })
+        .await;
+    assert_eq!(page["statusText"], "disableddisabled by an operator");
+    let disabled = admin_json(&app, &endpoint_path).await;
+    assert_eq!(disabled["status"], "disabled");
+    assert_eq!(disabled["disabled_reason"], "disabled by an operator");
+    let note = browser
+        .script("return document.getElementById('endpoint-result').textContent")
+        .await;
+    assert!(note.as_str().unwrap().contains("disabled"), "{note}");
+    browser
+        .wait_for(
+            "the delivery log to say deliveries wait",
+            WAIT,
+            "const next = document.querySelector('#webhook-deliveries tbody tr[data-delivery-id] [data-field=\"next\"]');
+             return next && next.textContent;",
+            |v| *v == "waits (endpoint disabled)",
+        )
+        .await;
+
+    // A bad range: the problem's detail is shown.
+    let result = "const node = document.getElementById('webhook-replay-result');
+                  return [node.className, node.textContent, node.dataset.queued || null];";
+    browser.type_into("#replay-from", &last_position.to_string()).await;
+    browser.type_into("#replay-to", "1").await;
+    browser.click("#webhook-replay button[type=submit]").await;
+    let refused = browser
+        .wait_for("the refused replay", WAIT, result, |v| v[0] == "error")
+        .await;
+    let text = refused[1].as_str().unwrap();
+    assert!(
+        text.contains("422") && text.contains("from_position must not be after to_position"),
+        "{refused}"
+    );
+
+    // The whole feed again: every order event is queued once more, with its original id (the
+    // endpoint is disabled, so they wait).
+    browser
+        .script("document.getElementById('replay-from').value = ''; document.getElementById('replay-to').value = '';")
+        .await;
+    browser.type_into("#replay-from", "1").await;
+    browser.type_into("#replay-to", &last_position.to_string()).await;
+    browser.click("#webhook-replay button[type=submit]").await;
+    let queued = browser
+        .wait_for("the replay to be queued", WAIT, result, |v| {
+            v[0] == "note" && v[2] != Value::Null
+        })
+        .await;
+    let n = order_events.len();
+    assert_eq!(queued[2], n.to_string());
+    assert!(
+        queued[1].as_str().unwrap().contains(&format!("queued {n} deliveries")),
+        "{queued}"
+    );
+    let all = admin_json(&app, &format!("{endpoint_path}/deliveries?limit=200")).await;
+    let all = all["data"].as_array().unwrap();
+    assert_eq!(all.len(), 2 * n, "{all:?}");
+    // Newest first: the replayed ones, not yet attempted.
+    let (replayed, original) = all.split_at(n);
+    assert!(replayed.iter().all(|d| d["state"] == "pending" && d["attempts"] == 0));
+    let ids = |deliveries: &[Value]| -> BTreeSet<String> {
+        deliveries
+            .iter()
+            .map(|d| d["event_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(replayed), ids(original));
+    let expected: BTreeSet<String> = order_events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids(replayed), expected);
+    let page = browser
+        .wait_for("the pending count to include the replay", WAIT, &cells, |v| {
+            v["pending"] == (2 * n).to_string()
+        })
+        .await;
+    assert_eq!(page["failing"], "1");
+
+    let console = browser.console().await;
+    let problems: Vec<&Value> = console
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter(|entry| {
+                    let message = entry["message"].as_str().unwrap_or_default();
+                    message.contains("Content Security Policy") || message.contains("Uncaught")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(problems.is_empty(), "{problems:?}");
 
     browser.quit().await;
 }

@@ -305,7 +305,7 @@ async fn cancel_before_payment_releases_stock(backend: Backend) {
         p.store.as_ref(),
         &SagaSettings::default(),
         order,
-        "customer changed their mind",
+        orderflow::domain::events::CancelReason::CustomerRequest,
     )
     .await
     .unwrap();
@@ -324,9 +324,14 @@ async fn cancel_before_payment_releases_stock(backend: Backend) {
     );
     assert_eq!(p.mails(), [format!("cancellation.{order}.eml")]);
     assert_eq!(
-        cancel_order(p.store.as_ref(), &SagaSettings::default(), order, "again")
-            .await
-            .unwrap(),
+        cancel_order(
+            p.store.as_ref(),
+            &SagaSettings::default(),
+            order,
+            orderflow::domain::events::CancelReason::CustomerRequest
+        )
+        .await
+        .unwrap(),
         CancelOutcome::AlreadyCancelled
     );
     p.assert_audit_clean().await;
@@ -337,9 +342,14 @@ async fn cancel_after_payment_refunds_and_releases(backend: Backend) {
     let order = p.place("tok_visa", 5).await;
     assert_eq!(p.runner.run_batch(CHARGE_PAYMENT, 10).await.unwrap(), 1);
     assert_eq!(p.status(order).await, OrderStatus::Paid);
-    let outcome = cancel_order(p.store.as_ref(), &SagaSettings::default(), order, "customer request")
-        .await
-        .unwrap();
+    let outcome = cancel_order(
+        p.store.as_ref(),
+        &SagaSettings::default(),
+        order,
+        orderflow::domain::events::CancelReason::CustomerRequest,
+    )
+    .await
+    .unwrap();
     assert_eq!(outcome, CancelOutcome::RefundQueued);
     p.drain().await;
     assert_eq!(p.status(order).await, OrderStatus::Cancelled);

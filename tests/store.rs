@@ -257,24 +257,6 @@ async fn customer_conflicts_are_classified(backend: Backend) {
     ));
 }
 
-/// Runs SQL directly on the test database, outside the store.
-async fn tamper(db: &TestDb, backend: Backend, sql: &str) {
-    match backend {
-        Backend::Sqlite => {
-            let mut conn = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
-            sqlx::query("PRAGMA ignore_check_constraints = ON")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            sqlx::query(sql).execute(&mut conn).await.unwrap();
-        }
-        Backend::Postgres => {
-            let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
-            sqlx::query(sql).execute(&mut conn).await.unwrap();
-        }
-    }
-}
-
 async fn audit_catches_each_broken_invariant(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.connect().await;
@@ -285,12 +267,8 @@ async fn audit_catches_each_broken_invariant(backend: Backend) {
 
     if backend == Backend::Postgres {
         // The table refuses oversell outright; drop that guard to prove the audit sees it too.
-        tamper(
-            &db,
-            backend,
-            "ALTER TABLE products DROP CONSTRAINT products_no_oversell",
-        )
-        .await;
+        db.tamper("ALTER TABLE products DROP CONSTRAINT products_no_oversell")
+            .await;
     }
     let cases = [
         (
@@ -325,14 +303,14 @@ async fn audit_catches_each_broken_invariant(backend: Backend) {
         ),
     ];
     for (break_it, mend_it, check) in cases {
-        tamper(&db, backend, break_it).await;
+        db.tamper(break_it).await;
         let report = store.audit().await.unwrap();
         assert!(
             report.violations.iter().any(|v| v.check == check),
             "{check} not caught:\n{report}"
         );
         assert!(report.to_string().contains(&format!("FAIL {check}")));
-        tamper(&db, backend, mend_it).await;
+        db.tamper(mend_it).await;
         assert!(
             store.audit().await.unwrap().is_clean(),
             "mending {check} restored a clean audit"

@@ -5,6 +5,7 @@
 //! The order state machine lists every legal transition in one place (`order::OrderStatus`).
 
 pub mod customer;
+pub mod events;
 pub mod ids;
 pub mod money;
 pub mod order;

@@ -326,7 +326,12 @@ pub struct Principal {
 
 impl Principal {
     pub fn is_admin(&self) -> bool {
-        self.roles.iter().any(|role| role == "admin")
+        self.has_role("admin")
+    }
+
+    /// Whether the token grants `role` (e.g. `integrations` for the event feed).
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|granted| granted == role)
     }
 
     /// The customer this principal is, when its subject is a customer id.

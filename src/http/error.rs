@@ -154,6 +154,11 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, code, "Conflict", detail)
     }
 
+    /// 410 with `code`: what was asked for existed once and is gone for good.
+    pub fn gone(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::GONE, code, "Gone", detail)
+    }
+
     /// 413 `payload_too_large`.
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(

@@ -9,6 +9,7 @@ mod customers;
 mod docs;
 pub mod edge;
 pub mod error;
+mod events;
 mod extract;
 mod health;
 mod metrics;
@@ -17,6 +18,7 @@ mod ops;
 mod orders;
 mod products;
 mod schema;
+mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -56,6 +58,8 @@ pub struct AppState {
     pub edge: Arc<edge::Edge>,
     /// Metrics registry, alarm thresholds, and who may scrape `/metrics`.
     pub monitoring: crate::monitoring::Monitoring,
+    /// Events out: the CloudEvent source the feed renders with, webhook settings.
+    pub events: Arc<crate::events::EventSettings>,
 }
 
 /// The whole API as a router.

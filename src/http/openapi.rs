@@ -21,12 +21,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::Problem;
-use super::{AppState, admin, correlation, customers, docs, health, metrics, ops, orders, products, schema};
+use super::{
+    AppState, admin, correlation, customers, docs, events, health, metrics, ops, orders, products, schema, webhooks,
+};
 use crate::domain::{Currency, FieldError};
 
 /// How one operation's answer leads to the next (OpenAPI links): the id a create returns is the
 /// `id` of the operations on that resource. `(from operation, status, to operation, id source)`.
-const LINKS: [(&str, &str, &str, &str); 10] = [
+const LINKS: [(&str, &str, &str, &str); 17] = [
     ("createProduct", "201", "getProduct", "$response.body#/product_id"),
     ("createProduct", "201", "updateProduct", "$response.body#/product_id"),
     ("createProduct", "201", "adjustStock", "$response.body#/product_id"),
@@ -42,6 +44,48 @@ const LINKS: [(&str, &str, &str, &str); 10] = [
     ("getOrder", "200", "cancelOrder", "$response.body#/order_id"),
     ("listProducts", "200", "getProduct", "$response.body#/data/0/product_id"),
     ("listJobs", "200", "replayJob", "$response.body#/data/0/job_id"),
+    (
+        "createWebhookEndpoint",
+        "201",
+        "getWebhookEndpoint",
+        "$response.body#/endpoint_id",
+    ),
+    (
+        "createWebhookEndpoint",
+        "201",
+        "updateWebhookEndpoint",
+        "$response.body#/endpoint_id",
+    ),
+    (
+        "createWebhookEndpoint",
+        "201",
+        "rotateWebhookEndpointSecret",
+        "$response.body#/endpoint_id",
+    ),
+    (
+        "createWebhookEndpoint",
+        "201",
+        "listWebhookDeliveries",
+        "$response.body#/endpoint_id",
+    ),
+    (
+        "createWebhookEndpoint",
+        "201",
+        "replayWebhookDeliveries",
+        "$response.body#/endpoint_id",
+    ),
+    (
+        "createWebhookEndpoint",
+        "201",
+        "deleteWebhookEndpoint",
+        "$response.body#/endpoint_id",
+    ),
+    (
+        "listWebhookEndpoints",
+        "200",
+        "getWebhookEndpoint",
+        "$response.body#/data/0/endpoint_id",
+    ),
 ];
 
 /// Links whose target takes the id in its body: a product just created or listed can be ordered.
@@ -68,6 +112,8 @@ const BODY_LINKS: [(&str, &str, &str, &str); 2] = [
         (name = "customers", description = "Customer records; a customer sees only its own."),
         (name = "orders", description = "Checkout and order tracking."),
         (name = "admin", description = "The order pipeline's queues and dead-lettered jobs (admin role)."),
+        (name = "webhooks", description = "Webhook endpoints that receive every event they subscribe to as a signed POST (Standard Webhooks), their delivery log and replays (admin role)."),
+        (name = "events", description = "The event feed: every business fact as a CloudEvent, in position order, for integrators that pull (roles `admin` or `integrations`)."),
         (name = "health", description = "Probes for orchestrators and load balancers."),
         (name = "ops", description = "The operators' dashboard page (its data comes from the admin API)."),
         (name = "meta", description = "This document and its HTML rendering."),
@@ -76,10 +122,15 @@ const BODY_LINKS: [(&str, &str, &str, &str); 2] = [
 )]
 struct ApiDoc;
 
-/// The limits the extractors enforce, published here for tools and tests that compare them with
-/// the document.
+/// The limits the extractors and handlers enforce, published here for tools and tests that
+/// compare them with the document.
+pub use super::events::{FEED_LIMIT_DEFAULT, FEED_LIMIT_MAX, FEED_LIMIT_MIN};
 pub use super::extract::{CURSOR_LEN, IDEMPOTENCY_KEY_MAX, LIMIT_DEFAULT, LIMIT_MAX, LIMIT_MIN};
 pub use super::orders::MAX_WAIT_SECS;
+pub use super::webhooks::{
+    DESCRIPTION_MAX as WEBHOOK_DESCRIPTION_MAX, ENABLED_EVENTS_MAX, ENABLED_EVENTS_MIN, PREVIOUS_VALID_FOR_MAX,
+    URL_MAX as WEBHOOK_URL_MAX,
+};
 
 /// The correlation header every response carries.
 const CORRELATION_HEADER: &str = "X-Correlation-Id";
@@ -123,6 +174,8 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(customers::routes())
         .merge(orders::routes())
         .merge(admin::routes())
+        .merge(webhooks::routes())
+        .merge(events::routes())
         .merge(ops::routes())
 }
 
@@ -306,9 +359,11 @@ fn finish(mut doc: Value, currency: Currency) -> Value {
     components.insert("responses".into(), Value::Object(shared_responses()));
     // utoipa-gen 5.5 writes `#[schema(min_properties = …)]` as `maxProperties`; state the rule
     // the PATCH handler enforces (at least one member) here instead.
-    if let Some(update) = components["schemas"]["UpdateProduct"].as_object_mut() {
-        update.remove("maxProperties");
-        update.insert("minProperties".into(), json!(1));
+    for name in ["UpdateProduct", "UpdateWebhookEndpoint"] {
+        if let Some(update) = components["schemas"][name].as_object_mut() {
+            update.remove("maxProperties");
+            update.insert("minProperties".into(), json!(1));
+        }
     }
 
     let correlation = header_object(

@@ -19,6 +19,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, IdempotencyKey, optional_whole_number, parameter, path_id};
 use super::schema;
 use super::{AppState, private};
+use crate::domain::events::CancelReason;
 use crate::domain::order::MAX_LINES;
 use crate::domain::{
     Cart, CartLine, CartRejection, Currency, CustomerId, FieldErrors, Order, OrderEvent, OrderId, OrderStatus,
@@ -500,7 +501,7 @@ fn is_token(text: &str) -> bool {
 /// preferences, each `wait=N` or another `token[=token|"quoted"]` (ignored, as RFC 7240 asks).
 /// JSON Schema patterns have no look-ahead, so "a token other than `wait`" is spelled out: any
 /// length but four, or four characters differing from `wait` in one place.
-fn prefer_pattern() -> String {
+pub(super) fn prefer_pattern() -> String {
     let t = r"[!#$%&'*+.^_`|~0-9A-Za-z-]";
     let lowercase_except = |c: char| -> String {
         match c {
@@ -524,7 +525,7 @@ fn prefer_pattern() -> String {
 /// `Prefer: wait=N` (RFC 7240): how long the client is willing to wait for a change. Other
 /// preferences are ignored; a malformed header or `wait` is refused so the client learns its
 /// wait was not understood.
-fn preferred_wait(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+pub(super) fn preferred_wait(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let invalid = || {
         ApiError::invalid_field(
             "Prefer",
@@ -665,9 +666,9 @@ async fn cancel(
         return Err(ApiError::not_found("order"));
     }
     let reason = if principal.is_admin() {
-        "cancelled by an operator"
+        CancelReason::OperatorRequest
     } else {
-        "cancelled by the customer"
+        CancelReason::CustomerRequest
     };
     let outcome = cancel_order(state.store.as_ref(), &state.saga, id, reason).await?;
     state.monitoring.metrics.cancellation(outcome, principal.is_admin());

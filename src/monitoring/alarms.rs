@@ -14,6 +14,8 @@
 //! | `step_error_rate:<step>` | among the step's jobs that ended an attempt within the window, the failing share is above the limit |
 //! | `orders_stuck_unpaid` | an order is still `pending_payment` past the limit |
 //! | `orders_stuck_unfulfilled` | a paid order has not been fulfilled past the limit |
+//! | `events_unpublished:nats` | an event has waited past the limit for NATS JetStream to acknowledge it |
+//! | `webhook_endpoint_disabled:<id>` | a webhook endpoint was disabled by the relay (410 Gone, or failing too long) |
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -51,6 +53,8 @@ pub struct AlarmSettings {
     pub webhook_urls: Vec<String>,
     /// Attempts of one delivery before its job is dead-lettered.
     pub delivery_attempts: u32,
+    /// Fire when an event has waited longer than this for NATS to acknowledge it.
+    pub events_unpublished_age: Option<Duration>,
 }
 
 impl Default for AlarmSettings {
@@ -66,6 +70,7 @@ impl Default for AlarmSettings {
             stuck_unfulfilled: Duration::from_secs(3600),
             webhook_urls: Vec::new(),
             delivery_attempts: 10,
+            events_unpublished_age: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -188,6 +193,38 @@ pub async fn evaluate(store: &dyn Store, settings: &AlarmSettings, now: DateTime
         ),
         detail: json!({ "orders": stuck.unfulfilled, "limit_seconds": settings.stuck_unfulfilled.as_secs() }),
     });
+    if let Some(limit) = settings.events_unpublished_age
+        && let Some(backlog) = store.events().channel_backlog(crate::events::NATS_CHANNEL, now).await?
+    {
+        let age = backlog.oldest_age_seconds.unwrap_or(0.0);
+        conditions.push(Condition {
+            alarm: format!("events_unpublished:{}", crate::events::NATS_CHANNEL),
+            firing: age > limit.as_secs_f64(),
+            summary: format!(
+                "{} event(s) wait for NATS JetStream; the oldest for {age:.1}s (limit {}s)",
+                backlog.unpublished,
+                limit.as_secs_f64()
+            ),
+            detail: json!({ "channel": crate::events::NATS_CHANNEL, "unpublished": backlog.unpublished,
+                "oldest_age_seconds": age, "published_through": backlog.published_through,
+                "limit_seconds": limit.as_secs_f64() }),
+        });
+    }
+    for endpoint in store.events().list_endpoints().await? {
+        // Disabled by the relay (410, failing too long), not by an operator: somebody must look.
+        let auto_disabled = endpoint.status == crate::store::events::EndpointStatus::Disabled
+            && endpoint.disabled_reason.as_deref() != Some("disabled by an operator");
+        conditions.push(Condition {
+            alarm: format!("webhook_endpoint_disabled:{}", endpoint.id),
+            firing: auto_disabled,
+            summary: match (&endpoint.disabled_reason, auto_disabled) {
+                (Some(reason), true) => format!("webhook endpoint {} was disabled: {reason}", endpoint.url),
+                _ => format!("webhook endpoint {} is {}", endpoint.url, endpoint.status.as_str()),
+            },
+            detail: json!({ "endpoint_id": endpoint.id, "url": endpoint.url, "status": endpoint.status,
+                "disabled_reason": endpoint.disabled_reason }),
+        });
+    }
     Ok(conditions)
 }
 

@@ -38,25 +38,7 @@ pub enum StepOutcome {
     LeaseLost,
 }
 
-/// Why an order was cancelled (`reason` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CancelReason {
-    PaymentDeclined,
-    CustomerRequest,
-    OperatorRequest,
-    ReservationExpired,
-}
-
-impl CancelReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CancelReason::PaymentDeclined => "payment_declined",
-            CancelReason::CustomerRequest => "customer_request",
-            CancelReason::OperatorRequest => "operator_request",
-            CancelReason::ReservationExpired => "reservation_expired",
-        }
-    }
-}
+pub use crate::domain::events::CancelReason;
 
 /// Limits that make an open order count as stuck (`orderflow_orders_stuck`).
 #[derive(Clone, Copy, Debug)]
@@ -201,6 +183,23 @@ impl Metrics {
         self.with(|| counter!("orderflow_alert_deliveries_total", "outcome" => outcome).increment(1));
     }
 
+    /// Events a channel (`nats`, `webhook`) acknowledged.
+    pub fn events_published(&self, channel: &'static str, count: u64) {
+        self.with(|| counter!("orderflow_events_published_total", "channel" => channel).increment(count));
+    }
+
+    /// Events a channel failed to take (they wait and are sent again).
+    pub fn events_failed(&self, channel: &'static str, count: u64) {
+        self.with(|| counter!("orderflow_events_failed_total", "channel" => channel).increment(count));
+    }
+
+    /// A failed delivery attempt to one webhook endpoint (labelled by endpoint id: operators create
+    /// few endpoints, so the series stay bounded).
+    pub fn webhook_failure(&self, endpoint: &str) {
+        let endpoint = endpoint.to_string();
+        self.with(|| counter!("orderflow_webhook_failures_total", "endpoint" => endpoint).increment(1));
+    }
+
     /// The exposition text: this process's counters plus the database's gauges, read now.
     pub async fn render(&self, store: &dyn Store, stuck: StuckLimits) -> StoreResult<String> {
         let now = clock::now();
@@ -208,6 +207,8 @@ impl Metrics {
         let alarms = store.alarm_states().await?;
         let stuck_orders = store.stuck_orders(now - stuck.unpaid, now - stuck.unfulfilled).await?;
         let pools = store.pool_stats();
+        let nats = store.events().channel_backlog(crate::events::NATS_CHANNEL, now).await?;
+        let endpoints = store.events().endpoint_health(now).await?;
         let kinds: Vec<String> = {
             let mut kinds = self.0.kinds.lock().expect("not poisoned");
             kinds.extend(stats.iter().map(|s| s.kind.clone()));
@@ -234,6 +235,25 @@ impl Metrics {
                 gauge!("orderflow_db_pool_connections", "pool" => pool.pool, "state" => "in_use").set(in_use as f64);
                 gauge!("orderflow_db_pool_connections", "pool" => pool.pool, "state" => "idle").set(pool.idle as f64);
                 gauge!("orderflow_db_pool_max_connections", "pool" => pool.pool).set(pool.max as f64);
+            }
+            if let Some(nats) = nats {
+                gauge!("orderflow_events_unpublished", "channel" => "nats").set(nats.unpublished as f64);
+                gauge!("orderflow_events_oldest_unpublished_age_seconds", "channel" => "nats")
+                    .set(nats.oldest_age_seconds.unwrap_or(0.0));
+            }
+            for endpoint in endpoints {
+                let id = endpoint.endpoint_id.to_string();
+                gauge!("orderflow_webhook_pending_deliveries", "endpoint" => id.clone()).set(endpoint.pending as f64);
+                gauge!("orderflow_webhook_failing_deliveries", "endpoint" => id.clone()).set(endpoint.failing as f64);
+                gauge!("orderflow_webhook_oldest_pending_age_seconds", "endpoint" => id.clone())
+                    .set(endpoint.oldest_pending_age_seconds.unwrap_or(0.0));
+                gauge!("orderflow_webhook_endpoint_enabled", "endpoint" => id).set(
+                    if endpoint.status == crate::store::events::EndpointStatus::Enabled {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                );
             }
             for name in alarm_names {
                 let firing = alarms.iter().any(|a| a.alarm == name && a.firing);
@@ -316,4 +336,42 @@ fn describe() {
         "1 while an alarm fires, 0 otherwise (database)."
     );
     describe_counter!("orderflow_alert_deliveries_total", "Alert webhook POSTs, by outcome.");
+    describe_counter!(
+        "orderflow_events_published_total",
+        "Events acknowledged by a channel (nats, webhook), by channel."
+    );
+    describe_counter!(
+        "orderflow_events_failed_total",
+        "Events a channel did not take (waiting to be re-sent), by channel."
+    );
+    describe_counter!(
+        "orderflow_webhook_failures_total",
+        "Failed webhook delivery attempts, by endpoint."
+    );
+    describe_gauge!(
+        "orderflow_events_unpublished",
+        "Events not yet acknowledged by an ordered channel (database)."
+    );
+    describe_gauge!(
+        "orderflow_events_oldest_unpublished_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest event a channel has not acknowledged (database)."
+    );
+    describe_gauge!(
+        "orderflow_webhook_pending_deliveries",
+        "Webhook deliveries waiting, by endpoint (database)."
+    );
+    describe_gauge!(
+        "orderflow_webhook_failing_deliveries",
+        "Waiting webhook deliveries that failed at least once, by endpoint (database)."
+    );
+    describe_gauge!(
+        "orderflow_webhook_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of an endpoint's oldest waiting delivery (database)."
+    );
+    describe_gauge!(
+        "orderflow_webhook_endpoint_enabled",
+        "1 while a webhook endpoint is enabled, 0 when disabled (database)."
+    );
 }

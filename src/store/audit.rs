@@ -112,6 +112,33 @@ const CHECKS: &[Check] = &[
               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.order_id = o.id AND j.kind = 'send_receipt' \
               AND j.state IN ('ready', 'running', 'dead'))",
     },
+    Check {
+        name: "events_positions_gap_free",
+        invariant: "events out: positioned events are numbered without a gap (found = count, expected = span)",
+        sql: "SELECT CAST(NULL AS uuid) AS subject, count(*) AS found, \
+              CAST(max(position) - min(position) + 1 AS BIGINT) AS expected FROM events \
+              WHERE position IS NOT NULL HAVING count(*) <> max(position) - min(position) + 1",
+    },
+    Check {
+        name: "events_sequences_gap_free",
+        invariant: "events out: each order's events are numbered 1, 2, 3 … without a gap",
+        sql: "SELECT order_id AS subject, count(*) AS found, CAST(max(sequence) - min(sequence) + 1 AS BIGINT) \
+              AS expected FROM events WHERE order_id IS NOT NULL GROUP BY order_id \
+              HAVING count(*) <> max(sequence) - min(sequence) + 1",
+    },
+    Check {
+        name: "order_changes_have_events",
+        invariant: "I7/events out: every order has the events its status implies (placed; paid; fulfilled; \
+                    cancelled)",
+        sql: "SELECT subject, found, expected FROM (SELECT o.id AS subject, CAST( \
+                (SELECT count(DISTINCT e.event_type) FROM events e WHERE e.order_id = o.id AND (e.event_type = 'order.placed' \
+                  OR (e.event_type = 'order.paid' AND o.status IN ('paid', 'fulfilled')) \
+                  OR (e.event_type = 'order.fulfilled' AND o.status = 'fulfilled') \
+                  OR (e.event_type = 'order.cancelled' AND o.status = 'cancelled'))) AS BIGINT) AS found, \
+              CAST(CASE o.status WHEN 'pending_payment' THEN 1 WHEN 'fulfilled' THEN 3 ELSE 2 END AS BIGINT) AS expected \
+              FROM orders o WHERE o.created_at >= (SELECT min(created_at) FROM events WHERE order_id IS NOT NULL)) t \
+              WHERE found <> expected",
+    },
 ];
 
 #[derive(sqlx::FromRow)]

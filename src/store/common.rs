@@ -53,6 +53,12 @@ pub(super) fn new_order(request: &PlaceOrder, lines: Vec<OrderLine>, total: Mone
     }
 }
 
+/// The `data` of a new order's `order.placed` event.
+pub(super) fn placed_data(order: &Order) -> String {
+    let placed = crate::domain::events::NewEvent::new(crate::domain::events::EventType::OrderPlaced);
+    crate::domain::events::order_data(order, None, &placed).to_string()
+}
+
 /// Maps a unique-constraint violation to [`StoreError::Conflict`] naming `field`.
 pub(super) fn unique_is_conflict(field: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
     move |error| match &error {

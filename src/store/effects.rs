@@ -6,10 +6,13 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::events;
 use super::jobs::{CompleteOutcome, JobLease, StepEffects};
 use super::jobs_common::{inventory_plan, next_status};
+use super::rows::{ORDER_COLUMNS, OrderItemRow, OrderRow};
 use super::{StoreError, StoreResult};
 use crate::domain::OrderStatus;
+use crate::domain::events::{PaymentFacts, order_subject};
 
 /// Applies `effects` (and completes the leased job) in `tx`. The caller commits; on any outcome
 /// other than `Completed` it must not (dropping the transaction rolls it back).
@@ -32,6 +35,8 @@ where
     for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
     for<'q> Option<Uuid>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
+    OrderRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+    OrderItemRow: for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     let mut correlation_id: Option<String> = None;
     if let Some(lease) = lease {
@@ -163,6 +168,40 @@ where
             .bind(correlation_id.clone())
             .bind(now)
             .execute(&mut **tx)
+            .await?;
+        }
+        if !effects.emit.is_empty() {
+            let row: OrderRow = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+                .bind(order)
+                .fetch_one(&mut **tx)
+                .await?;
+            let items: Vec<OrderItemRow> = sqlx::query_as(
+                "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items WHERE order_id = $1 \
+                 ORDER BY line_no",
+            )
+            .bind(order)
+            .fetch_all(&mut **tx)
+            .await?;
+            let payment: Option<(String, String, i64)> =
+                sqlx::query_as("SELECT state, provider, amount_minor FROM payments WHERE order_id = $1")
+                    .bind(order)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            let payment = payment.map(|(state, provider, amount_minor)| PaymentFacts {
+                state,
+                provider,
+                amount_minor,
+            });
+            let snapshot = row.into_order(&items)?;
+            let rendered = events::render(&snapshot, payment.as_ref(), &effects.emit);
+            events::append(
+                tx,
+                &order_subject(order_id),
+                Some(order),
+                &rendered,
+                correlation_id.as_deref(),
+                now,
+            )
             .await?;
         }
     }

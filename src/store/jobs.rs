@@ -117,6 +117,9 @@ pub struct StepEffects {
     pub inventory: Option<InventoryAction>,
     pub payment: Option<PaymentChange>,
     pub notification_sent: Option<NotificationSent>,
+    /// Business facts for integrators (events out), written with the order as it stands after
+    /// these effects, in this same transaction.
+    pub emit: Vec<crate::domain::events::NewEvent>,
     pub enqueue: Vec<NewJob>,
 }
 

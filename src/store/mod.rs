@@ -9,6 +9,7 @@
 mod audit;
 mod common;
 mod effects;
+pub mod events;
 pub mod jobs;
 mod jobs_common;
 pub mod ops;
@@ -185,6 +186,9 @@ pub struct OrderDetails {
 #[async_trait]
 pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send + Sync + 'static {
     fn backend(&self) -> Backend;
+
+    /// The events outbox, feed, ordered channels and webhook endpoints.
+    fn events(&self) -> &dyn events::EventStore;
 
     /// Cheap liveness check of the database (readiness probe).
     async fn ping(&self) -> StoreResult<()>;

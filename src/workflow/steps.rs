@@ -15,6 +15,7 @@ use super::{
 use crate::adapters::notify::{Message, Notifier};
 use crate::adapters::payment::{ChargeRequest, PaymentError, PaymentProvider, RefundRequest};
 use crate::clock;
+use crate::domain::events::{EventType, NewEvent};
 use crate::domain::{Order, OrderId, OrderStatus};
 use crate::monitoring::metrics::{CancelReason, Metrics};
 use crate::queue::{Runner, Step, StepError};
@@ -175,6 +176,10 @@ impl Saga {
                         Some(format!("{} charge {charge_id}", self.payments.name())),
                     )],
                     payment: Some(payment(PaymentState::Captured, Some(charge_id.clone()), None)),
+                    emit: vec![
+                        NewEvent::new(EventType::OrderPaid),
+                        NewEvent::new(EventType::PaymentCaptured),
+                    ],
                     enqueue: vec![self.job(COMMIT_INVENTORY, order.id), self.job(SEND_RECEIPT, order.id)],
                     ..Default::default()
                 };
@@ -185,6 +190,7 @@ impl Saga {
                             order_id: Some(order.id),
                             events: vec![("payment_captured_after_cancel".into(), Some(charge_id.clone()))],
                             payment: Some(payment(PaymentState::Captured, Some(charge_id), None)),
+                            emit: vec![NewEvent::new(EventType::PaymentCaptured)],
                             enqueue: vec![self.job(REFUND_PAYMENT, order.id)],
                             ..Default::default()
                         };
@@ -199,6 +205,7 @@ impl Saga {
                     expect_status: vec![OrderStatus::PendingPayment],
                     new_status: Some(OrderStatus::Cancelled),
                     events: vec![("payment_declined".into(), Some(reason.clone()))],
+                    emit: vec![NewEvent::cancelled(CancelReason::PaymentDeclined, Some(&reason))],
                     inventory: Some(InventoryAction::Release),
                     payment: Some(payment(PaymentState::Declined, None, Some(reason))),
                     enqueue: vec![self.job(SEND_CANCELLATION, order.id)],
@@ -225,6 +232,7 @@ impl Saga {
             order_id: Some(id),
             expect_status: vec![OrderStatus::Paid],
             events: vec![("inventory_committed".into(), None)],
+            emit: vec![NewEvent::new(EventType::OrderReadyToShip)],
             inventory: Some(InventoryAction::Commit),
             enqueue: vec![self.job(FULFIL_ORDER, id)],
             ..Default::default()
@@ -245,6 +253,7 @@ impl Saga {
             expect_status: vec![OrderStatus::Paid],
             new_status: Some(OrderStatus::Fulfilled),
             events: vec![("fulfilled".into(), None)],
+            emit: vec![NewEvent::new(EventType::OrderFulfilled)],
             enqueue: vec![self.job(SEND_CONFIRMATION, id)],
             ..Default::default()
         };
@@ -298,6 +307,15 @@ impl Saga {
                 effects
                     .events
                     .push(("payment_refunded".into(), Some(format!("refund {refund_id}"))));
+                effects.emit.push(NewEvent::new(EventType::PaymentRefunded).with(
+                    "refund",
+                    json!({
+                        "refund_id": refund_id,
+                        "amount": crate::domain::Money::from_minor(payment.amount_minor)
+                            .unwrap_or_default()
+                            .to_json_number(order.currency),
+                    }),
+                ));
                 effects.payment = Some(PaymentChange {
                     provider: payment.provider,
                     idempotency_key: payment.idempotency_key,
@@ -444,7 +462,7 @@ pub async fn cancel_order(
     store: &dyn Store,
     settings: &SagaSettings,
     id: OrderId,
-    reason: &str,
+    reason: CancelReason,
 ) -> Result<CancelOutcome, StoreError> {
     for _ in 0..5 {
         let Some(details) = store.get_order(id).await? else {
@@ -464,7 +482,8 @@ pub async fn cancel_order(
                 StepEffects {
                     new_status: Some(OrderStatus::Cancelled),
                     inventory: Some(InventoryAction::Release),
-                    events: vec![("cancelled".into(), Some(reason.to_string()))],
+                    events: vec![("cancelled".into(), Some(reason.description().to_string()))],
+                    emit: vec![NewEvent::cancelled(reason, None)],
                     enqueue: vec![job(SEND_CANCELLATION, settings.max_attempts)],
                     ..Default::default()
                 },
@@ -477,7 +496,8 @@ pub async fn cancel_order(
                 StepEffects {
                     new_status: Some(OrderStatus::Cancelled),
                     inventory: Some(InventoryAction::Release),
-                    events: vec![("cancelled".into(), Some(reason.to_string()))],
+                    events: vec![("cancelled".into(), Some(reason.description().to_string()))],
+                    emit: vec![NewEvent::cancelled(reason, None)],
                     enqueue: vec![job(REFUND_PAYMENT, settings.compensation_max_attempts)],
                     ..Default::default()
                 },
@@ -510,7 +530,7 @@ pub async fn expire_reservations(
     let before = clock::now() - ttl;
     let mut expired = 0;
     for id in store.expired_orders(before, 500).await? {
-        if cancel_order(store, settings, id, "reservation expired before payment").await? == CancelOutcome::Cancelled {
+        if cancel_order(store, settings, id, CancelReason::ReservationExpired).await? == CancelOutcome::Cancelled {
             expired += 1;
         }
     }

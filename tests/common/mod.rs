@@ -107,6 +107,25 @@ impl TestDb {
         }
     }
 
+    /// Runs SQL directly on the test database, outside the store (SQLite with its CHECK
+    /// constraints off, so a test can plant any broken state).
+    pub async fn tamper(&self, sql: &str) {
+        match self {
+            TestDb::Sqlite { url, .. } => {
+                let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::query("PRAGMA ignore_check_constraints = ON")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                sqlx::query(sql).execute(&mut conn).await.unwrap();
+            }
+            TestDb::Postgres { url, .. } => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query(sql).execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+
     pub async fn connect(&self) -> Arc<dyn Store> {
         self.connect_with(&connect_options()).await
     }
@@ -213,6 +232,7 @@ impl TestApp {
                 ..Default::default()
             })),
             monitoring: Default::default(),
+            events: Default::default(),
         };
         configure(&mut state);
         let metrics = state.monitoring.metrics.clone();

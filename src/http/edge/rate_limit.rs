@@ -31,7 +31,7 @@ use crate::http::error::ApiError;
 pub enum RouteClass {
     /// Public catalog reads, the API document and reference page, unknown routes.
     Catalog,
-    /// A principal's own orders and customer record.
+    /// A principal's own orders and customer record; the event feed.
     Reads,
     /// Placing and cancelling orders, creating customers.
     Writes,
@@ -65,6 +65,7 @@ impl RouteClass {
             || path.starts_with("/orders/")
             || path == "/customers"
             || path.starts_with("/customers/")
+            || path == "/events"
         {
             if read { Self::Reads } else { Self::Writes }
         } else {
@@ -359,6 +360,7 @@ mod tests {
             Some(RouteClass::Writes)
         );
         assert_eq!(RouteClass::of(&Method::GET, "/orders/x"), Some(RouteClass::Reads));
+        assert_eq!(RouteClass::of(&Method::GET, "/events"), Some(RouteClass::Reads));
         assert_eq!(RouteClass::of(&Method::GET, "/admin/queues"), Some(RouteClass::Admin));
         assert_eq!(RouteClass::of(&Method::GET, "/health/ready"), None);
         assert_eq!(RouteClass::of(&Method::GET, "/docs"), Some(RouteClass::Catalog));

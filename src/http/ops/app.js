@@ -1,8 +1,10 @@
 // The ops dashboard. The page itself carries no data: this script reads the admin API with the
 // operator's bearer token (kept in this tab's sessionStorage, or taken once from `#token=…` in
-// the address and then removed from it), renders queues, dead jobs, alarms and recent orders,
-// and refreshes every few seconds. Everything is built with textContent, never innerHTML, so
-// nothing the API returns (error texts, ids) can inject markup.
+// the address and then removed from it), renders queues, dead jobs, alarms, integrations (webhook
+// endpoints with their delivery log, replay and enable/disable; the event feed's last position;
+// the NATS backlog) and recent orders, and refreshes every few seconds. Everything is built with
+// textContent, never innerHTML, so nothing the API returns (error texts, URLs, the first bytes of
+// a webhook receiver's answer) can inject markup.
 (() => {
   'use strict';
 
@@ -10,16 +12,35 @@
   const INTERVAL_KEY = 'orderflow.ops.refresh';
   const DEAD_JOBS_SHOWN = 100;
   const ORDERS_SHOWN = 20;
+  const ENDPOINTS_SHOWN = 200;
+  /** Deliveries listed per state; pages of pending ones scanned for failing ones. */
+  const DELIVERIES_SHOWN = 100;
+  const PENDING_PAGES_SCANNED = 5;
+  const LATEST_EVENTS_SHOWN = 5;
+  /** The feed page that ends a search for the feed's last position (see `feedTail`). */
+  const FEED_TAIL_PAGE = 20;
 
   const $ = (id) => document.getElementById(id);
   let timer = null;
   let running = false;
+  let again = false;
   let refreshes = 0;
+  /** The webhook endpoints of the last refresh, by id, and their table rows (kept across refreshes). */
+  const endpoints = new Map();
+  const endpointRows = new Map();
+  /** Endpoints whose enable/disable is in flight. */
+  const toggling = new Set();
+  /** The endpoint whose deliveries are shown, and a counter that drops answers overtaken by newer ones. */
+  let selected = null;
+  let deliveriesTicket = 0;
+  /** What the feed showed so far: its last position and latest events (oldest first). */
+  const feed = { last: null, latest: [] };
 
   class RequestFailed extends Error {
-    constructor(status, message) {
+    constructor(status, message, problem) {
       super(message);
       this.status = status;
+      this.problem = problem || null;
     }
   }
 
@@ -35,18 +56,27 @@
     history.replaceState(null, '', location.pathname + location.search);
   }
 
-  async function request(method, path, authorized = true) {
-    const headers = { Accept: 'application/json' };
+  /**
+   * One call to this origin. `json` is sent as the JSON body; `text` reads the answer as text
+   * (`/metrics`) unless it is an error, whose problem+json body is always read as JSON.
+   */
+  async function request(method, path, { authorized = true, json, text = false } = {}) {
+    const headers = { Accept: text ? 'text/plain, application/problem+json' : 'application/json' };
     if (authorized) headers.Authorization = 'Bearer ' + token();
+    const init = { method, headers, cache: 'no-store', credentials: 'omit' };
+    if (json !== undefined) {
+      headers['Content-Type'] = 'application/json';
+      init.body = JSON.stringify(json);
+    }
     let response;
     try {
-      response = await fetch(path, { method, headers, cache: 'no-store', credentials: 'omit' });
+      response = await fetch(path, init);
     } catch (error) {
       throw new RequestFailed(0, `${method} ${path}: the server did not answer (${error.message})`);
     }
     let body = null;
     try {
-      body = await response.json();
+      body = text && response.ok ? await response.text() : await response.json();
     } catch (_) {
       body = null;
     }
@@ -54,18 +84,19 @@
   }
 
   /** An admin API call: its JSON body, or a RequestFailed naming the status and problem detail. */
-  async function api(method, path) {
-    const { response, body } = await request(method, path);
+  async function api(method, path, json, text = false) {
+    const { response, body } = await request(method, path, { json, text });
     if (!response.ok) {
-      const detail = (body && (body.detail || body.title)) || response.statusText;
-      throw new RequestFailed(response.status, `${method} ${path}: ${response.status} ${detail}`);
+      const problem = body && typeof body === 'object' ? body : null;
+      const detail = (problem && (problem.detail || problem.title)) || response.statusText;
+      throw new RequestFailed(response.status, `${method} ${path}: ${response.status} ${detail}`, problem);
     }
     return body;
   }
 
   /** Firing alarms from the readiness probe (it answers 503 with the same body when not ready). */
   async function readiness() {
-    const { response, body } = await request('GET', '/health/ready', false);
+    const { response, body } = await request('GET', '/health/ready', { authorized: false });
     if (!body) throw new RequestFailed(response.status, `GET /health/ready: ${response.status}`);
     return body;
   }
@@ -218,6 +249,447 @@
     else emptyRow(tbody, 6, 'No orders.');
   }
 
+  // ---------------------------------------------------------------------------------------------
+  // Integrations: the event feed, the NATS backlog, webhook endpoints and their deliveries.
+
+  /** `GET /events` after a position; `{ pruned: oldest }` when those events are past retention (410). */
+  async function feedPage(after, limit) {
+    try {
+      return await api('GET', `/events?after=${after}&limit=${limit}`);
+    } catch (error) {
+      const oldest = error.problem && error.problem.oldest_position;
+      if (error.status === 410 && Number.isInteger(oldest)) return { pruned: oldest };
+      throw error;
+    }
+  }
+
+  /**
+   * The feed's last position and latest events. The feed answers its own end as `last_position`
+   * only for a page that is not full (and has no cheaper way to ask), so: read a short page after
+   * the last position seen; if it is full (the first load of a long feed, or a burst), bracket the
+   * end with one-event probes, doubling the step, then halve the bracket until one short page
+   * reaches it. A few small requests at most, never the whole feed.
+   */
+  async function feedTail() {
+    let after = feed.last || 0;
+    let reset = false; // the latest events seen before are not the ones right before this page
+    let exact = false; // the page after `after` is known to reach the end
+    let requests = 0;
+    const page = (from, limit) => {
+      requests += 1;
+      if (requests > 200) throw new Error('GET /events: could not find the end of the feed (it kept moving)');
+      return feedPage(from, limit);
+    };
+    for (;;) {
+      const tail = await page(after, FEED_TAIL_PAGE);
+      if (tail.pruned !== undefined) {
+        after = tail.pruned - 1;
+        reset = true;
+        exact = false;
+        continue;
+      }
+      if (exact || tail.data.length < FEED_TAIL_PAGE) return settleFeed(tail, reset);
+      // The end is at or after `known` (an event's position) and at or before `end`.
+      let known = tail.last_position;
+      let end = null;
+      let pruned = null;
+      let step = FEED_TAIL_PAGE;
+      while (end === null && pruned === null) {
+        const probe = await page(known + step, 1);
+        if (probe.pruned !== undefined) pruned = probe.pruned;
+        else if (probe.data.length) {
+          known = probe.last_position;
+          step *= 2;
+        } else end = known + step;
+      }
+      // Narrowed to less than a page, the page after `end - FEED_TAIL_PAGE` holds the end.
+      while (pruned === null && end - known >= FEED_TAIL_PAGE) {
+        const middle = Math.floor((known + end) / 2);
+        const probe = await page(middle, 1);
+        if (probe.pruned !== undefined) pruned = probe.pruned;
+        else if (probe.data.length) known = probe.last_position;
+        else end = middle;
+      }
+      after = pruned === null ? Math.max(0, end - FEED_TAIL_PAGE) : pruned - 1;
+      exact = pruned === null;
+      reset = true;
+    }
+  }
+
+  function settleFeed(page, reset) {
+    const latest = reset ? [] : feed.latest;
+    const seen = latest.length ? latest[latest.length - 1].position : -1;
+    feed.latest = latest.concat(page.data.filter((event) => event.position > seen)).slice(-LATEST_EVENTS_SHOWN);
+    feed.last = Math.max(feed.last || 0, page.last_position);
+    return feed;
+  }
+
+  function renderFeed(state) {
+    $('feed-position').textContent = state.last;
+    $('replay-to').placeholder = `at most ${state.last}`;
+    const tbody = $('latest-events').tBodies[0];
+    const rows = state.latest
+      .slice()
+      .reverse()
+      .map((event) => {
+        const tr = row([
+          el('td', event.position, 'n'),
+          el('td', event.type, 'mono'),
+          el('td', event.subject, 'mono'),
+          el('td', event.sequence, 'n'),
+          el('td', time(event.time)),
+        ]);
+        tr.dataset.position = String(event.position);
+        tr.dataset.eventId = event.id;
+        return tr;
+      });
+    if (rows.length) tbody.replaceChildren(...rows);
+    else emptyRow(tbody, 5, 'No events yet.');
+  }
+
+  /** The NATS backlog from `/metrics` (its gauges exist only when NATS is configured). */
+  async function natsBacklog() {
+    const text = await api('GET', '/metrics', undefined, true);
+    const value = (name) => {
+      for (const line of String(text).split('\n')) {
+        if (line.startsWith(name + '{') && line.includes('channel="nats"')) {
+          const number = Number(line.slice(line.lastIndexOf('}') + 1).trim().split(' ')[0]);
+          if (!isNaN(number)) return number;
+        }
+      }
+      return null;
+    };
+    return {
+      unpublished: value('orderflow_events_unpublished'),
+      oldest: value('orderflow_events_oldest_unpublished_age_seconds'),
+    };
+  }
+
+  function renderNats(backlog) {
+    const node = $('nats-backlog');
+    if (backlog.unpublished === null) {
+      node.textContent = 'not configured';
+      node.className = '';
+    } else {
+      node.textContent =
+        backlog.unpublished > 0
+          ? `${backlog.unpublished} unpublished, oldest ${age(backlog.oldest)}`
+          : '0 unpublished';
+      node.className = backlog.unpublished > 0 ? 'bad' : '';
+    }
+  }
+
+  function endpointCell(field, className) {
+    const td = el('td', null, className);
+    td.dataset.field = field;
+    return td;
+  }
+
+  function actionButton(action, id, text, title) {
+    const button = el('button', text);
+    button.type = 'button';
+    button.dataset.action = action;
+    button.dataset.endpointId = id;
+    button.title = title;
+    return button;
+  }
+
+  /** An endpoint's row, made once and then updated in place (its buttons keep focus across refreshes). */
+  function endpointRow(id) {
+    let tr = endpointRows.get(id);
+    if (tr) return tr;
+    const actions = endpointCell('actions', 'actions');
+    actions.append(
+      actionButton('toggle', id, 'Disable', ''),
+      actionButton('deliveries', id, 'Deliveries', 'Show its failing and failed deliveries'),
+      actionButton('replay', id, 'Replay…', 'Queue a position range of events to it again'),
+    );
+    tr = row([
+      endpointCell('url', 'url'),
+      endpointCell('events', 'mono'),
+      endpointCell('status'),
+      endpointCell('pending', 'n'),
+      endpointCell('failing', 'n'),
+      endpointCell('failed', 'n'),
+      endpointCell('oldest', 'n'),
+      endpointCell('failing-since'),
+      actions,
+    ]);
+    tr.dataset.endpointId = id;
+    endpointRows.set(id, tr);
+    return tr;
+  }
+
+  function fill(cell, ...parts) {
+    cell.replaceChildren(...parts.filter(Boolean));
+  }
+
+  function updateEndpointRow(tr, endpoint) {
+    const cells = Object.fromEntries([...tr.cells].map((td) => [td.dataset.field, td]));
+    const health = endpoint.health || {};
+    const count = (n) => (n === undefined || n === null ? '–' : String(n));
+    fill(
+      cells.url,
+      el('span', endpoint.url, 'mono'),
+      endpoint.description ? el('span', endpoint.description, 'sub') : null,
+    );
+    cells.events.textContent = (endpoint.enabled_events || []).join(', ');
+    fill(
+      cells.status,
+      el('span', endpoint.status, 'st-' + endpoint.status),
+      endpoint.disabled_reason ? el('span', endpoint.disabled_reason, 'sub') : null,
+    );
+    cells.pending.textContent = count(health.pending);
+    cells.failing.textContent = count(health.failing);
+    cells.failing.classList.toggle('bad', health.failing > 0);
+    cells.failed.textContent = count(health.failed);
+    cells.failed.classList.toggle('bad', health.failed > 0);
+    cells.oldest.textContent = age(health.oldest_pending_age_seconds);
+    cells['failing-since'].textContent = time(health.failing_since);
+    const toggle = cells.actions.querySelector('button[data-action=toggle]');
+    const enabled = endpoint.status === 'enabled';
+    toggle.textContent = enabled ? 'Disable' : 'Enable';
+    toggle.dataset.next = enabled ? 'disabled' : 'enabled';
+    toggle.className = enabled ? 'danger' : 'replay';
+    toggle.title = enabled
+      ? 'Stop delivering to it (its deliveries wait)'
+      : 'Deliver to it again (its waiting deliveries resume)';
+    toggle.disabled = toggling.has(endpoint.endpoint_id);
+    tr.dataset.status = endpoint.status;
+    tr.classList.toggle('selected', endpoint.endpoint_id === selected);
+  }
+
+  function renderEndpoints(list) {
+    const tbody = $('webhook-endpoints').tBodies[0];
+    endpoints.clear();
+    let failures = 0;
+    const rows = list.data.map((endpoint) => {
+      endpoints.set(endpoint.endpoint_id, endpoint);
+      const health = endpoint.health || {};
+      failures += (health.failing || 0) + (health.failed || 0);
+      const tr = endpointRow(endpoint.endpoint_id);
+      updateEndpointRow(tr, endpoint);
+      return tr;
+    });
+    for (const id of [...endpointRows.keys()]) {
+      if (!endpoints.has(id)) endpointRows.delete(id);
+    }
+    if (!rows.length) {
+      emptyRow(tbody, 9, 'No webhook endpoints.');
+    } else {
+      // Rows move only when their place changes: a focused button stays focused.
+      rows.forEach((tr, index) => {
+        if (tbody.children[index] !== tr) tbody.insertBefore(tr, tbody.children[index] || null);
+      });
+      while (tbody.children.length > rows.length) tbody.lastElementChild.remove();
+      if (list.next_cursor) {
+        const td = el('td', `Showing the first ${ENDPOINTS_SHOWN} endpoints.`, 'empty');
+        td.colSpan = 9;
+        tbody.appendChild(row([td]));
+      }
+    }
+    $('endpoint-count').textContent = list.data.length + (list.next_cursor ? '+' : '');
+    $('webhook-failures').textContent = failures;
+    $('tile-webhooks').classList.toggle('bad', failures > 0);
+    if (selected && !endpoints.has(selected)) {
+      closeDetail();
+      const result = $('endpoint-result');
+      result.className = 'note';
+      result.textContent = 'The endpoint whose deliveries were shown no longer exists.';
+    } else if (selected) {
+      $('detail-url').textContent = endpoints.get(selected).url;
+    }
+  }
+
+  async function deliveryPage(id, state, limit, cursor) {
+    const query = `state=${state}&limit=${limit}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : '');
+    return api('GET', `/admin/webhook-endpoints/${encodeURIComponent(id)}/deliveries?${query}`);
+  }
+
+  /**
+   * The deliveries to show: one state, or (`problems`) failed ones and failing ones — pending
+   * deliveries with at least one attempt, which the API has no filter for, so pages of pending
+   * ones are scanned (newest first) until the endpoint's failing count is found.
+   */
+  async function fetchDeliveries(id, state) {
+    if (state !== 'problems') {
+      const page = await deliveryPage(id, state, DELIVERIES_SHOWN);
+      return { rows: page.data, more: Boolean(page.next_cursor) };
+    }
+    const wanted = (endpoints.get(id) && endpoints.get(id).health && endpoints.get(id).health.failing) || 0;
+    const failed = deliveryPage(id, 'failed', DELIVERIES_SHOWN);
+    failed.catch(() => {}); // awaited below; not an unhandled rejection if the scan fails first
+    const failing = [];
+    let cursor = null;
+    let scanned = 0;
+    do {
+      const page = await deliveryPage(id, 'pending', 200, cursor);
+      failing.push(...page.data.filter((delivery) => delivery.attempts > 0));
+      cursor = page.next_cursor;
+      scanned += 1;
+    } while (cursor && failing.length < wanted && scanned < PENDING_PAGES_SCANNED);
+    const failedPage = await failed;
+    const rows = failing
+      .concat(failedPage.data)
+      .sort((a, b) => (a.delivery_id < b.delivery_id ? 1 : a.delivery_id > b.delivery_id ? -1 : 0));
+    return {
+      rows: rows.slice(0, DELIVERIES_SHOWN),
+      more: rows.length > DELIVERIES_SHOWN || Boolean(failedPage.next_cursor) || failing.length < wanted,
+    };
+  }
+
+  function renderDeliveries(result) {
+    const tbody = $('webhook-deliveries').tBodies[0];
+    const endpoint = endpoints.get(selected);
+    const waits = endpoint && endpoint.status === 'disabled';
+    const rows = result.rows.map((delivery) => {
+      const last = delivery.attempt_log.length ? delivery.attempt_log[delivery.attempt_log.length - 1] : null;
+      const state = delivery.state === 'pending' && delivery.attempts > 0 ? 'failing' : delivery.state;
+      let next = '–';
+      if (delivery.state === 'pending') next = waits ? 'waits (endpoint disabled)' : time(delivery.next_attempt_at);
+      const event = el('td');
+      event.append(el('span', delivery.event_type, 'mono'), el('span', `${delivery.subject} #${delivery.sequence}`, 'sub'));
+      const cell = (field, text, className) => {
+        const td = el('td', text, className);
+        td.dataset.field = field;
+        return td;
+      };
+      const tr = row([
+        event,
+        cell('position', delivery.position, 'n'),
+        cell('state', state, 'd-' + state),
+        cell('attempts', delivery.attempts, 'n'),
+        cell('attempted', last ? time(last.attempted_at) : '–'),
+        cell('status', last ? (last.status_code === null ? 'no answer' : last.status_code) : '–', 'n'),
+        cell('latency', last ? `${last.latency_ms} ms` : '–', 'n'),
+        cell('error', (last && last.error) || '–', 'err'),
+        cell('excerpt', (last && last.response_excerpt) || '–', 'excerpt mono'),
+        cell('next', next),
+      ]);
+      tr.dataset.deliveryId = delivery.delivery_id;
+      tr.dataset.eventId = delivery.event_id;
+      tr.dataset.state = state;
+      return tr;
+    });
+    if (rows.length) tbody.replaceChildren(...rows);
+    else {
+      const what = $('delivery-state').selectedOptions[0].textContent;
+      emptyRow(tbody, 10, `No ${what} deliveries.`);
+    }
+    if (result.more) {
+      const td = el('td', `Showing the newest ${rows.length}; there are more.`, 'empty');
+      td.colSpan = 10;
+      tbody.appendChild(row([td]));
+    }
+  }
+
+  /** The selected endpoint's deliveries (an answer overtaken by a newer request is dropped). */
+  async function loadDeliveries() {
+    if (!selected) return;
+    const ticket = ++deliveriesTicket;
+    const id = selected;
+    try {
+      const result = await fetchDeliveries(id, $('delivery-state').value);
+      if (ticket !== deliveriesTicket || id !== selected) return;
+      sectionError('deliveries-error', null);
+      renderDeliveries(result);
+    } catch (error) {
+      if (ticket !== deliveriesTicket || id !== selected) return;
+      sectionError('deliveries-error', error);
+      throw error;
+    }
+  }
+
+  function openDetail(id, replay) {
+    const endpoint = endpoints.get(id);
+    if (!endpoint) return;
+    if (selected !== id) {
+      $('webhook-replay-result').textContent = '';
+      $('webhook-deliveries').tBodies[0].replaceChildren();
+      sectionError('deliveries-error', null);
+    }
+    selected = id;
+    $('detail-url').textContent = endpoint.url;
+    $('endpoint-detail').hidden = false;
+    for (const [rowId, tr] of endpointRows) tr.classList.toggle('selected', rowId === id);
+    if (replay) $('replay-from').focus();
+    loadDeliveries().catch(() => {});
+  }
+
+  function closeDetail() {
+    selected = null;
+    deliveriesTicket += 1;
+    $('endpoint-detail').hidden = true;
+    for (const tr of endpointRows.values()) tr.classList.remove('selected');
+  }
+
+  async function toggleEndpoint(button) {
+    const id = button.dataset.endpointId;
+    const next = button.dataset.next;
+    const url = endpoints.has(id) ? endpoints.get(id).url : id;
+    const result = $('endpoint-result');
+    toggling.add(id);
+    button.disabled = true;
+    try {
+      await api('PATCH', `/admin/webhook-endpoints/${encodeURIComponent(id)}`, { status: next });
+      result.className = 'note';
+      result.textContent =
+        next === 'disabled'
+          ? `Endpoint ${url} disabled: its deliveries wait until it is enabled again.`
+          : `Endpoint ${url} enabled: its waiting deliveries resume.`;
+    } catch (error) {
+      result.className = 'error';
+      result.textContent = `Could not ${next === 'disabled' ? 'disable' : 'enable'} endpoint ${url}: ${error.message}`;
+    } finally {
+      toggling.delete(id);
+      button.disabled = false;
+    }
+    await refresh();
+  }
+
+  /** A problem's field errors, for the replay form (`/to_position: must be at least from_position`). */
+  function fieldErrors(error) {
+    const errors = (error.problem && Array.isArray(error.problem.errors) && error.problem.errors) || [];
+    const named = errors.filter((e) => e && e.field).map((e) => `${e.field}: ${e.message}`);
+    return named.length ? ` (${named.join('; ')})` : '';
+  }
+
+  async function replayEndpoint(form) {
+    const id = selected;
+    if (!id) return;
+    const url = endpoints.has(id) ? endpoints.get(id).url : id;
+    const result = $('webhook-replay-result');
+    const from = $('replay-from').value.trim();
+    const to = $('replay-to').value.trim();
+    delete result.dataset.queued;
+    if (!/^\d+$/.test(from) || !/^\d+$/.test(to)) {
+      result.className = 'error';
+      result.textContent = 'Give the first and last positions to replay as whole numbers.';
+      return;
+    }
+    const submit = form.querySelector('button[type=submit]');
+    submit.disabled = true;
+    result.className = 'note';
+    result.textContent = `Replaying positions ${from}–${to} to ${url}…`;
+    try {
+      const answer = await api('POST', `/admin/webhook-endpoints/${encodeURIComponent(id)}/replay`, {
+        from_position: Number(from),
+        to_position: Number(to),
+      });
+      result.className = 'note';
+      result.dataset.queued = String(answer.queued);
+      result.textContent = `Replay of positions ${from}–${to} to ${url}: queued ${answer.queued} ${
+        answer.queued === 1 ? 'delivery' : 'deliveries'
+      }.`;
+    } catch (error) {
+      result.className = 'error';
+      result.textContent = `Replay to ${url} failed: ${error.message}${fieldErrors(error)}`;
+    } finally {
+      submit.disabled = false;
+    }
+    await refresh();
+  }
+
   function setStatus(text, ok) {
     const status = $('status');
     status.textContent = text;
@@ -248,20 +720,29 @@
       showLogin();
       return;
     }
-    if (running) return;
+    if (running) {
+      // Asked again (after an action) while a refresh is under way: run once more after it.
+      again = true;
+      return;
+    }
     running = true;
+    again = false;
     clearTimeout(timer);
     const status = $('order-status').value;
     const ordersPath = `/admin/orders?limit=${ORDERS_SHOWN}` + (status ? `&status=${encodeURIComponent(status)}` : '');
-    const [queues, jobs, orders, ready] = await Promise.allSettled([
+    const [queues, jobs, orders, ready, hooks, events, nats] = await Promise.allSettled([
       api('GET', '/admin/queues'),
       api('GET', `/admin/jobs?state=dead&limit=${DEAD_JOBS_SHOWN}`),
       api('GET', ordersPath),
       readiness(),
+      api('GET', `/admin/webhook-endpoints?limit=${ENDPOINTS_SHOWN}`),
+      feedTail(),
+      natsBacklog(),
     ]);
-    running = false;
-    const failures = [queues, jobs, orders, ready].filter((r) => r.status === 'rejected').map((r) => r.reason);
+    const results = [queues, jobs, orders, ready, hooks, events, nats];
+    const failures = results.filter((r) => r.status === 'rejected').map((r) => r.reason);
     if (failures.some((error) => error.status === 401)) {
+      running = false;
       sessionStorage.removeItem(TOKEN_KEY);
       showLogin('The token was refused (401): enter a valid admin token.');
       return;
@@ -273,6 +754,9 @@
       [jobs, 'jobs-error', renderDeadJobs],
       [orders, 'orders-error', renderOrders],
       [ready, 'alarms-error', renderAlarms],
+      [hooks, 'endpoints-error', renderEndpoints],
+      [events, 'feed-error', renderFeed],
+      [nats, 'nats-error', renderNats],
     ];
     for (const [result, errorId, render] of sections) {
       if (result.status === 'fulfilled') {
@@ -282,6 +766,15 @@
         sectionError(errorId, result.reason);
       }
     }
+    // The open delivery log, after the endpoints (whose failing counts it looks for).
+    if (selected) {
+      try {
+        await loadDeliveries();
+      } catch (error) {
+        failures.push(error);
+      }
+    }
+    running = false;
     refreshes += 1;
     document.body.dataset.refreshes = String(refreshes);
     const at = new Date().toLocaleTimeString();
@@ -292,6 +785,7 @@
       setStatus(`Updated ${at} (refreshing ${every})`, true);
     }
     schedule();
+    if (again) refresh();
   }
 
   async function replay(button) {
@@ -338,6 +832,20 @@
     $('dead-jobs').addEventListener('click', (event) => {
       const button = event.target.closest('button.replay');
       if (button && !button.disabled) replay(button);
+    });
+    $('webhook-endpoints').addEventListener('click', (event) => {
+      const button = event.target.closest('button[data-action]');
+      if (!button || button.disabled) return;
+      const id = button.dataset.endpointId;
+      if (button.dataset.action === 'toggle') toggleEndpoint(button);
+      else if (button.dataset.action === 'deliveries') openDetail(id, false);
+      else if (button.dataset.action === 'replay') openDetail(id, true);
+    });
+    $('delivery-state').addEventListener('change', () => loadDeliveries().catch(() => {}));
+    $('detail-close').addEventListener('click', () => closeDetail());
+    $('webhook-replay').addEventListener('submit', (event) => {
+      event.preventDefault();
+      replayEndpoint(event.currentTarget);
     });
     refresh();
   }

@@ -23,13 +23,17 @@ mod jobs;
 mod ops;
 
 use super::audit::{self, AuditReport};
-use super::common::{is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict};
+use super::common::{
+    is_foreign_key_violation, new_order, placed_data, replay_or_refuse, stock_levels, unique_is_conflict,
+};
+use super::events::{EventStore, EventsSql};
 use super::reads;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::{
     AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder, PlaceOrderOutcome,
     ProductQuery, Store, StoreError, StoreResult,
 };
+use crate::domain::events::order_subject;
 use crate::domain::order::price_lines;
 use crate::domain::{
     CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderId, Product, ProductId, ProductPatch,
@@ -49,6 +53,7 @@ pub struct PgStore {
     jobs_ready: Arc<tokio::sync::Notify>,
     /// Asks the waker task to NOTIFY other processes (see [`spawn_job_waker`]).
     wake_others: tokio::sync::mpsc::Sender<()>,
+    events: EventsSql<Postgres>,
 }
 
 /// The channel every enqueue notifies, in the enqueuing transaction (delivered on commit).
@@ -154,10 +159,17 @@ impl PgStore {
         let jobs_ready = Arc::new(tokio::sync::Notify::new());
         spawn_job_listener(listener_pool, Arc::downgrade(&jobs_ready));
         let wake_others = spawn_job_waker(pool.clone());
+        let events = EventsSql {
+            write: pool.clone(),
+            read: pool.clone(),
+            begin: "BEGIN",
+            lock_rows: "FOR UPDATE",
+        };
         Ok(Self {
             pool,
             jobs_ready,
             wake_others,
+            events,
         })
     }
 
@@ -302,6 +314,9 @@ impl PgStore {
              event AS ( \
                 INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
                 VALUES ($15, $4, 'order_placed', $6, NULL, $12, $1)), \
+             outbox AS ( \
+                INSERT INTO events (id, subject, order_id, event_type, sequence, data, correlation_id, created_at) \
+                VALUES ($23, $24, $4, 'order.placed', 1, $25, $12, $1)), \
              job AS ( \
                 INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
                     ready_since, correlation_id, created_at, updated_at) \
@@ -334,6 +349,9 @@ impl PgStore {
         .bind(job.run_at) // $20
         .bind(rows::encode_snapshot(&order)) // $21
         .bind(lock_token) // $22
+        .bind(Uuid::now_v7()) // $23
+        .bind(order_subject(order.id)) // $24
+        .bind(placed_data(&order)) // $25
         .fetch_one(&mut *tx)
         .await;
         let (reserved_lines, completed) = match written {
@@ -383,6 +401,10 @@ async fn backoff(attempt: u32) {
 impl Store for PgStore {
     fn backend(&self) -> Backend {
         Backend::Postgres
+    }
+
+    fn events(&self) -> &dyn EventStore {
+        &self.events
     }
 
     async fn ping(&self) -> StoreResult<()> {

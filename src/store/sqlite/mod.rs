@@ -27,13 +27,17 @@ mod jobs;
 mod ops;
 
 use super::audit::{self, AuditReport};
-use super::common::{is_foreign_key_violation, new_order, replay_or_refuse, stock_levels, unique_is_conflict};
+use super::common::{
+    is_foreign_key_violation, new_order, placed_data, replay_or_refuse, stock_levels, unique_is_conflict,
+};
+use super::events::{EventStore, EventsSql};
 use super::reads;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::{
     AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder, PlaceOrderOutcome,
     ProductQuery, Store, StoreError, StoreResult,
 };
+use crate::domain::events::order_subject;
 use crate::domain::order::price_lines;
 use crate::domain::{
     CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderId, Product, ProductId, ProductPatch,
@@ -58,6 +62,7 @@ pub struct SqliteStore {
     in_flight: InFlight,
     /// Wakes this process's job workers after jobs are enqueued or replayed.
     jobs_ready: Arc<tokio::sync::Notify>,
+    events: EventsSql<Sqlite>,
 }
 
 impl SqliteStore {
@@ -106,7 +111,14 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.read_only(true))
             .await?;
+        let events = EventsSql {
+            write: writer.clone(),
+            read: reader.clone(),
+            begin: "BEGIN IMMEDIATE",
+            lock_rows: "",
+        };
         Ok(Self {
+            events,
             writer,
             reader,
             in_flight: InFlight::default(),
@@ -134,6 +146,10 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn backend(&self) -> Backend {
         Backend::Sqlite
+    }
+
+    fn events(&self) -> &dyn EventStore {
+        &self.events
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -396,6 +412,18 @@ impl Store for SqliteStore {
         .bind(Uuid::now_v7())
         .bind(order.id.as_uuid())
         .bind(order.status.as_str())
+        .bind(&request.correlation_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO events (id, subject, order_id, event_type, sequence, data, correlation_id, created_at) \
+             VALUES (?, ?, ?, 'order.placed', 1, ?, ?, ?)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(order_subject(order.id))
+        .bind(order.id.as_uuid())
+        .bind(placed_data(&order))
         .bind(&request.correlation_id)
         .bind(now)
         .execute(&mut *tx)
