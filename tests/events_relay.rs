@@ -425,6 +425,67 @@ async fn replay_resends_exactly_a_position_range(backend: Backend) {
     expected.sort();
     assert_eq!(ids, expected, "exactly positions 4..=7, with their original ids");
     assert!(received.iter().all(|r| r.verified));
+
+    // The same from the command line, and the feed as operators read it.
+    receiver.reset().await;
+    receiver.set_secrets(&[&secret]).await;
+    let replayed = cli(
+        &app,
+        &[
+            "events",
+            "replay",
+            "--endpoint",
+            &hook.to_string(),
+            "--from-position",
+            "9",
+            "--to-position",
+            "10",
+        ],
+    )
+    .await;
+    assert!(replayed.contains("queued 2 event(s)"), "{replayed}");
+    let received = receiver.wait_for(|r| delivered(r).len() >= 2, DEADLINE).await;
+    let mut ids: Vec<String> = received.iter().filter_map(|r| r.webhook_id.clone()).collect();
+    ids.sort();
+    let mut expected: Vec<String> = events[8..10].iter().map(|e| e.id.to_string()).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+    let listed = cli(&app, &["events", "list", "--after", "2", "--limit", "3", "--json"]).await;
+    let lines: Vec<Value> = listed.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let positions: Vec<i64> = lines.iter().map(|e| e["position"].as_i64().unwrap()).collect();
+    assert_eq!(positions, [3, 4, 5]);
+    assert_eq!(lines[0]["id"], events[2].id.to_string());
+    let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args([
+            "--database-url",
+            app.db.url(),
+            "events",
+            "replay",
+            "--endpoint",
+            &hook.to_string(),
+        ])
+        .args(["--from-position", "5", "--to-position", "4"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--from-position"));
+}
+
+/// Runs the `orderflow` binary on the app's database; returns its standard output.
+async fn cli(app: &TestApp, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(["--database-url", app.db.url()])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "orderflow {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
 }
 
 async fn nats_outage_loses_nothing_and_alarms(backend: Backend) {

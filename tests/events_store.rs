@@ -451,7 +451,7 @@ async fn replay_and_pruning_take_exact_ranges(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.connect().await;
     let events = store.events();
-    orders(store.as_ref(), 10).await;
+    let ids = orders(store.as_ref(), 10).await;
     stamp_all(store.as_ref()).await;
     let hook = endpoint(store.as_ref(), &["*"]).await;
     let queued = events
@@ -513,6 +513,22 @@ async fn replay_and_pruning_take_exact_ranges(backend: Backend) {
     assert_eq!((backlog.published_through, backlog.unpublished), (4, 6));
     let report = store.audit().await.unwrap();
     assert!(report.is_clean(), "pruned events are not a gap: {report}");
+
+    // An order whose events were pruned goes on numbering where it was.
+    emit(store.as_ref(), ids[0]).await;
+    stamp_all(store.as_ref()).await;
+    let latest = events
+        .events_after(&EventQuery {
+            after: 10,
+            limit: 10,
+            types: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (latest[0].subject.clone(), latest[0].sequence),
+        (format!("orders/{}", ids[0]), 2)
+    );
 }
 
 /// The audit's events checks: a deleted event and a renumbered position are both caught.

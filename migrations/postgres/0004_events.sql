@@ -15,6 +15,10 @@ CREATE TABLE events (
     created_at     timestamptz NOT NULL,       -- the CloudEvent `time`
     UNIQUE (subject, sequence)
 );
+-- The last sequence handed out per order (kept when old events are pruned, so an order's
+-- numbering never restarts).
+ALTER TABLE orders ADD COLUMN last_event_sequence bigint NOT NULL DEFAULT 0;
+
 CREATE INDEX events_unstamped ON events (id) WHERE position IS NULL;
 CREATE INDEX events_by_order ON events (order_id, sequence);
 

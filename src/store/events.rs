@@ -417,6 +417,7 @@ pub(super) struct AttemptRow {
 /// Writes `events` for `subject` in the caller's transaction, numbered after the subject's last
 /// sequence. The caller holds whatever serializes writers of the subject (the order row's lock on
 /// PostgreSQL, the single writer on SQLite); `UNIQUE (subject, sequence)` backs that up.
+/// `order.placed` is written by `place_order` itself (sequence 1, counter set to 1).
 pub(super) async fn append<DB>(
     tx: &mut sqlx::Transaction<'_, DB>,
     subject: &str,
@@ -440,11 +441,30 @@ where
     if events.is_empty() {
         return Ok(());
     }
-    let (last,): (i64,) =
-        sqlx::query_as("SELECT CAST(coalesce(max(sequence), 0) AS BIGINT) FROM events WHERE subject = $1")
-            .bind(subject.to_string())
+    let count = events.len() as i64;
+    // An order keeps its counter on its row (pruning old events never restarts the numbering);
+    // other subjects (endpoints) have few events, all kept with the endpoint.
+    let last = match order_id {
+        Some(order) => {
+            let (next,): (i64,) = sqlx::query_as(
+                "UPDATE orders SET last_event_sequence = last_event_sequence + $1 WHERE id = $2 \
+                 RETURNING last_event_sequence",
+            )
+            .bind(count)
+            .bind(order)
             .fetch_one(&mut **tx)
             .await?;
+            next - count
+        }
+        None => {
+            let (last,): (i64,) =
+                sqlx::query_as("SELECT CAST(coalesce(max(sequence), 0) AS BIGINT) FROM events WHERE subject = $1")
+                    .bind(subject.to_string())
+                    .fetch_one(&mut **tx)
+                    .await?;
+            last
+        }
+    };
     for (offset, (event_type, data)) in events.iter().enumerate() {
         sqlx::query(
             "INSERT INTO events (id, subject, order_id, event_type, sequence, data, correlation_id, created_at) \
@@ -492,8 +512,9 @@ pub struct EventsSql<DB: sqlx::Database> {
     pub(super) lock_rows: &'static str,
 }
 
-/// The rows a stamping round looks at.
-type Candidate = (Uuid, String, i64, Option<i64>);
+/// The rows a stamping round looks at: id, subject, sequence, and 1 when the subject's previous
+/// event exists unstamped (0 when it is stamped, or pruned long ago).
+type Candidate = (Uuid, String, i64, i64);
 
 /// Which candidates (in id order) may be stamped now, and in which order: an event goes only
 /// after its subject's previous one (already stamped, or earlier in this batch); within a subject
@@ -507,8 +528,8 @@ fn stamping_order(candidates: Vec<Candidate>) -> Vec<Uuid> {
     for events in by_subject.values_mut() {
         events.sort_by_key(|c| c.2);
         let mut previous_ok: Option<i64> = None;
-        for (id, _, sequence, predecessor_position) in events.iter().map(|c| (c.0, &c.1, c.2, c.3)) {
-            let ok = sequence == 1 || predecessor_position.is_some() || previous_ok == Some(sequence - 1);
+        for (id, sequence, predecessor_waiting) in events.iter().map(|c| (c.0, c.2, c.3)) {
+            let ok = predecessor_waiting == 0 || previous_ok == Some(sequence - 1);
             if !ok {
                 break;
             }
@@ -584,7 +605,8 @@ events_sql_bounds! {
         .fetch_one(&mut *tx)
         .await?;
         let candidates: Vec<Candidate> = sqlx::query_as(
-            "SELECT e.id, e.subject, e.sequence, p.position FROM events e \
+            "SELECT e.id, e.subject, e.sequence, \
+             CAST(CASE WHEN p.id IS NOT NULL AND p.position IS NULL THEN 1 ELSE 0 END AS BIGINT) FROM events e \
              LEFT JOIN events p ON p.subject = e.subject AND p.sequence = e.sequence - 1 \
              WHERE e.position IS NULL ORDER BY e.id LIMIT $1",
         )
@@ -1344,11 +1366,11 @@ mod tests {
     fn stamping_keeps_each_subject_in_sequence() {
         // Ids out of sequence order for subject a (a clock step backwards between processes).
         let candidates = vec![
-            (id(1), "a".to_string(), 2, None),
-            (id(2), "b".to_string(), 1, None),
-            (id(3), "a".to_string(), 1, None),
-            (id(4), "c".to_string(), 5, None), // predecessor not stamped, not here: waits
-            (id(5), "d".to_string(), 3, Some(7)),
+            (id(1), "a".to_string(), 2, 1),
+            (id(2), "b".to_string(), 1, 0),
+            (id(3), "a".to_string(), 1, 0),
+            (id(4), "c".to_string(), 5, 1), // predecessor not stamped, not here: waits
+            (id(5), "d".to_string(), 3, 0), // predecessor stamped (or pruned)
         ];
         assert_eq!(stamping_order(candidates), vec![id(3), id(2), id(1), id(5)]);
     }

@@ -305,8 +305,9 @@ impl PgStore {
                 WHERE p.id = v.id AND p.on_hand - p.reserved >= v.quantity RETURNING p.id), \
              new_order AS ( \
                 INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, payment_token, \
-                    idempotency_principal, idempotency_key, correlation_id, created_at, updated_at) \
-                VALUES ($4, $5, $6, 'reserved', $7, $8, $9, $10, $11, $12, $1, $1)), \
+                    idempotency_principal, idempotency_key, correlation_id, created_at, updated_at, \
+                    last_event_sequence) \
+                VALUES ($4, $5, $6, 'reserved', $7, $8, $9, $10, $11, $12, $1, $1, 1)), \
              lines AS ( \
                 INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
                 SELECT $4, v.id, v.line_no, v.quantity, v.price \

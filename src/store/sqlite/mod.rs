@@ -368,8 +368,8 @@ impl Store for SqliteStore {
         let order = new_order(request, lines, total);
         let inserted = sqlx::query(
             "INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, \
-             payment_token, idempotency_principal, idempotency_key, correlation_id, created_at, updated_at) \
-             VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?)",
+             payment_token, idempotency_principal, idempotency_key, correlation_id, created_at, updated_at, \
+             last_event_sequence) VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, 1)",
         )
         .bind(order.id.as_uuid())
         .bind(order.customer_id.as_uuid())
