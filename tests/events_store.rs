@@ -344,6 +344,13 @@ async fn deliveries_keep_each_order_in_sequence(backend: Backend) {
     assert_eq!(failed.attempt_log.len(), 1);
     assert_eq!(failed.attempt_log[0].status_code, Some(500));
     assert_eq!(failed.attempt_log[0].response_excerpt.as_deref(), Some("oops"));
+    let failing = events.list_deliveries(hook, Some("failing"), None, 50).await.unwrap();
+    let failing: Vec<Uuid> = failing.items.iter().map(|d| d.delivery_id).collect();
+    assert_eq!(
+        failing,
+        [a.delivery_id],
+        "pending after a failed attempt: only A's head"
+    );
     let health = events.endpoint_health(Utc::now()).await.unwrap();
     let hook_health = health.iter().find(|h| h.endpoint_id == hook).unwrap();
     assert!(hook_health.failing >= 1 && hook_health.pending >= 1);

@@ -164,6 +164,10 @@ struct FeedView {
     data: Vec<Value>,
     #[schema(schema_with = last_position)]
     last_position: i64,
+    /// The newest position handed out so far (0 before the first event): how far behind this
+    /// reader is, and where the newest events are, in one cheap read.
+    #[schema(minimum = 0)]
+    head_position: i64,
 }
 
 /// The query and headers of GET /events.
@@ -351,7 +355,11 @@ async fn feed(
         .map(|event| serde_json::to_value(event.cloud_event(source)))
         .collect::<Result<Vec<Value>, _>>()
         .map_err(ApiError::internal)?;
-    let mut response = private(Json(FeedView { data, last_position }));
+    let mut response = private(Json(FeedView {
+        data,
+        last_position,
+        head_position: bounds.last,
+    }));
     if let Some(seconds) = wait
         && let Ok(value) = HeaderValue::from_str(&format!("wait={seconds}"))
     {

@@ -56,7 +56,7 @@ pub const PREVIOUS_VALID_FOR_DEFAULT: Duration = Duration::from_secs(24 * 3600);
 /// The longest a rotated-out secret may keep signing.
 pub const PREVIOUS_VALID_FOR_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Delivery states the log filters on.
-const DELIVERY_STATES: [&str; 3] = ["pending", "delivered", "failed"];
+const DELIVERY_STATES: [&str; 4] = ["pending", "failing", "delivered", "failed"];
 const ENDPOINT_STATUSES: [&str; 2] = ["enabled", "disabled"];
 /// The units of a duration (`crate::config::parse_duration`'s), with their length in ms.
 const DURATION_UNITS: [(&str, u64); 6] = [

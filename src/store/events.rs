@@ -293,7 +293,8 @@ pub trait EventStore: Send + Sync {
     /// When the endpoint's earliest pending delivery falls due (a read: the relay looks before it
     /// claims), or `None` when nothing is pending.
     async fn next_delivery_due(&self, endpoint: Uuid) -> StoreResult<Option<DateTime<Utc>>>;
-    /// The delivery log, newest first.
+    /// The delivery log, newest first; `state` is `pending`, `delivered`, `failed`, or `failing`
+    /// (pending after at least one failed attempt).
     async fn list_deliveries(
         &self,
         endpoint: Uuid,
@@ -1090,7 +1091,8 @@ events_sql_bounds! {
             "SELECT d.id, d.event_id, e.event_type, d.subject, d.sequence, d.position, d.state, d.attempts, \
              d.next_attempt_at, d.last_status, d.last_error, d.created_at, d.delivered_at \
              FROM webhook_deliveries d JOIN events e ON e.id = d.event_id WHERE d.endpoint_id = $1 \
-             AND ($2 IS NULL OR d.state = $2) AND ($3 IS NULL OR d.id < $3) ORDER BY d.id DESC LIMIT $4",
+             AND ($2 IS NULL OR d.state = $2 OR ($2 = 'failing' AND d.state = 'pending' AND d.attempts > 0)) \
+             AND ($3 IS NULL OR d.id < $3) ORDER BY d.id DESC LIMIT $4",
         )
         .bind(endpoint)
         .bind(state.map(str::to_string))

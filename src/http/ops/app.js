@@ -13,12 +13,9 @@
   const DEAD_JOBS_SHOWN = 100;
   const ORDERS_SHOWN = 20;
   const ENDPOINTS_SHOWN = 200;
-  /** Deliveries listed per state; pages of pending ones scanned for failing ones. */
+  /** Deliveries listed per state. */
   const DELIVERIES_SHOWN = 100;
-  const PENDING_PAGES_SCANNED = 5;
   const LATEST_EVENTS_SHOWN = 5;
-  /** The feed page that ends a search for the feed's last position (see `feedTail`). */
-  const FEED_TAIL_PAGE = 20;
 
   const $ = (id) => document.getElementById(id);
   let timer = null;
@@ -264,63 +261,20 @@
   }
 
   /**
-   * The feed's last position and latest events. The feed answers its own end as `last_position`
-   * only for a page that is not full (and has no cheaper way to ask), so: read a short page after
-   * the last position seen; if it is full (the first load of a long feed, or a burst), bracket the
-   * end with one-event probes, doubling the step, then halve the bracket until one short page
-   * reaches it. A few small requests at most, never the whole feed.
+   * The feed's last position (`head_position`, in every answer) and its latest events: one
+   * one-event read for the head, one short page before it. Past retention (410), start at the
+   * oldest position kept.
    */
   async function feedTail() {
-    let after = feed.last || 0;
-    let reset = false; // the latest events seen before are not the ones right before this page
-    let exact = false; // the page after `after` is known to reach the end
-    let requests = 0;
-    const page = (from, limit) => {
-      requests += 1;
-      if (requests > 200) throw new Error('GET /events: could not find the end of the feed (it kept moving)');
-      return feedPage(from, limit);
+    const read = async (after, limit) => {
+      const page = await feedPage(after, limit);
+      return page.pruned === undefined ? page : feedPage(page.pruned - 1, limit);
     };
-    for (;;) {
-      const tail = await page(after, FEED_TAIL_PAGE);
-      if (tail.pruned !== undefined) {
-        after = tail.pruned - 1;
-        reset = true;
-        exact = false;
-        continue;
-      }
-      if (exact || tail.data.length < FEED_TAIL_PAGE) return settleFeed(tail, reset);
-      // The end is at or after `known` (an event's position) and at or before `end`.
-      let known = tail.last_position;
-      let end = null;
-      let pruned = null;
-      let step = FEED_TAIL_PAGE;
-      while (end === null && pruned === null) {
-        const probe = await page(known + step, 1);
-        if (probe.pruned !== undefined) pruned = probe.pruned;
-        else if (probe.data.length) {
-          known = probe.last_position;
-          step *= 2;
-        } else end = known + step;
-      }
-      // Narrowed to less than a page, the page after `end - FEED_TAIL_PAGE` holds the end.
-      while (pruned === null && end - known >= FEED_TAIL_PAGE) {
-        const middle = Math.floor((known + end) / 2);
-        const probe = await page(middle, 1);
-        if (probe.pruned !== undefined) pruned = probe.pruned;
-        else if (probe.data.length) known = probe.last_position;
-        else end = middle;
-      }
-      after = pruned === null ? Math.max(0, end - FEED_TAIL_PAGE) : pruned - 1;
-      exact = pruned === null;
-      reset = true;
-    }
-  }
-
-  function settleFeed(page, reset) {
-    const latest = reset ? [] : feed.latest;
-    const seen = latest.length ? latest[latest.length - 1].position : -1;
-    feed.latest = latest.concat(page.data.filter((event) => event.position > seen)).slice(-LATEST_EVENTS_SHOWN);
-    feed.last = Math.max(feed.last || 0, page.last_position);
+    const head = (await read(feed.last || 0, 1)).head_position;
+    const tail = await read(Math.max(0, head - LATEST_EVENTS_SHOWN), LATEST_EVENTS_SHOWN);
+    if (tail.pruned !== undefined) throw new Error('GET /events: the feed was pruned while reading it');
+    feed.latest = tail.data.slice(-LATEST_EVENTS_SHOWN);
+    feed.last = Math.max(head, tail.head_position);
     return feed;
   }
 
@@ -506,35 +460,22 @@
     return api('GET', `/admin/webhook-endpoints/${encodeURIComponent(id)}/deliveries?${query}`);
   }
 
-  /**
-   * The deliveries to show: one state, or (`problems`) failed ones and failing ones — pending
-   * deliveries with at least one attempt, which the API has no filter for, so pages of pending
-   * ones are scanned (newest first) until the endpoint's failing count is found.
-   */
+  /** The deliveries to show: one state, or (`problems`) the failing and the failed ones. */
   async function fetchDeliveries(id, state) {
     if (state !== 'problems') {
       const page = await deliveryPage(id, state, DELIVERIES_SHOWN);
       return { rows: page.data, more: Boolean(page.next_cursor) };
     }
-    const wanted = (endpoints.get(id) && endpoints.get(id).health && endpoints.get(id).health.failing) || 0;
-    const failed = deliveryPage(id, 'failed', DELIVERIES_SHOWN);
-    failed.catch(() => {}); // awaited below; not an unhandled rejection if the scan fails first
-    const failing = [];
-    let cursor = null;
-    let scanned = 0;
-    do {
-      const page = await deliveryPage(id, 'pending', 200, cursor);
-      failing.push(...page.data.filter((delivery) => delivery.attempts > 0));
-      cursor = page.next_cursor;
-      scanned += 1;
-    } while (cursor && failing.length < wanted && scanned < PENDING_PAGES_SCANNED);
-    const failedPage = await failed;
-    const rows = failing
-      .concat(failedPage.data)
+    const [failing, failed] = await Promise.all([
+      deliveryPage(id, 'failing', DELIVERIES_SHOWN),
+      deliveryPage(id, 'failed', DELIVERIES_SHOWN),
+    ]);
+    const rows = failing.data
+      .concat(failed.data)
       .sort((a, b) => (a.delivery_id < b.delivery_id ? 1 : a.delivery_id > b.delivery_id ? -1 : 0));
     return {
       rows: rows.slice(0, DELIVERIES_SHOWN),
-      more: rows.length > DELIVERIES_SHOWN || Boolean(failedPage.next_cursor) || failing.length < wanted,
+      more: rows.length > DELIVERIES_SHOWN || Boolean(failing.next_cursor) || Boolean(failed.next_cursor),
     };
   }
 
