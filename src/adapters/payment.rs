@@ -3,8 +3,10 @@
 //! instead of making a second one (invariant I4).
 
 pub mod http;
+pub mod intents;
 pub mod sandbox;
 pub mod sandbox_server;
+pub mod stripe;
 
 use async_trait::async_trait;
 
