@@ -44,6 +44,7 @@ async fn place(store: &dyn Store, product: ProductId, customer: CustomerId) -> O
         }])
         .unwrap(),
         payment_token: PaymentToken::default_sandbox(),
+        shipping: None,
         currency: Currency::USD,
         correlation_id: Some("corr-1".into()),
         first_job: NewJob {

@@ -375,6 +375,7 @@ async fn worker_process_serves_its_step_metrics_on_metrics_listen(backend: Backe
         }])
         .unwrap(),
         payment_token: PaymentToken::parse("tok_visa").unwrap(),
+        shipping: None,
         correlation_id: None,
     };
     checkout::place_order(store.clone(), &CheckoutSettings::default(), request)

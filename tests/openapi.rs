@@ -11,6 +11,9 @@ use common::{Backend, TestApp, error_fields, expect_problem};
 use orderflow::domain::customer::{EMAIL_MAX, PERSON_NAME_MAX};
 use orderflow::domain::order::{MAX_LINES, MAX_QUANTITY, PAYMENT_TOKEN_MAX};
 use orderflow::domain::product::{CATEGORY_MAX, DESCRIPTION_MAX, NAME_MAX, REASON_MAX, SKU_MAX, STOCK_MAX};
+use orderflow::domain::shipping::{
+    ADDRESS_LINE_MAX, CITY_MAX, COUNTRY_CODES, POSTAL_CODE_MAX, POSTAL_CODE_PATTERN, RECIPIENT_MAX, REGION_MAX,
+};
 use orderflow::http::openapi::{
     CURSOR_LEN, ENABLED_EVENTS_MAX, ENABLED_EVENTS_MIN, FEED_LIMIT_DEFAULT, FEED_LIMIT_MAX, FEED_LIMIT_MIN,
     IDEMPOTENCY_KEY_MAX, LIMIT_DEFAULT, LIMIT_MAX, LIMIT_MIN, WEBHOOK_DESCRIPTION_MAX, WEBHOOK_URL_MAX,
@@ -362,6 +365,39 @@ async fn limits_in_the_schema_are_the_constants_the_validators_use() {
     let payment = resolve(&doc, &order["properties"]["payment"]["oneOf"][1]);
     assert_eq!(payment["properties"]["token"]["maxLength"], PAYMENT_TOKEN_MAX);
     assert_eq!(items["items"]["properties"]["product_id"]["format"], "uuid");
+    let shipping = resolve(&doc, &order["properties"]["shipping"]["oneOf"][1]);
+    assert_eq!(shipping["additionalProperties"], false);
+    let required: BTreeSet<&str> = shipping["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        required,
+        BTreeSet::from(["name", "line1", "city", "postal_code", "country"])
+    );
+    for (member, max) in [
+        ("name", RECIPIENT_MAX),
+        ("line1", ADDRESS_LINE_MAX),
+        ("line2", ADDRESS_LINE_MAX),
+        ("city", CITY_MAX),
+        ("region", REGION_MAX),
+        ("postal_code", POSTAL_CODE_MAX),
+    ] {
+        let field = &shipping["properties"][member];
+        assert_eq!(
+            (&field["minLength"], &field["maxLength"]),
+            (&json!(1), &json!(max)),
+            "{member}"
+        );
+    }
+    assert_eq!(shipping["properties"]["postal_code"]["pattern"], POSTAL_CODE_PATTERN);
+    let country = resolve(&doc, &shipping["properties"]["country"]);
+    assert_eq!(country["enum"], json!(COUNTRY_CODES.as_slice()));
+    // The order shows the address it was given, with the same country codes.
+    let shown = resolve(&doc, &schema(&doc, "Order")["properties"]["shipping"]);
+    assert_eq!(resolve(&doc, &shown["properties"]["country"]), country);
 
     let limit = &parameter(&doc, "get", "/products", "limit")["schema"];
     assert_eq!(

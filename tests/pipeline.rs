@@ -78,6 +78,7 @@ impl Pipeline {
             }])
             .unwrap(),
             payment_token: PaymentToken::parse(token).unwrap(),
+            shipping: None,
             correlation_id: Some(format!("corr-{token}")),
         };
         match checkout::place_order(self.store.clone(), &CheckoutSettings::default(), request)

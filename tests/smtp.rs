@@ -314,6 +314,7 @@ impl Shop {
             }])
             .unwrap(),
             payment_token: PaymentToken::parse(token).unwrap(),
+            shipping: None,
             correlation_id: Some(correlation_id.to_string()),
         };
         match checkout::place_order(self.store.clone(), &CheckoutSettings::default(), request)

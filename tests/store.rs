@@ -71,6 +71,7 @@ fn request(customer: CustomerId, key: &str, lines: &[(ProductId, i64)]) -> Place
         customer_id: customer,
         cart,
         payment_token: PaymentToken::default_sandbox(),
+        shipping: None,
         currency: Currency::USD,
         correlation_id: Some("test".into()),
         first_job: NewJob {

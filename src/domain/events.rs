@@ -230,6 +230,9 @@ pub fn order_data(order: &Order, payment: Option<&PaymentFacts>, event: &NewEven
     if let Some(correlation_id) = &order.correlation_id {
         view["correlation_id"] = json!(correlation_id);
     }
+    if let Some(shipping) = &order.shipping {
+        view["shipping"] = json!(shipping);
+    }
     if let Some(payment) = payment {
         view["payment"] = json!({
             "state": payment.state,

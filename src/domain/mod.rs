@@ -10,6 +10,7 @@ pub mod ids;
 pub mod money;
 pub mod order;
 pub mod product;
+pub mod shipping;
 pub mod validation;
 
 pub use customer::{Customer, Email, NewCustomer};
@@ -20,4 +21,5 @@ pub use order::{
     StockLevel,
 };
 pub use product::{NewProduct, Product, ProductPatch, StockAdjustment};
+pub use shipping::{CountryCode, ShippingAddress};
 pub use validation::{FieldError, FieldErrors};

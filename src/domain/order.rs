@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ids::{CustomerId, OrderId, ProductId};
 use super::money::{Currency, Money};
+use super::shipping::ShippingAddress;
 use super::validation::FieldErrors;
 
 pub const MAX_LINES: usize = 100;
@@ -271,6 +272,11 @@ pub struct Order {
     pub lines: Vec<OrderLine>,
     pub total: Money,
     pub payment_token: PaymentToken,
+    /// Where the order ships, as given at checkout; `None` for an order placed without one.
+    /// Absent from the JSON when `None`, so snapshots stored before addresses existed decode,
+    /// and replay, exactly as they were first answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipping: Option<ShippingAddress>,
     /// The id of the request that placed the order, carried by its events, jobs, provider calls,
     /// e-mails and log lines: the key to the order's whole story.
     pub correlation_id: Option<String>,
@@ -328,6 +334,48 @@ mod tests {
         let many = (0..=MAX_LINES).map(|_| line(ProductId::new(), 1)).collect();
         assert!(Cart::new(many).is_err());
         assert!(Quantity::parse(0).is_err() && Quantity::parse(1001).is_err());
+    }
+
+    /// The idempotency snapshot of an order placed before addresses existed has no `shipping`
+    /// member: it decodes as an order without one, and such an order encodes exactly as before.
+    #[test]
+    fn snapshots_without_an_address_decode_and_encode_as_before() {
+        let order = Order {
+            id: OrderId::new(),
+            customer_id: CustomerId::new(),
+            status: OrderStatus::PendingPayment,
+            currency: Currency::USD,
+            lines: vec![OrderLine {
+                product_id: ProductId::new(),
+                quantity: Quantity::parse(2).unwrap(),
+                unit_price: Money::from_minor(1999).unwrap(),
+            }],
+            total: Money::from_minor(3998).unwrap(),
+            payment_token: PaymentToken::default_sandbox(),
+            shipping: None,
+            correlation_id: Some("c-1".into()),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        };
+        let encoded = serde_json::to_value(&order).unwrap();
+        let members: Vec<&str> = encoded.as_object().unwrap().keys().map(String::as_str).collect();
+        assert!(!members.contains(&"shipping"), "{members:?}");
+        assert_eq!(serde_json::from_value::<Order>(encoded).unwrap(), order);
+
+        let shipped = Order {
+            shipping: Some(ShippingAddress {
+                name: "Jane Doe".into(),
+                line1: "1 Main St".into(),
+                line2: None,
+                city: "Springfield".into(),
+                region: None,
+                postal_code: "62701".into(),
+                country: super::super::shipping::CountryCode::parse("US").unwrap(),
+            }),
+            ..order.clone()
+        };
+        let text = serde_json::to_string(&shipped).unwrap();
+        assert_eq!(serde_json::from_str::<Order>(&text).unwrap(), shipped);
     }
 
     #[test]

@@ -70,12 +70,27 @@ pub const OPTIONAL_TEXT_PATTERN: &str = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u
 /// character that is not white space.
 pub const TEXT_PATTERN: &str = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*[^\s\u0000-\u0008\u000B-\u001F\u007F-\u009F][^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$";
 
+/// [`single_line`]'s rule as a regular expression: like [`TEXT_PATTERN`], with no tab or line
+/// feed either (no control character at all).
+pub const SINGLE_LINE_PATTERN: &str =
+    r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$";
+
 /// Checks a required text field: at most `max` characters as sent, not blank, no control chars;
 /// returned trimmed.
 pub fn text(value: &str, max: usize) -> Result<String, String> {
     let text = optional_text(value, max)?;
     if text.is_empty() {
         return Err("must not be empty".into());
+    }
+    Ok(text)
+}
+
+/// Like [`text`], for a value that is one line (a name, an address line): tab and line feed are
+/// refused too.
+pub fn single_line(value: &str, max: usize) -> Result<String, String> {
+    let text = text(value, max)?;
+    if value.contains(['\n', '\t']) {
+        return Err("must be a single line: no line breaks or tabs".into());
     }
     Ok(text)
 }
@@ -113,6 +128,8 @@ mod tests {
         assert!(text("a\u{0}b", 10).is_err());
         assert!(optional_text("line\nbreak", 20).is_ok());
         assert!(text("a\r", 10).is_err());
+        assert!(single_line("line\nbreak", 20).is_err() && single_line("a\tb", 20).is_err());
+        assert_eq!(single_line(" one line ", 20), Ok("one line".to_string()));
     }
 
     #[test]

@@ -21,9 +21,10 @@ use super::schema;
 use super::{AppState, private};
 use crate::domain::events::CancelReason;
 use crate::domain::order::MAX_LINES;
+use crate::domain::shipping;
 use crate::domain::{
-    Cart, CartLine, CartRejection, Currency, CustomerId, FieldErrors, Order, OrderEvent, OrderId, OrderStatus,
-    PaymentToken, ProductId, Quantity,
+    Cart, CartLine, CartRejection, CountryCode, Currency, CustomerId, FieldErrors, Order, OrderEvent, OrderId,
+    OrderStatus, PaymentToken, ProductId, Quantity, ShippingAddress,
 };
 use crate::store::PlaceOrderOutcome;
 use crate::workflow::CHARGE_PAYMENT;
@@ -82,6 +83,11 @@ pub struct OrderView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     correlation_id: Option<String>,
+    /// Where the order ships, as given at checkout; absent when the order was placed without an
+    /// address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    shipping: Option<ShippingAddress>,
     /// Every change, oldest first (GET /orders/{id} and cancellation answers).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -169,6 +175,7 @@ impl OrderView {
             created_at: order.created_at,
             updated_at: order.updated_at,
             correlation_id: order.correlation_id,
+            shipping: order.shipping,
             timeline: events.map(|events| {
                 events
                     .into_iter()
@@ -225,7 +232,8 @@ impl OrderView {
     }
 }
 
-/// A checkout: what to buy and how to pay. Prices come from the catalog, never from the client.
+/// A checkout: what to buy, how to pay and where to ship it. Prices come from the catalog, never
+/// from the client.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = PlaceOrder)]
@@ -240,6 +248,9 @@ struct PlaceOrderBody {
     /// Defaults to the sandbox's approving `tok_visa`.
     #[schema(nullable)]
     payment: Option<PaymentBody>,
+    /// Where to ship the order; leave it out (or `null`) for an order that ships nowhere.
+    #[schema(nullable)]
+    shipping: Option<ShippingBody>,
 }
 
 fn order_items() -> utoipa::openapi::schema::Array {
@@ -267,8 +278,81 @@ struct PaymentBody {
     token: Option<String>,
 }
 
-/// Validates the body into a cart and payment token, reporting every bad field at once.
-fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, PaymentToken), ApiError> {
+/// A postal address to ship the order to. Every field is checked and every bad one reported,
+/// under `/shipping/<field>`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = PlaceOrderShipping)]
+struct ShippingBody {
+    #[schema(schema_with = schema::shipping_name, required = true)]
+    name: Option<String>,
+    #[schema(schema_with = schema::address_line1, required = true)]
+    line1: Option<String>,
+    #[schema(schema_with = schema::address_line2)]
+    line2: Option<String>,
+    #[schema(schema_with = schema::city, required = true)]
+    city: Option<String>,
+    #[schema(schema_with = schema::region)]
+    region: Option<String>,
+    #[schema(schema_with = schema::postal_code, required = true)]
+    postal_code: Option<String>,
+    #[schema(value_type = CountryCode, required = true)]
+    country: Option<String>,
+}
+
+/// Validates a shipping address field by field, recording each bad one in `errors` under
+/// `/shipping/<field>` (in the order of the schema).
+fn parse_shipping(body: ShippingBody, errors: &mut FieldErrors) -> Option<ShippingAddress> {
+    fn required<T>(
+        errors: &mut FieldErrors,
+        name: &str,
+        value: Option<String>,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let field = format!("/shipping/{name}");
+        match value {
+            None => {
+                errors.add(field, "is required");
+                None
+            }
+            Some(value) => errors.check(&field, parse(&value)),
+        }
+    }
+    /// `Some(None)` when left out (or `null`), `None` when given and bad.
+    fn optional(
+        errors: &mut FieldErrors,
+        name: &str,
+        value: Option<String>,
+        parse: impl Fn(&str) -> Result<String, String>,
+    ) -> Option<Option<String>> {
+        match value {
+            None => Some(None),
+            Some(value) => errors.check(&format!("/shipping/{name}"), parse(&value)).map(Some),
+        }
+    }
+    let name = required(errors, "name", body.name, shipping::parse_recipient);
+    let line1 = required(errors, "line1", body.line1, shipping::parse_address_line);
+    let line2 = optional(errors, "line2", body.line2, shipping::parse_address_line);
+    let city = required(errors, "city", body.city, shipping::parse_city);
+    let region = optional(errors, "region", body.region, shipping::parse_region);
+    let postal_code = required(errors, "postal_code", body.postal_code, shipping::parse_postal_code);
+    let country = required(errors, "country", body.country, CountryCode::parse);
+    Some(ShippingAddress {
+        name: name?,
+        line1: line1?,
+        line2: line2?,
+        city: city?,
+        region: region?,
+        postal_code: postal_code?,
+        country: country?,
+    })
+}
+
+/// Validates the body into a cart, payment token and shipping address, reporting every bad
+/// field at once.
+fn parse_body(
+    body: PlaceOrderBody,
+) -> Result<(Option<CustomerId>, Cart, PaymentToken, Option<ShippingAddress>), ApiError> {
     let mut errors = FieldErrors::new();
     let customer_id = body
         .customer_id
@@ -309,6 +393,7 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
         }
         Some(PaymentBody { token: Some(token) }) => errors.check("/payment/token", PaymentToken::parse(&token)),
     };
+    let shipping = body.shipping.and_then(|shipping| parse_shipping(shipping, &mut errors));
     // A product named twice is well-formed JSON the schema cannot rule out (JSON Schema has no
     // uniqueness by member), so it is refused like the other cart rules, with 422.
     let duplicates = Cart::duplicates(&lines);
@@ -329,7 +414,7 @@ fn parse_body(body: PlaceOrderBody) -> Result<(Option<CustomerId>, Cart, Payment
         // Size and duplicate checks only make sense once every line parsed.
         return Err(ApiError::validation(errors));
     };
-    Ok((customer_id, cart, payment_token.expect("no errors recorded")))
+    Ok((customer_id, cart, payment_token.expect("no errors recorded"), shipping))
 }
 
 /// Place an order
@@ -363,7 +448,7 @@ async fn place(
     IdempotencyKey(key): IdempotencyKey,
     ApiJson(body): ApiJson<PlaceOrderBody>,
 ) -> Result<Response, ApiError> {
-    let (requested_customer, cart, payment_token) = parse_body(body)?;
+    let (requested_customer, cart, payment_token, shipping) = parse_body(body)?;
     let customer_id = match (principal.is_admin(), requested_customer, principal.customer_id()) {
         (true, Some(customer), _) => customer,
         // An operator who is also a customer (its subject is a customer id) orders for itself
@@ -393,6 +478,7 @@ async fn place(
         customer_id,
         cart,
         payment_token,
+        shipping,
         correlation_id: Some(correlation.0),
     };
     match checkout::place_order(state.store.clone(), &state.checkout, request).await? {

@@ -14,8 +14,14 @@ use crate::domain::customer::{EMAIL_LOCAL_MAX, EMAIL_MAX, PERSON_NAME_MAX};
 use crate::domain::money::MAX_MINOR;
 use crate::domain::order::{MAX_LINES, MAX_QUANTITY, PAYMENT_TOKEN_MAX, PAYMENT_TOKEN_PATTERN};
 use crate::domain::product::{CATEGORY_MAX, DESCRIPTION_MAX, NAME_MAX, REASON_MAX, SKU_MAX, SKU_PATTERN, STOCK_MAX};
-use crate::domain::validation::{OPTIONAL_TEXT_PATTERN, TEXT_PATTERN};
-use crate::domain::{Currency, CustomerId, Email, FieldError, OrderId, OrderStatus, ProductId, Quantity, Shortage};
+use crate::domain::shipping::{
+    ADDRESS_LINE_MAX, CITY_MAX, COUNTRY_CODES, POSTAL_CODE_MAX, POSTAL_CODE_PATTERN, RECIPIENT_MAX, REGION_MAX,
+};
+use crate::domain::validation::{OPTIONAL_TEXT_PATTERN, SINGLE_LINE_PATTERN, TEXT_PATTERN};
+use crate::domain::{
+    CountryCode, Currency, CustomerId, Email, FieldError, OrderId, OrderStatus, ProductId, Quantity, ShippingAddress,
+    Shortage,
+};
 
 /// Name of the money component, whose precision follows the configured currency.
 pub const MONEY: &str = "Money";
@@ -49,6 +55,15 @@ fn optional_text(description: &str, max: usize) -> Object {
     string(description)
         .max_length(Some(max))
         .pattern(Some(OPTIONAL_TEXT_PATTERN))
+        .build()
+}
+
+/// One line of required text (`validation::single_line`): like [`text`], no tab or line feed.
+fn single_line(description: &str, max: usize) -> Object {
+    string(description)
+        .min_length(Some(1))
+        .max_length(Some(max))
+        .pattern(Some(SINGLE_LINE_PATTERN))
         .build()
 }
 
@@ -242,6 +257,84 @@ leaf_schema!(
         .required("available")
         .build()
 );
+
+pub fn shipping_name() -> Object {
+    single_line(
+        "Who receives the parcel; one line, surrounding white space trimmed.",
+        RECIPIENT_MAX,
+    )
+}
+
+pub fn address_line1() -> Object {
+    single_line(
+        "Street address: street and number, PO box or company.",
+        ADDRESS_LINE_MAX,
+    )
+}
+
+pub fn address_line2() -> Object {
+    or_null(single_line(
+        "Apartment, suite, unit, building or floor; leave it out (or `null`) when there is none.",
+        ADDRESS_LINE_MAX,
+    ))
+}
+
+pub fn city() -> Object {
+    single_line("City, town or village.", CITY_MAX)
+}
+
+pub fn region() -> Object {
+    or_null(single_line(
+        "State, province, county or prefecture, where the country uses one (e.g. `CA`, `Ontario`).",
+        REGION_MAX,
+    ))
+}
+
+pub fn postal_code() -> Object {
+    string("Postal or ZIP code: letters, digits, spaces and hyphens; surrounding spaces trimmed.")
+        .min_length(Some(1))
+        .max_length(Some(POSTAL_CODE_MAX))
+        .pattern(Some(POSTAL_CODE_PATTERN))
+        .examples(["94103", "SW1A 1AA"])
+        .build()
+}
+
+leaf_schema!(
+    CountryCode,
+    string("ISO 3166-1 alpha-2 country code, upper case: one of the assigned codes.")
+        .enum_values(Some(COUNTRY_CODES))
+        .examples(["US"])
+        .build()
+);
+
+/// The address as orders show it: every member present, `line2` and `region` `null` when not
+/// given.
+impl PartialSchema for ShippingAddress {
+    fn schema() -> RefOr<Schema> {
+        let mut builder = ObjectBuilder::new().description(Some("Where the order ships, as given at checkout."));
+        let properties: [(&str, Object); 6] = [
+            ("name", shipping_name()),
+            ("line1", address_line1()),
+            ("line2", address_line2()),
+            ("city", city()),
+            ("region", region()),
+            ("postal_code", postal_code()),
+        ];
+        for (name, schema) in properties {
+            builder = builder.property(name, schema).required(name);
+        }
+        builder = builder
+            .property("country", Ref::from_schema_name(CountryCode::name()))
+            .required("country");
+        RefOr::T(Schema::Object(builder.build()))
+    }
+}
+
+impl ToSchema for ShippingAddress {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((CountryCode::name().into_owned(), CountryCode::schema()));
+    }
+}
 
 /// `schema` that also admits `null`, for optional body fields where `null` means "not given".
 pub fn or_null(mut schema: Object) -> Object {

@@ -47,6 +47,7 @@ pub(super) fn new_order(request: &PlaceOrder, lines: Vec<OrderLine>, total: Mone
         lines,
         total,
         payment_token: request.payment_token.clone(),
+        shipping: request.shipping.clone(),
         correlation_id: request.correlation_id.clone(),
         created_at: request.now,
         updated_at: request.now,

@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::domain::{
     Cart, CartRejection, Currency, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderEvent, OrderId,
-    PaymentToken, Product, ProductId, ProductPatch, StockAdjustment,
+    PaymentToken, Product, ProductId, ProductPatch, ShippingAddress, StockAdjustment,
 };
 
 pub use audit::{AuditReport, Violation};
@@ -145,6 +145,8 @@ pub struct PlaceOrder {
     pub customer_id: CustomerId,
     pub cart: Cart,
     pub payment_token: PaymentToken,
+    /// Where the order ships (stored as `orders.shipping`, JSON), when given.
+    pub shipping: Option<ShippingAddress>,
     pub currency: Currency,
     pub correlation_id: Option<String>,
     pub first_job: NewJob,

@@ -8,14 +8,14 @@ use uuid::Uuid;
 use super::{StoreError, StoreResult};
 use crate::domain::{
     Customer, CustomerId, Email, Money, Order, OrderEvent, OrderId, OrderLine, PaymentToken, Product, ProductId,
-    Quantity,
+    Quantity, ShippingAddress,
 };
 
 pub const PRODUCT_COLUMNS: &str = "id, sku, name, description, category, price_minor, on_hand, \
      reserved, version, created_at, updated_at";
 pub const CUSTOMER_COLUMNS: &str = "id, email, first_name, last_name, created_at";
-pub const ORDER_COLUMNS: &str =
-    "id, customer_id, status, currency, total_minor, payment_token, correlation_id, created_at, updated_at";
+pub const ORDER_COLUMNS: &str = "id, customer_id, status, currency, total_minor, payment_token, shipping, \
+     correlation_id, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 pub struct ProductRow {
@@ -81,6 +81,8 @@ pub struct OrderRow {
     currency: String,
     total_minor: i64,
     payment_token: String,
+    /// The [`ShippingAddress`] as JSON (migration 0005), NULL when the order has none.
+    shipping: Option<String>,
     correlation_id: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -125,6 +127,10 @@ impl OrderRow {
             lines,
             total: Money::from_minor(self.total_minor).map_err(corrupt("orders.total_minor"))?,
             payment_token: PaymentToken::parse(&self.payment_token).map_err(corrupt("orders.payment_token"))?,
+            shipping: self
+                .shipping
+                .map(|json| serde_json::from_str(&json).map_err(|e| corrupt("orders.shipping")(e.to_string())))
+                .transpose()?,
             correlation_id: self.correlation_id,
             created_at: self.created_at,
             updated_at: self.updated_at,
@@ -152,6 +158,11 @@ pub fn assemble_orders(rows: Vec<OrderRow>, items: &[OrderItemRow]) -> StoreResu
 /// The stored idempotency snapshot of the first response.
 pub fn decode_snapshot(body: &str) -> StoreResult<Order> {
     serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("idempotency_keys.response_body: {e}")))
+}
+
+/// The `orders.shipping` column: the address as JSON, NULL for none.
+pub fn encode_shipping(shipping: Option<&ShippingAddress>) -> Option<String> {
+    shipping.map(|address| serde_json::to_string(address).expect("addresses always serialize"))
 }
 
 pub fn encode_snapshot(order: &Order) -> String {

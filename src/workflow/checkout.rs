@@ -8,7 +8,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::CHARGE_PAYMENT;
-use crate::domain::{Cart, Currency, CustomerId, OrderId, PaymentToken};
+use crate::domain::{Cart, Currency, CustomerId, OrderId, PaymentToken, ShippingAddress};
 use crate::store::{NewJob, PlaceOrder, PlaceOrderOutcome, Store, StoreError, StoreResult};
 
 /// Settings of the checkout commitment.
@@ -37,18 +37,26 @@ pub struct CheckoutRequest {
     pub customer_id: CustomerId,
     pub cart: Cart,
     pub payment_token: PaymentToken,
+    /// Where to ship the order, when the client gave an address.
+    pub shipping: Option<ShippingAddress>,
     pub correlation_id: Option<String>,
 }
 
 impl CheckoutRequest {
     /// A digest of everything that determines the order. The same key with a different digest is
     /// a client bug (key reuse) and is refused rather than replayed.
+    ///
+    /// The address is part of it only when given, so a request without one hashes as it did
+    /// before addresses existed (a retry across the upgrade still replays).
     pub fn fingerprint(&self) -> String {
-        let normalized = json!({
+        let mut normalized = json!({
             "customer_id": self.customer_id,
             "items": self.cart.lines(),
             "payment_token": self.payment_token,
         });
+        if let Some(shipping) = &self.shipping {
+            normalized["shipping"] = json!(shipping);
+        }
         let digest = Sha256::digest(normalized.to_string().as_bytes());
         digest.iter().map(|byte| format!("{byte:02x}")).collect()
     }
@@ -74,6 +82,7 @@ pub async fn place_order(
         customer_id: request.customer_id,
         cart: request.cart,
         payment_token: request.payment_token,
+        shipping: request.shipping,
         currency: settings.currency,
         correlation_id: request.correlation_id,
         first_job: NewJob {
@@ -113,6 +122,7 @@ mod tests {
             }])
             .unwrap(),
             payment_token: PaymentToken::default_sandbox(),
+            shipping: None,
             correlation_id: Some("differs-per-retry".into()),
         }
     }
@@ -123,5 +133,44 @@ mod tests {
         retry.correlation_id = Some("another".into());
         assert_eq!(request(1).fingerprint(), retry.fingerprint());
         assert_ne!(request(1).fingerprint(), request(2).fingerprint());
+    }
+
+    fn address(line1: &str) -> ShippingAddress {
+        ShippingAddress {
+            name: "Jane Doe".into(),
+            line1: line1.into(),
+            line2: None,
+            city: "Springfield".into(),
+            region: None,
+            postal_code: "62701".into(),
+            country: crate::domain::CountryCode::parse("US").unwrap(),
+        }
+    }
+
+    #[test]
+    fn fingerprint_covers_the_address_and_is_unchanged_without_one() {
+        let plain = request(1);
+        // The digest of a request without an address is the one stored before addresses
+        // existed: keys recorded then still replay.
+        let legacy = json!({
+            "customer_id": plain.customer_id,
+            "items": plain.cart.lines(),
+            "payment_token": plain.payment_token,
+        });
+        let legacy: String = Sha256::digest(legacy.to_string().as_bytes())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        assert_eq!(plain.fingerprint(), legacy);
+
+        let mut shipped = request(1);
+        shipped.shipping = Some(address("1 Main St"));
+        let mut elsewhere = request(1);
+        elsewhere.shipping = Some(address("2 Main St"));
+        assert_ne!(shipped.fingerprint(), plain.fingerprint());
+        assert_ne!(shipped.fingerprint(), elsewhere.fingerprint());
+        let mut again = request(1);
+        again.shipping = Some(address("1 Main St"));
+        assert_eq!(shipped.fingerprint(), again.fingerprint());
     }
 }

@@ -306,8 +306,8 @@ impl PgStore {
              new_order AS ( \
                 INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, payment_token, \
                     idempotency_principal, idempotency_key, correlation_id, created_at, updated_at, \
-                    last_event_sequence) \
-                VALUES ($4, $5, $6, 'reserved', $7, $8, $9, $10, $11, $12, $1, $1, 1)), \
+                    last_event_sequence, shipping) \
+                VALUES ($4, $5, $6, 'reserved', $7, $8, $9, $10, $11, $12, $1, $1, 1, $26)), \
              lines AS ( \
                 INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
                 SELECT $4, v.id, v.line_no, v.quantity, v.price \
@@ -353,6 +353,7 @@ impl PgStore {
         .bind(Uuid::now_v7()) // $23
         .bind(order_subject(order.id)) // $24
         .bind(placed_data(&order)) // $25
+        .bind(rows::encode_shipping(order.shipping.as_ref())) // $26
         .fetch_one(&mut *tx)
         .await;
         let (reserved_lines, completed) = match written {

@@ -368,8 +368,8 @@ impl Store for SqliteStore {
         let order = new_order(request, lines, total);
         let inserted = sqlx::query(
             "INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, \
-             payment_token, idempotency_principal, idempotency_key, correlation_id, created_at, updated_at, \
-             last_event_sequence) VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+             payment_token, shipping, idempotency_principal, idempotency_key, correlation_id, created_at, \
+             updated_at, last_event_sequence) VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
         )
         .bind(order.id.as_uuid())
         .bind(order.customer_id.as_uuid())
@@ -377,6 +377,7 @@ impl Store for SqliteStore {
         .bind(order.currency.code())
         .bind(order.total.minor())
         .bind(order.payment_token.as_str())
+        .bind(rows::encode_shipping(order.shipping.as_ref()))
         .bind(&request.principal)
         .bind(&request.idempotency_key)
         .bind(&request.correlation_id)
