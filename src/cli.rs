@@ -11,10 +11,10 @@ use tokio::net::TcpListener;
 
 use crate::adapters::notify::smtp::{SmtpNotifier, SmtpPassword, SmtpSettings};
 use crate::adapters::notify::{FileNotifier, Notifier};
-use crate::adapters::payment::PaymentProvider;
-use crate::adapters::payment::http::HttpProvider;
+use crate::adapters::payment::intents::PaymentGateway;
 use crate::adapters::payment::sandbox::Sandbox;
 use crate::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
+use crate::adapters::payment::stripe::{StripeClient, StripeSettings};
 use crate::clock;
 use crate::config::{
     AuditArgs, Cli, Command, EventsAction, GlobalArgs, JobsAction, Mode, NotifierKind, PaymentProviderKind,
@@ -101,6 +101,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     let saga_settings = SagaSettings {
         max_attempts: args.max_attempts,
         compensation_max_attempts: args.compensation_max_attempts,
+        capture: args.capture,
     };
     if !args.no_seed && args.mode != Mode::Worker && store.is_empty().await? {
         let added = seed::load_sample_catalog(store.as_ref(), checkout.currency).await?;
@@ -260,7 +261,7 @@ fn notifier(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Arc<dyn Not
 }
 
 /// The payment provider configured for the pipeline.
-fn payment_provider(args: &ServeArgs, store: &Arc<dyn Store>) -> anyhow::Result<Arc<dyn PaymentProvider>> {
+fn payment_provider(args: &ServeArgs, store: &Arc<dyn Store>) -> anyhow::Result<Arc<dyn PaymentGateway>> {
     Ok(match args.payment_provider {
         PaymentProviderKind::Sandbox => {
             let books: Arc<dyn SandboxBooks> = store.clone();
@@ -268,16 +269,16 @@ fn payment_provider(args: &ServeArgs, store: &Arc<dyn Store>) -> anyhow::Result<
             sandbox.set_outage(args.sandbox_outage);
             Arc::new(sandbox)
         }
-        PaymentProviderKind::Http => {
-            let url = args
-                .payment_url
-                .as_deref()
-                .context("--payment-provider http needs --payment-url (ORDERFLOW_PAYMENT_URL)")?;
-            Arc::new(HttpProvider::new(
-                url,
-                args.payment_api_key.clone(),
-                args.payment_timeout,
-            )?)
+        PaymentProviderKind::Stripe => {
+            let key = args
+                .stripe_secret_key
+                .clone()
+                .context("--payment-provider stripe needs --stripe-secret-key (ORDERFLOW_STRIPE_SECRET_KEY)")?;
+            Arc::new(StripeClient::new(StripeSettings {
+                api_base: args.stripe_api_base.clone(),
+                secret_key: key,
+                timeout: args.payment_timeout,
+            })?)
         }
     })
 }

@@ -216,8 +216,9 @@ pub enum NotifierKind {
 pub enum PaymentProviderKind {
     /// The built-in sandbox, keeping its books in the shop's database.
     Sandbox,
-    /// A Stripe-like REST provider at `--payment-url`.
-    Http,
+    /// Stripe's API at `--stripe-api-base`: real Stripe, localstripe, or `orderflow
+    /// sandbox-provider`.
+    Stripe,
 }
 
 /// The parts of the system one process runs.
@@ -386,8 +387,8 @@ pub struct ServeArgs {
     /// Where the file notifier writes e-mails (one `.eml` per message). Default: `<data-dir>/mail`.
     #[arg(long, env = "ORDERFLOW_MAIL_DIR", global = true)]
     pub mail_dir: Option<PathBuf>,
-    /// Payment provider: the built-in `sandbox`, or `http` (a Stripe-like REST API at
-    /// `--payment-url`, e.g. `orderflow sandbox-provider` on another host).
+    /// Payment provider: the built-in `sandbox`, or `stripe` (Stripe's API at `--stripe-api-base`;
+    /// `orderflow sandbox-provider` serves the sandbox in that protocol).
     #[arg(
         long,
         env = "ORDERFLOW_PAYMENT_PROVIDER",
@@ -400,13 +401,23 @@ pub struct ServeArgs {
     /// restart with it off, then replay the dead payment jobs).
     #[arg(long, env = "ORDERFLOW_SANDBOX_OUTAGE", global = true, default_value_t = true, action = clap::ArgAction::Set)]
     pub sandbox_outage: bool,
-    /// Base URL of the HTTP payment provider.
-    #[arg(long, env = "ORDERFLOW_PAYMENT_URL", global = true)]
-    pub payment_url: Option<String>,
-    /// API key sent to the HTTP payment provider as a bearer token.
-    #[arg(long, env = "ORDERFLOW_PAYMENT_API_KEY", global = true, hide_env_values = true)]
-    pub payment_api_key: Option<String>,
-    /// Timeout of one call to the HTTP payment provider.
+    /// Stripe's API base URL (`--payment-provider stripe`).
+    #[arg(long, env = "ORDERFLOW_STRIPE_API_BASE", global = true, default_value = crate::adapters::payment::stripe::DEFAULT_API_BASE)]
+    pub stripe_api_base: String,
+    /// The Stripe secret key (`sk_…` or a restricted `rk_…`).
+    #[arg(long, env = "ORDERFLOW_STRIPE_SECRET_KEY", global = true, hide_env_values = true)]
+    pub stripe_secret_key: Option<String>,
+    /// When the money is taken: `on-shipment` (authorize at checkout, capture when fulfilled) or
+    /// `on-payment` (capture at once).
+    #[arg(
+        long,
+        env = "ORDERFLOW_CAPTURE",
+        global = true,
+        value_enum,
+        default_value = "on-shipment"
+    )]
+    pub capture: crate::workflow::steps::CaptureMode,
+    /// Timeout of one call to the payment provider over HTTP.
     #[arg(long, env = "ORDERFLOW_PAYMENT_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
     pub payment_timeout: Duration,
     /// How e-mails go out: `file` (one `.eml` per message in `--mail-dir`) or `smtp`.

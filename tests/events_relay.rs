@@ -203,15 +203,21 @@ async fn a_fulfilled_order_reaches_every_channel(backend: Backend) {
         [
             "order.placed",
             "order.paid",
-            "payment.captured",
             "order.ready_to_ship",
+            "payment.captured",
             "order.fulfilled"
-        ]
+        ],
+        "authorized at checkout, captured when it ships"
     );
     let sequences: Vec<i64> = fulfilled.iter().map(|e| e.sequence).collect();
     assert_eq!(sequences, [1, 2, 3, 4, 5]);
     assert_eq!(fulfilled[4].data["order"]["status"], "fulfilled");
-    assert_eq!(fulfilled[1].data["order"]["payment"]["state"], "captured");
+    assert_eq!(fulfilled[1].data["order"]["payment"]["state"], "authorized");
+    assert_eq!(fulfilled[3].data["order"]["payment"]["state"], "captured");
+    assert_eq!(
+        fulfilled[3].data["order"]["payment"]["captured_amount"].to_string(),
+        "12.50"
+    );
     assert_eq!(fulfilled[0].data["order"]["total_amount"].to_string(), "12.50");
     let cancelled = of_order(&events, &declined);
     let types: Vec<&str> = cancelled.iter().map(|e| e.event_type.as_str()).collect();

@@ -62,11 +62,14 @@ async fn progress_is_visible_on_the_order(backend: Backend) {
     assert_eq!(after["payment"]["provider"], "sandbox");
     assert_eq!(after["payment"]["attempts"], 3, "two transient failures are visible");
     assert_eq!(after["payment"]["amount"].to_string(), "20.00");
+    assert_eq!(after["payment"]["authorized_amount"].to_string(), "20.00");
+    assert_eq!(after["payment"]["captured_amount"].to_string(), "20.00");
+    assert_eq!(after["payment"]["refunded_amount"].to_string(), "0.00");
     assert!(
         after["payment"]["provider_reference"]
             .as_str()
             .unwrap()
-            .starts_with("ch_")
+            .starts_with("pi_")
     );
     let mut sent: Vec<String> = after["notifications"]
         .as_array()
@@ -206,7 +209,11 @@ async fn cancellation_over_http(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(body["status"], "cancelled");
-    assert_eq!(body["payment"]["state"], "refunded");
+    assert_eq!(
+        body["payment"]["state"], "voided",
+        "cancelled before shipping: the authorization is released, nothing was captured"
+    );
+    assert_eq!(body["payment"]["captured_amount"].to_string(), "0.00");
     assert_eq!(
         app.available(&product).await,
         8,

@@ -182,19 +182,20 @@ async fn scenario_counts_are_exact(backend: Backend) {
     );
     assert_eq!(step("orderflow_step_dead_jobs", "fulfil_order"), 0.0);
     // Payments.
-    let payments = |outcome| {
+    let payments = |operation, outcome| {
         m.value(
             "orderflow_payments_total",
-            &[("operation", "charge"), ("outcome", outcome)],
+            &[("operation", operation), ("outcome", outcome)],
         )
     };
-    assert_eq!(payments("succeeded"), 3.0);
-    assert_eq!(payments("declined"), 1.0);
-    assert_eq!(payments("unavailable"), 3.0);
+    assert_eq!(payments("authorize", "succeeded"), 3.0);
+    assert_eq!(payments("authorize", "declined"), 1.0);
+    assert_eq!(payments("authorize", "unavailable"), 3.0);
+    assert_eq!(payments("capture", "succeeded"), 3.0, "captured as each order shipped");
     assert_eq!(
         m.value(
             "orderflow_payment_provider_duration_seconds_count",
-            &[("operation", "charge")]
+            &[("operation", "authorize")]
         ),
         7.0
     );

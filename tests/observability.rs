@@ -253,8 +253,8 @@ async fn one_correlation_id_finds_the_whole_story_of_an_order() {
     command
         .args(["--region", REGION, "--otlp-endpoint", &collector_url])
         .args(["serve", "--listen", "127.0.0.1:0", "--job-backoff", "50ms"])
-        .args(["--payment-provider", "http", "--payment-url", &provider.url])
-        .args(["--payment-api-key", PROVIDER_KEY, "--notifier", "file", "--mail-dir"])
+        .args(["--payment-provider", "stripe", "--stripe-api-base", &provider.url])
+        .args(["--stripe-secret-key", PROVIDER_KEY, "--notifier", "file", "--mail-dir"])
         .arg(mail.path())
         // Export spans every 100 ms instead of every 5 s.
         .env("OTEL_BSP_SCHEDULE_DELAY", "100");
@@ -373,22 +373,18 @@ async fn one_correlation_id_finds_the_whole_story_of_an_order() {
         }
     }
 
-    // The provider received the id (and the trace context) on the charge call.
+    // The provider received the id (and the trace context) on the authorize call.
     let provider_lines = provider.logs.json();
     let charge = provider_lines
         .iter()
-        .find(|l| text(l, "message").as_deref() == Some("sandbox charge"))
+        .find(|l| text(l, "message").as_deref() == Some("sandbox payment_intent create"))
         .unwrap_or_else(|| panic!("the provider logged no charge: {provider_lines:#?}"));
     assert_eq!(
         text(charge, "correlation_id").as_deref(),
         Some(correlation_id.as_str()),
         "{charge}"
     );
-    assert_eq!(
-        text(charge, "reference").as_deref(),
-        Some(order_id.as_str()),
-        "{charge}"
-    );
+    assert_eq!(text(charge, "order_id").as_deref(), Some(order_id.as_str()), "{charge}");
     let traceparent = text(charge, "traceparent").expect("the provider call carries traceparent");
     assert!(
         traceparent.starts_with(&format!("00-{trace_id}-")),
@@ -435,7 +431,7 @@ async fn one_correlation_id_finds_the_whole_story_of_an_order() {
                 .all(|step| names.iter().any(|n| *n == format!("step {step}")))
             && names.iter().any(|n| n == "store.place_order")
             && names.iter().filter(|n| *n == "store.complete_job").count() >= STEPS.len()
-            && names.iter().any(|n| n == "POST /v1/charges");
+            && names.iter().any(|n| n == "POST /v1/payment_intents");
         complete.then_some(spans)
     })
     .await;

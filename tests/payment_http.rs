@@ -1,7 +1,9 @@
-//! The HTTP payment adapter against the sandbox served over real HTTP, on SQLite and PostgreSQL:
-//! the saga's outcomes for the sandbox tokens across a network hop (a genuine client-side timeout
-//! for `tok_timeout`, still exactly one charge), the outage and its replay, the headers the adapter
-//! sends, and how answers are classified.
+//! The saga over HTTP in Stripe's protocol: the Stripe client against the sandbox served by
+//! `sandbox_server`, on SQLite and PostgreSQL. The sandbox tokens' outcomes across a network hop
+//! (a genuine client-side timeout for `tok_timeout`, still exactly one PaymentIntent), authorize at
+//! checkout and capture on fulfilment, declines, the outage and its replay. (The client's headers
+//! and error classification: tests/stripe_localstripe.rs; the server's protocol:
+//! tests/sandbox_stripe.rs.)
 
 mod common;
 
@@ -13,10 +15,9 @@ use std::time::Duration;
 
 use common::{Backend, TestDb};
 use orderflow::adapters::notify::FileNotifier;
-use orderflow::adapters::payment::http::{HttpProvider, classify_failure};
 use orderflow::adapters::payment::sandbox::Sandbox;
 use orderflow::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
-use orderflow::adapters::payment::{ChargeRequest, PaymentError, PaymentProvider, RefundRequest};
+use orderflow::adapters::payment::stripe::{StripeClient, StripeSettings};
 use orderflow::clock;
 use orderflow::domain::{Cart, CartLine, CustomerId, OrderId, OrderStatus, PaymentToken, ProductId, Quantity};
 use orderflow::queue::Runner;
@@ -34,7 +35,6 @@ on_both_backends!(
     timeout_over_http_charges_exactly_once,
     decline_over_http_cancels_without_a_charge,
     outage_over_http_dead_letters_then_replay_fulfils,
-    adapter_sends_idempotency_key_and_api_key,
 );
 
 const API_KEY: &str = "sk_test_orderflow_http";
@@ -47,7 +47,6 @@ const TIMEOUT_ANSWER_DELAY: Duration = Duration::from_secs(2);
 /// through the HTTP adapter.
 struct HttpPipeline {
     store: Arc<dyn Store>,
-    provider: Arc<HttpProvider>,
     runner: Arc<Runner>,
     /// The sandbox server's base URL.
     url: String,
@@ -82,15 +81,21 @@ impl HttpPipeline {
             },
         ));
 
-        let provider = Arc::new(HttpProvider::new(&url, Some(API_KEY.into()), CLIENT_TIMEOUT).unwrap());
+        let provider = Arc::new(
+            StripeClient::new(StripeSettings {
+                api_base: url.clone(),
+                secret_key: API_KEY.into(),
+                timeout: CLIENT_TIMEOUT,
+            })
+            .unwrap(),
+        );
         let mail = tempfile::tempdir().unwrap();
         let notifier = Arc::new(FileNotifier::new(mail.path().to_path_buf(), "shop@example.com".into()));
-        let runner = common::saga_runner(&store, provider.clone(), notifier);
+        let runner = common::saga_runner(&store, provider, notifier);
 
         let (product, customer) = common::seed_lamp_and_buyer(store.as_ref(), "buyer@example.com").await;
         HttpPipeline {
             store,
-            provider,
             runner,
             url,
             client: reqwest::Client::new(),
@@ -139,12 +144,12 @@ impl HttpPipeline {
         (product.on_hand, product.reserved)
     }
 
-    /// The provider's ledger for an order, read over HTTP.
-    async fn charges(&self, reference: &str) -> Vec<Value> {
+    /// The provider's PaymentIntents for an order, read over HTTP in Stripe's protocol.
+    async fn intents(&self, order: &str) -> Vec<Value> {
         let response = self
             .client
-            .get(format!("{}/v1/charges", self.url))
-            .query(&[("reference", reference)])
+            .get(format!("{}/v1/payment_intents", self.url))
+            .query(&[("limit", "100")])
             .bearer_auth(API_KEY)
             .send()
             .await
@@ -152,7 +157,25 @@ impl HttpPipeline {
         assert_eq!(response.status(), StatusCode::OK);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["object"], "list");
-        body["data"].as_array().unwrap().clone()
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|intent| intent["metadata"]["order_id"] == order)
+            .cloned()
+            .collect()
+    }
+
+    /// Create calls the sandbox counted for an intent (its books).
+    async fn calls(&self, order: OrderId) -> Vec<i32> {
+        let books: &dyn SandboxBooks = self.store.as_ref();
+        books
+            .intents_for(&order.to_string())
+            .await
+            .unwrap()
+            .iter()
+            .map(|i| i.calls)
+            .collect()
     }
 
     async fn set_outage(&self, active: bool) {
@@ -206,23 +229,23 @@ async fn visa_over_http_is_fulfilled_with_one_charge(backend: Backend) {
     p.drain().await;
     assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
     assert_eq!(p.stock().await, (97, 0));
-    let charges = p.charges(&order.to_string()).await;
-    assert_eq!(charges.len(), 1, "{charges:?}");
-    assert_eq!(charges[0]["amount_minor"], 7500);
-    assert_eq!(charges[0]["calls"], 1);
-    assert_eq!(charges[0]["state"], "succeeded");
-    assert_eq!(
-        charges[0]["idempotency_key"],
-        orderflow::workflow::steps::charge_key(order)
-    );
+    let intents = p.intents(&order.to_string()).await;
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    assert_eq!(intents[0]["amount"], 7500);
+    assert_eq!(intents[0]["amount_received"], 7500, "captured when fulfilled");
+    assert_eq!(intents[0]["capture_method"], "manual", "authorized at checkout");
+    assert_eq!(intents[0]["status"], "succeeded");
+    assert_eq!(p.calls(order).await, [1]);
     let payment = p.store.payment(order).await.unwrap().unwrap();
+    assert_eq!(payment.idempotency_key, orderflow::workflow::steps::charge_key(order));
     assert_eq!(
         (
             payment.provider.as_str(),
             payment.state.as_str(),
-            payment.provider_ref.as_deref()
+            payment.provider_ref.as_deref(),
+            payment.captured_minor
         ),
-        ("http", "captured", charges[0]["id"].as_str())
+        ("stripe", "captured", intents[0]["id"].as_str(), 7500)
     );
     assert_eq!(p.charge_job(order).await.attempts, 1);
     assert_eq!(
@@ -239,9 +262,9 @@ async fn timeout_over_http_charges_exactly_once(backend: Backend) {
     p.drain().await;
     let elapsed = started.elapsed();
     assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
-    let charges = p.charges(&order.to_string()).await;
-    assert_eq!(charges.len(), 1, "the retry found the first charge");
-    assert_eq!(charges[0]["calls"], 2, "two calls, one charge");
+    let intents = p.intents(&order.to_string()).await;
+    assert_eq!(intents.len(), 1, "the retry found the first intent");
+    assert_eq!(p.calls(order).await, [2], "two calls, one intent");
     let job = p.charge_job(order).await;
     assert_eq!(job.attempts, 2);
     assert!(elapsed >= CLIENT_TIMEOUT, "{elapsed:?}");
@@ -260,13 +283,12 @@ async fn timeout_over_http_charges_exactly_once(backend: Backend) {
     assert_eq!(record.errors.len(), 1, "{:?}", record.errors);
     // A client-side timeout, not the server's (late) 504: the client really gave up.
     let first = &record.errors[0].error;
-    let client_timeout = format!("timed out after {} ms", CLIENT_TIMEOUT.as_millis());
     assert!(
-        first.contains(&client_timeout) && !first.contains("504"),
+        first.contains("timed out") && !first.contains("504"),
         "the first attempt failed with a client-side timeout: {first}"
     );
     let payment = p.store.payment(order).await.unwrap().unwrap();
-    assert_eq!(payment.provider_ref.as_deref(), charges[0]["id"].as_str());
+    assert_eq!(payment.provider_ref.as_deref(), intents[0]["id"].as_str());
     p.assert_audit_clean().await;
 }
 
@@ -276,7 +298,13 @@ async fn decline_over_http_cancels_without_a_charge(backend: Backend) {
     p.drain().await;
     assert_eq!(p.status(order).await, OrderStatus::Cancelled);
     assert_eq!(p.stock().await, (100, 0), "stock available again");
-    assert!(p.charges(&order.to_string()).await.is_empty());
+    let intents = p.intents(&order.to_string()).await;
+    assert_eq!(intents.len(), 1);
+    assert_eq!(
+        (&intents[0]["status"], &intents[0]["amount_received"]),
+        (&json!("requires_payment_method"), &json!(0)),
+        "the declined intent, nothing taken"
+    );
     let payment = p.store.payment(order).await.unwrap().unwrap();
     assert_eq!(payment.state, "declined");
     assert_eq!(payment.detail.as_deref(), Some("card_declined"));
@@ -305,7 +333,10 @@ async fn outage_over_http_dead_letters_then_replay_fulfils(backend: Backend) {
     assert_eq!(dead.items[0].attempts, 3);
     let last_error = dead.items[0].last_error.as_deref().unwrap();
     assert!(last_error.contains("503"), "{last_error}");
-    assert!(p.charges(&order.to_string()).await.is_empty());
+    assert!(
+        p.intents(&order.to_string()).await.is_empty(),
+        "the outage booked nothing"
+    );
 
     p.set_outage(false).await;
     let replayed = p
@@ -316,240 +347,7 @@ async fn outage_over_http_dead_letters_then_replay_fulfils(backend: Backend) {
     assert_eq!(replayed, 1);
     p.drain().await;
     assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
-    let charges = p.charges(&order.to_string()).await;
-    assert_eq!(charges.len(), 1);
-    assert_eq!(charges[0]["calls"], 1, "the outage charged nothing");
+    assert_eq!(p.intents(&order.to_string()).await.len(), 1);
+    assert_eq!(p.calls(order).await, [1], "the outage booked nothing");
     p.assert_audit_clean().await;
-}
-
-async fn adapter_sends_idempotency_key_and_api_key(backend: Backend) {
-    let p = HttpPipeline::new(backend).await;
-    let reference = format!("direct-{}", uuid::Uuid::now_v7().simple());
-    let request = ChargeRequest {
-        idempotency_key: format!("key-{reference}"),
-        amount_minor: 1234,
-        currency: "USD".into(),
-        token: "tok_visa".into(),
-        reference: reference.clone(),
-        correlation_id: Some("corr-direct".into()),
-    };
-    let first = p.provider.charge(&request).await.unwrap();
-    let second = p.provider.charge(&request).await.unwrap();
-    assert!(first.starts_with("ch_"), "{first}");
-    assert_eq!(first, second, "the same Idempotency-Key finds the same charge");
-    let other = p
-        .provider
-        .charge(&ChargeRequest {
-            idempotency_key: format!("other-{reference}"),
-            ..request.clone()
-        })
-        .await
-        .unwrap();
-    assert_ne!(other, first, "a new key is a new charge");
-    let charges = p.charges(&reference).await;
-    assert_eq!(charges.len(), 2);
-    let by_key = charges
-        .iter()
-        .find(|c| c["idempotency_key"] == request.idempotency_key.as_str())
-        .unwrap();
-    assert_eq!(
-        (by_key["id"].as_str(), &by_key["calls"]),
-        (Some(first.as_str()), &json!(2))
-    );
-
-    // Refunds: idempotent too, and unknown charges are rejected.
-    let refund = RefundRequest {
-        idempotency_key: format!("refund-{reference}"),
-        charge_id: first.clone(),
-        amount_minor: 1234,
-        correlation_id: None,
-    };
-    let refunded = p.provider.refund(&refund).await.unwrap();
-    assert!(refunded.starts_with("re_"), "{refunded}");
-    assert_eq!(p.provider.refund(&refund).await.unwrap(), refunded);
-    let charges = p.charges(&reference).await;
-    let by_key = charges.iter().find(|c| c["id"] == first.as_str()).unwrap();
-    assert_eq!(by_key["state"], "refunded");
-    let missing = p
-        .provider
-        .refund(&RefundRequest {
-            idempotency_key: format!("refund-missing-{reference}"),
-            charge_id: "ch_missing".into(),
-            ..refund.clone()
-        })
-        .await;
-    assert!(matches!(missing, Err(PaymentError::Rejected(_))), "{missing:?}");
-
-    // Declines and bad requests over the wire.
-    let declined = p
-        .provider
-        .charge(&ChargeRequest {
-            idempotency_key: format!("declined-{reference}"),
-            token: "tok_chargeDeclined".into(),
-            ..request.clone()
-        })
-        .await;
-    assert_eq!(declined, Err(PaymentError::Declined("card_declined".into())));
-    let zero = p
-        .provider
-        .charge(&ChargeRequest {
-            idempotency_key: format!("zero-{reference}"),
-            amount_minor: 0,
-            ..request.clone()
-        })
-        .await;
-    assert!(matches!(zero, Err(PaymentError::Rejected(_))), "{zero:?}");
-
-    // Without the header, the server refuses: so the adapter's calls above did send it.
-    let raw = p
-        .client
-        .post(format!("{}/v1/charges", p.url))
-        .bearer_auth(API_KEY)
-        .json(&json!({ "amount": 100, "currency": "USD", "source": "tok_visa", "reference": reference }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
-    let body: Value = raw.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "missing_idempotency_key");
-
-    // The API key is required and checked; a wrong one is a configuration error, not retried.
-    let wrong = HttpProvider::new(&p.url, Some("sk_wrong".into()), CLIENT_TIMEOUT).unwrap();
-    let refused = wrong
-        .charge(&ChargeRequest {
-            idempotency_key: format!("wrong-key-{reference}"),
-            ..request.clone()
-        })
-        .await;
-    match refused {
-        Err(PaymentError::Rejected(message)) => {
-            assert!(message.contains("401"), "{message}");
-            assert!(!message.contains("sk_wrong"), "the key never shows: {message}");
-        }
-        other => panic!("expected a rejection, got {other:?}"),
-    }
-    assert!(!format!("{wrong:?}").contains("sk_wrong"));
-    let anonymous = p
-        .client
-        .get(format!("{}/v1/charges?reference={reference}", p.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(p.charges(&reference).await.len(), 2, "refused calls charged nothing");
-}
-
-#[tokio::test]
-async fn connection_failures_are_transient() {
-    // A port nothing listens on.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
-    let provider = HttpProvider::new(&url, None, Duration::from_secs(2)).unwrap();
-    let result = provider
-        .charge(&ChargeRequest {
-            idempotency_key: "k".into(),
-            amount_minor: 100,
-            currency: "USD".into(),
-            token: "tok_visa".into(),
-            reference: "r".into(),
-            correlation_id: None,
-        })
-        .await;
-    assert!(matches!(result, Err(PaymentError::Transient(_))), "{result:?}");
-}
-
-#[tokio::test]
-async fn a_silent_provider_times_out_as_transient() {
-    // Accepts connections but never answers.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut sockets = Vec::new();
-        loop {
-            let (socket, _) = listener.accept().await.unwrap();
-            sockets.push(socket);
-        }
-    });
-    let provider = HttpProvider::new(&url, None, Duration::from_millis(200)).unwrap();
-    let result = provider
-        .refund(&RefundRequest {
-            idempotency_key: "k".into(),
-            charge_id: "ch_1".into(),
-            amount_minor: 100,
-            correlation_id: None,
-        })
-        .await;
-    match result {
-        Err(PaymentError::Transient(message)) => assert!(message.contains("timed out"), "{message}"),
-        other => panic!("expected a timeout, got {other:?}"),
-    }
-    held.abort();
-}
-
-#[test]
-fn status_codes_map_to_payment_errors() {
-    let error = |code: &str| json!({ "error": { "code": code, "message": "m" } }).to_string();
-    let classify = |status: u16, body: &str| classify_failure(StatusCode::from_u16(status).unwrap(), body.as_bytes());
-    assert_eq!(
-        classify(402, &error("card_declined")),
-        PaymentError::Declined("card_declined".into())
-    );
-    assert_eq!(
-        classify(402, &error("insufficient_funds")),
-        PaymentError::Declined("insufficient_funds".into())
-    );
-    assert_eq!(
-        classify(402, "not json"),
-        PaymentError::Declined("card_declined".into())
-    );
-    assert_eq!(
-        classify(
-            402,
-            &json!({ "error": { "code": "card_declined", "decline_code": "stolen_card" } }).to_string()
-        ),
-        PaymentError::Declined("stolen_card".into())
-    );
-    for status in [408, 409, 429, 500, 502, 503, 504, 599] {
-        match classify(status, &error("x")) {
-            PaymentError::Transient(message) => {
-                assert!(message.contains(&status.to_string()), "{message}")
-            }
-            other => panic!("{status}: {other:?}"),
-        }
-    }
-    for status in [400, 401, 403, 404, 405, 410, 422, 301, 302] {
-        match classify(status, &error("bad")) {
-            PaymentError::Rejected(message) => {
-                assert!(message.contains(&status.to_string()), "{message}");
-                assert!(message.contains("bad"), "{message}");
-            }
-            other => panic!("{status}: {other:?}"),
-        }
-    }
-    // Unstructured bodies are kept, shortened.
-    match classify(503, &"x".repeat(5000)) {
-        PaymentError::Transient(message) => assert!(message.len() < 400, "{}", message.len()),
-        other => panic!("{other:?}"),
-    }
-}
-
-#[test]
-fn constructor_validates_configuration() {
-    let ok = HttpProvider::new("http://127.0.0.1:9/", Some("sk_secret".into()), Duration::from_secs(1)).unwrap();
-    assert_eq!(ok.name(), "http");
-    assert_eq!(ok.base_url(), "http://127.0.0.1:9");
-    assert!(!format!("{ok:?}").contains("sk_secret"));
-    assert_eq!(ok.with_name("acmepay").name(), "acmepay");
-    let prefixed = HttpProvider::new("http://127.0.0.1:9/psp/", None, Duration::from_secs(1)).unwrap();
-    assert_eq!(prefixed.base_url(), "http://127.0.0.1:9/psp");
-    for bad in ["https://example.com", "ftp://x", "not a url", "http://h/?q=1"] {
-        assert!(HttpProvider::new(bad, None, Duration::from_secs(1)).is_err(), "{bad}");
-    }
-    assert!(HttpProvider::new("http://h", None, Duration::ZERO).is_err());
-    assert!(HttpProvider::new("http://h", Some(" ".into()), Duration::from_secs(1)).is_err());
-    let bad_key = HttpProvider::new("http://h", Some("sk\nsecret".into()), Duration::from_secs(1))
-        .unwrap_err()
-        .to_string();
-    assert!(!bad_key.contains("secret"), "{bad_key}");
 }

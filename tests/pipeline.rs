@@ -141,16 +141,34 @@ async fn visa_order_is_fulfilled_exactly_once(backend: Backend) {
 
     assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
     assert_eq!(p.stock().await, (97, 0), "reserved stock became sold stock");
-    let charges = p.sandbox.books().charges_for(&order.to_string()).await.unwrap();
-    assert_eq!(charges.len(), 1);
-    assert_eq!((charges[0].amount_minor, charges[0].calls), (7500, 1));
+    let intents = p.sandbox.books().intents_for(&order.to_string()).await.unwrap();
+    assert_eq!(intents.len(), 1);
+    assert_eq!(
+        (intents[0].amount_minor, intents[0].captured_minor, intents[0].calls),
+        (7500, 7500, 1),
+        "authorized at checkout, captured in full when fulfilled, one call"
+    );
+    assert_eq!(
+        (intents[0].capture_method.as_str(), intents[0].status.as_str()),
+        ("manual", "succeeded")
+    );
     let payment = p.store.payment(order).await.unwrap().unwrap();
     assert_eq!(
-        (payment.state.as_str(), payment.provider_ref.as_deref()),
-        ("captured", Some(charges[0].id.as_str()))
+        (
+            payment.state.as_str(),
+            payment.provider_ref.as_deref(),
+            payment.captured_minor
+        ),
+        ("captured", Some(intents[0].id.as_str()), 7500)
     );
     let events = p.events(order).await;
-    for kind in ["order_placed", "payment_captured", "inventory_committed", "fulfilled"] {
+    for kind in [
+        "order_placed",
+        "payment_authorized",
+        "inventory_committed",
+        "payment_captured",
+        "fulfilled",
+    ] {
         assert_eq!(
             events.iter().filter(|e| *e == kind).count(),
             1,
@@ -187,14 +205,14 @@ async fn declined_payment_cancels_and_releases_stock(backend: Backend) {
     p.drain().await;
     assert_eq!(p.status(order).await, OrderStatus::Cancelled);
     assert_eq!(p.stock().await, (100, 0), "stock available again");
-    assert!(
-        p.sandbox
-            .books()
-            .charges_for(&order.to_string())
-            .await
-            .unwrap()
-            .is_empty(),
-        "no charge left standing"
+    let intents = p.sandbox.books().intents_for(&order.to_string()).await.unwrap();
+    assert_eq!(
+        intents
+            .iter()
+            .map(|i| (i.status.as_str(), i.captured_minor))
+            .collect::<Vec<_>>(),
+        [("requires_payment_method", 0)],
+        "the declined intent, nothing taken"
     );
     assert_eq!(p.store.payment(order).await.unwrap().unwrap().state, "declined");
     assert!(p.events(order).await.contains(&"payment_declined".to_string()));
@@ -207,9 +225,9 @@ async fn ambiguous_timeout_charges_once(backend: Backend) {
     let order = p.place("tok_timeout", 1).await;
     p.drain().await;
     assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
-    let charges = p.sandbox.books().charges_for(&order.to_string()).await.unwrap();
-    assert_eq!(charges.len(), 1, "the retry found the first charge");
-    assert_eq!(charges[0].calls, 2, "two calls, one charge");
+    let intents = p.sandbox.books().intents_for(&order.to_string()).await.unwrap();
+    assert_eq!(intents.len(), 1, "the retry found the first intent");
+    assert_eq!(intents[0].calls, 2, "two calls, one intent");
     let charge_job = p
         .store
         .jobs_for_order(order)
@@ -237,7 +255,7 @@ async fn flaky_provider_succeeds_after_retries(backend: Backend) {
         .unwrap();
     assert_eq!(charge_job.attempts, 3, "two transient failures, then success");
     assert_eq!(
-        p.sandbox.books().charges_for(&order.to_string()).await.unwrap().len(),
+        p.sandbox.books().intents_for(&order.to_string()).await.unwrap().len(),
         1
     );
     p.assert_audit_clean().await;
@@ -317,11 +335,11 @@ async fn cancel_before_payment_releases_stock(backend: Backend) {
     assert!(
         p.sandbox
             .books()
-            .charges_for(&order.to_string())
+            .intents_for(&order.to_string())
             .await
             .unwrap()
             .is_empty(),
-        "the charge step saw the cancel"
+        "the payment step saw the cancel"
     );
     assert_eq!(p.mails(), [format!("cancellation.{order}.eml")]);
     assert_eq!(
@@ -359,10 +377,14 @@ async fn cancel_after_payment_refunds_and_releases(backend: Backend) {
         (100, 0),
         "stock back whether or not it had been committed"
     );
-    let charges = p.sandbox.books().charges_for(&order.to_string()).await.unwrap();
-    assert_eq!((charges.len(), charges[0].state.as_str()), (1, "refunded"));
-    assert_eq!(p.store.payment(order).await.unwrap().unwrap().state, "refunded");
-    assert!(p.events(order).await.contains(&"payment_refunded".to_string()));
+    let intents = p.sandbox.books().intents_for(&order.to_string()).await.unwrap();
+    assert_eq!(
+        (intents.len(), intents[0].status.as_str(), intents[0].captured_minor),
+        (1, "canceled", 0),
+        "cancelled before it shipped: the authorization is voided, no money moved"
+    );
+    assert_eq!(p.store.payment(order).await.unwrap().unwrap().state, "voided");
+    assert!(p.events(order).await.contains(&"payment_voided".to_string()));
     assert!(p.mails().contains(&format!("cancellation.{order}.eml")));
     p.assert_audit_clean().await;
 }
@@ -464,11 +486,12 @@ async fn concurrent_runners_never_repeat_effects(backend: Backend) {
             OrderStatus::Fulfilled
         };
         assert_eq!(p.status(order).await, expected, "{token}");
-        let charges = p.sandbox.books().charges_for(&order.to_string()).await.unwrap();
+        let intents = p.sandbox.books().intents_for(&order.to_string()).await.unwrap();
+        assert_eq!(intents.len(), 1, "{token}: one intent");
         assert_eq!(
-            charges.len(),
-            usize::from(expected == OrderStatus::Fulfilled),
-            "{token}: at most one charge"
+            intents[0].captured_minor > 0,
+            expected == OrderStatus::Fulfilled,
+            "{token}: captured exactly when fulfilled"
         );
         let events = p.events(order).await;
         assert!(
@@ -514,14 +537,16 @@ async fn audit_catches_pipeline_violations(backend: Backend) {
 
     let cases = [
         (
-            "INSERT INTO sandbox_charges (id, idempotency_key, token, amount_minor, currency, reference, state, calls, created_at) \
-             SELECT 'ch_double', 'double', token, amount_minor, currency, reference, state, calls, created_at FROM sandbox_charges",
-            "DELETE FROM sandbox_charges WHERE id = 'ch_double'",
+            "INSERT INTO sandbox_intents (id, idempotency_key, payment_method, amount_minor, currency, order_id, \
+             capture_method, status, captured_minor, refunded_minor, calls, created_at, updated_at) \
+             SELECT 'pi_double', 'double', payment_method, amount_minor, currency, order_id, capture_method, status, \
+             captured_minor, refunded_minor, calls, created_at, updated_at FROM sandbox_intents WHERE status = 'succeeded'",
+            "DELETE FROM sandbox_intents WHERE id = 'pi_double'",
             "one_charge_per_order",
         ),
         (
-            "UPDATE sandbox_charges SET id = 'ch_elsewhere' WHERE state = 'succeeded'",
-            "UPDATE sandbox_charges SET id = (SELECT provider_ref FROM payments) WHERE id = 'ch_elsewhere'",
+            "UPDATE sandbox_intents SET captured_minor = captured_minor - 1 WHERE status = 'succeeded'",
+            "UPDATE sandbox_intents SET captured_minor = captured_minor + 1 WHERE status = 'succeeded'",
             "payment_in_provider_books",
         ),
         (
@@ -590,7 +615,7 @@ async fn unpaid_orders_expire_and_release_stock(backend: Backend) {
     assert!(
         p.sandbox
             .books()
-            .charges_for(&parked.to_string())
+            .intents_for(&parked.to_string())
             .await
             .unwrap()
             .is_empty(),

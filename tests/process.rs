@@ -342,19 +342,20 @@ async fn bad_configuration_is_refused_clearly() {
         "--data-dir",
         data_dir,
         "--payment-provider",
-        "http",
+        "stripe",
         "--listen",
         "127.0.0.1:0",
     ]);
     assert_eq!(code, Some(2));
-    assert!(text.contains("needs --payment-url"), "{text}");
+    assert!(text.contains("needs --stripe-secret-key"), "{text}");
     let (code, text) = run(&["--smtp-tls", "sometimes", "migrate"]);
     assert_eq!(code, Some(2));
     assert!(text.contains("--smtp-tls"), "{text}");
 }
 
-/// The HTTP payment adapter against `orderflow sandbox-provider`, both as operators run them:
-/// an ambiguous timeout over a real network hop still ends in exactly one charge.
+/// The Stripe adapter against `orderflow sandbox-provider` (the sandbox in Stripe's protocol),
+/// both as operators run them: an ambiguous timeout over a real network hop still ends in exactly
+/// one PaymentIntent, authorized then captured.
 #[tokio::test]
 async fn http_payment_provider_across_processes() {
     let shop = TestDb::new(Backend::Sqlite).await;
@@ -395,11 +396,13 @@ async fn http_payment_provider_across_processes() {
             "--job-backoff",
             "50ms",
             "--payment-provider",
-            "http",
+            "stripe",
         ])
         .args([
-            "--payment-url",
+            "--stripe-api-base",
             &format!("http://127.0.0.1:{port}"),
+            "--stripe-secret-key",
+            "sk_test_process_provider",
             "--payment-timeout",
             "500ms",
         ])
@@ -452,15 +455,28 @@ async fn http_payment_provider_across_processes() {
         }
         assert!(tokio::time::Instant::now() < deadline, "not fulfilled: {body}");
     };
-    assert_eq!(done["payment"]["provider"], "http");
+    assert_eq!(done["payment"]["provider"], "stripe");
     assert_eq!(done["payment"]["attempts"], 2, "the first call timed out");
-    let charges: Value = http
-        .get(format!("http://127.0.0.1:{port}/v1/charges?reference={order_id}"))
+    assert_eq!(done["payment"]["state"], "captured");
+    let intents: Value = http
+        .get(format!("http://127.0.0.1:{port}/v1/payment_intents?limit=100"))
+        .bearer_auth("sk_test_process_provider")
         .send_json()
         .await;
-    let charges = charges["data"].as_array().unwrap();
-    assert_eq!(charges.len(), 1, "one charge in the provider's books: {charges:?}");
-    assert_eq!(charges[0]["id"], done["payment"]["provider_reference"]);
+    let intents: Vec<&Value> = intents["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|intent| intent["metadata"]["order_id"] == order_id.as_str())
+        .collect();
+    assert_eq!(
+        intents.len(),
+        1,
+        "one PaymentIntent in the provider's books: {intents:?}"
+    );
+    assert_eq!(intents[0]["id"], done["payment"]["provider_reference"]);
+    assert_eq!(intents[0]["status"], "succeeded");
+    assert_eq!(intents[0]["amount_received"], intents[0]["amount"]);
     child.start_kill().unwrap();
     provider.start_kill().unwrap();
 }

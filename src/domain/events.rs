@@ -197,7 +197,9 @@ impl NewEvent {
 pub struct PaymentFacts {
     pub state: String,
     pub provider: String,
-    pub amount_minor: i64,
+    pub authorized_minor: i64,
+    pub captured_minor: i64,
+    pub refunded_minor: i64,
 }
 
 /// The order part of `data`: the order as `GET /orders/{id}` shows it, without its timeline and
@@ -234,10 +236,17 @@ pub fn order_data(order: &Order, payment: Option<&PaymentFacts>, event: &NewEven
         view["shipping"] = json!(shipping);
     }
     if let Some(payment) = payment {
+        let amount = |minor: i64| {
+            super::Money::from_minor(minor)
+                .unwrap_or_default()
+                .to_json_number(currency)
+        };
         view["payment"] = json!({
             "state": payment.state,
             "provider": payment.provider,
-            "amount": super::Money::from_minor(payment.amount_minor).unwrap_or_default().to_json_number(currency),
+            "authorized_amount": amount(payment.authorized_minor),
+            "captured_amount": amount(payment.captured_minor),
+            "refunded_amount": amount(payment.refunded_minor),
         });
     }
     let mut data = Map::new();

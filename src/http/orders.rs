@@ -110,12 +110,26 @@ pub struct OrderView {
 #[derive(Serialize, ToSchema)]
 #[schema(as = Payment)]
 struct PaymentView {
-    /// e.g. `authorized`, `captured`, `declined`, `refunded`.
+    /// `requires_action`, `authorized`, `captured`, `voided`, `declined`, `partially_refunded` or
+    /// `refunded`.
     state: String,
     provider: String,
+    /// The provider's PaymentIntent id.
     provider_reference: Option<String>,
+    /// The amount authorized (the order's total).
     #[schema(schema_with = schema::money_ref)]
     amount: serde_json::Number,
+    #[schema(schema_with = schema::money_ref)]
+    authorized_amount: serde_json::Number,
+    /// Taken so far: 0 until the goods leave with `--capture on-shipment`.
+    #[schema(schema_with = schema::money_ref)]
+    captured_amount: serde_json::Number,
+    #[schema(schema_with = schema::money_ref)]
+    refunded_amount: serde_json::Number,
+    /// For `requires_action`: what the customer's browser needs to finish 3-D Secure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    client_secret: Option<String>,
     /// Attempts of the payment step so far.
     attempts: i32,
     detail: Option<String>,
@@ -195,10 +209,17 @@ impl OrderView {
 
     fn with_progress(mut self, progress: Progress) -> Self {
         let currency = self.currency;
-        self.payment = progress.payment.map(|p| PaymentView {
-            amount: crate::domain::Money::from_minor(p.amount_minor)
+        let money = |minor: i64| {
+            crate::domain::Money::from_minor(minor)
                 .unwrap_or_default()
-                .to_json_number(currency),
+                .to_json_number(currency)
+        };
+        self.payment = progress.payment.map(|p| PaymentView {
+            amount: money(p.amount_minor),
+            authorized_amount: money(p.amount_minor),
+            captured_amount: money(p.captured_minor),
+            refunded_amount: money(p.refunded_minor),
+            client_secret: p.client_secret.filter(|_| p.state == "requires_action"),
             state: p.state,
             provider: p.provider,
             provider_reference: p.provider_ref,

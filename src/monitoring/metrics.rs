@@ -168,7 +168,7 @@ impl Metrics {
         });
     }
 
-    /// One call to the payment provider: `operation` is `charge` or `refund`; `outcome` one of
+    /// One call to the payment provider: `operation` is `authorize`, `capture`, `void` or `refund`; `outcome` one of
     /// `succeeded`, `declined`, `unavailable`, `rejected`.
     pub fn payment(&self, operation: &'static str, outcome: &'static str, elapsed: Duration) {
         self.with(|| {

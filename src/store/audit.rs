@@ -84,24 +84,35 @@ const CHECKS: &[Check] = &[
     },
     Check {
         name: "captured_payment_has_order",
-        invariant: "I4: a captured payment belongs to a paid or fulfilled order, or its refund is under way",
+        invariant: "I4: an authorized or captured payment belongs to a paid or fulfilled order, or its \
+                    void/refund is under way",
         sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected \
-              FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.state = 'captured' \
+              FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.state IN ('authorized', 'captured') \
               AND o.status NOT IN ('paid', 'fulfilled') AND NOT EXISTS (SELECT 1 FROM jobs j \
               WHERE j.order_id = o.id AND j.kind = 'refund_payment' AND j.state IN ('ready', 'running'))",
     },
     Check {
+        name: "refunds_within_capture",
+        invariant: "I4: no order is refunded more than was captured, nor captured more than authorized",
+        sql: "SELECT order_id AS subject, refunded_minor AS found, captured_minor AS expected FROM payments \
+              WHERE refunded_minor > captured_minor OR captured_minor > amount_minor",
+    },
+    Check {
         name: "one_charge_per_order",
-        invariant: "I4: the payment provider's books hold at most one charge per order",
+        invariant: "I4: the payment provider's books hold at most one payment intent per order",
         sql: "SELECT CAST(NULL AS uuid) AS subject, count(*) AS found, CAST(1 AS BIGINT) AS expected \
-              FROM sandbox_charges GROUP BY reference HAVING count(*) > 1",
+              FROM sandbox_intents WHERE order_id IS NOT NULL GROUP BY order_id HAVING count(*) > 1",
     },
     Check {
         name: "payment_in_provider_books",
-        invariant: "I4: every charge the shop recorded exists in the provider's books",
+        invariant: "I4: the provider's books agree with ours: every payment the shop recorded is the \
+                    provider's intent, in the matching state, with the same captured and refunded amounts",
         sql: "SELECT p.order_id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected \
-              FROM payments p WHERE p.provider = 'sandbox' AND p.state IN ('captured', 'refunded') \
-              AND NOT EXISTS (SELECT 1 FROM sandbox_charges c WHERE c.id = p.provider_ref)",
+              FROM payments p WHERE p.provider = 'sandbox' AND p.state NOT IN ('declined', 'requires_action') \
+              AND NOT EXISTS (SELECT 1 FROM sandbox_intents i WHERE i.id = p.provider_ref \
+              AND i.captured_minor = p.captured_minor AND i.refunded_minor = p.refunded_minor \
+              AND i.status = CASE p.state WHEN 'authorized' THEN 'requires_capture' WHEN 'voided' THEN 'canceled' \
+              ELSE 'succeeded' END)",
     },
     Check {
         name: "receipt_sent_or_pending",

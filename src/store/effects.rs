@@ -127,9 +127,12 @@ where
         if let Some(payment) = &effects.payment {
             sqlx::query(
                 "INSERT INTO payments (order_id, provider, idempotency_key, state, provider_ref, amount_minor, \
-                 currency, detail, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
+                 captured_minor, refunded_minor, currency, detail, client_secret, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) \
                  ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, \
                  provider_ref = coalesce(excluded.provider_ref, payments.provider_ref), \
+                 amount_minor = excluded.amount_minor, captured_minor = excluded.captured_minor, \
+                 refunded_minor = excluded.refunded_minor, client_secret = excluded.client_secret, \
                  detail = excluded.detail, updated_at = excluded.updated_at",
             )
             .bind(order)
@@ -138,8 +141,11 @@ where
             .bind(payment.state.as_str().to_string())
             .bind(payment.provider_ref.clone())
             .bind(payment.amount_minor)
+            .bind(payment.captured_minor)
+            .bind(payment.refunded_minor)
             .bind(payment.currency.clone())
             .bind(payment.detail.clone())
+            .bind(payment.client_secret.clone())
             .bind(now)
             .execute(&mut **tx)
             .await?;
@@ -182,16 +188,22 @@ where
             .bind(order)
             .fetch_all(&mut **tx)
             .await?;
-            let payment: Option<(String, String, i64)> =
-                sqlx::query_as("SELECT state, provider, amount_minor FROM payments WHERE order_id = $1")
-                    .bind(order)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            let payment = payment.map(|(state, provider, amount_minor)| PaymentFacts {
-                state,
-                provider,
-                amount_minor,
-            });
+            let payment: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
+                "SELECT state, provider, amount_minor, captured_minor, refunded_minor FROM payments WHERE order_id = $1",
+            )
+            .bind(order)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let payment =
+                payment.map(
+                    |(state, provider, authorized_minor, captured_minor, refunded_minor)| PaymentFacts {
+                        state,
+                        provider,
+                        authorized_minor,
+                        captured_minor,
+                        refunded_minor,
+                    },
+                );
             let snapshot = row.into_order(&items)?;
             let rendered = events::render(&snapshot, payment.as_ref(), &effects.emit);
             events::append(

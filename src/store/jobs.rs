@@ -66,35 +66,66 @@ pub enum InventoryAction {
     Release,
 }
 
-/// The state of an order's payment, as the shop records it.
+/// The state of an order's payment, as the shop records it (the PaymentIntents model: authorized
+/// at checkout, captured when the goods leave or at once, voided or refunded when cancelled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PaymentState {
+    /// The customer must finish 3-D Secure; the order waits.
+    RequiresAction,
+    Authorized,
     Captured,
+    /// The authorization was released; no money moved.
+    Voided,
     Declined,
+    PartiallyRefunded,
     Refunded,
 }
 
 impl PaymentState {
+    pub const ALL: [PaymentState; 7] = [
+        PaymentState::RequiresAction,
+        PaymentState::Authorized,
+        PaymentState::Captured,
+        PaymentState::Voided,
+        PaymentState::Declined,
+        PaymentState::PartiallyRefunded,
+        PaymentState::Refunded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            PaymentState::RequiresAction => "requires_action",
+            PaymentState::Authorized => "authorized",
             PaymentState::Captured => "captured",
+            PaymentState::Voided => "voided",
             PaymentState::Declined => "declined",
+            PaymentState::PartiallyRefunded => "partially_refunded",
             PaymentState::Refunded => "refunded",
         }
     }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == text)
+    }
 }
 
-/// A payment row to write (insert or update by order).
+/// A payment row to write (insert or update by order). Amounts are absolute, not deltas.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PaymentChange {
     pub provider: String,
     pub idempotency_key: String,
     pub state: PaymentState,
+    /// The provider's PaymentIntent id.
     pub provider_ref: Option<String>,
+    /// Authorized.
     pub amount_minor: i64,
+    pub captured_minor: i64,
+    pub refunded_minor: i64,
     pub currency: String,
     pub detail: Option<String>,
+    /// For [`PaymentState::RequiresAction`].
+    pub client_secret: Option<String>,
 }
 
 /// A message recorded as sent.
@@ -196,10 +227,36 @@ pub struct PaymentRecord {
     pub idempotency_key: String,
     pub state: String,
     pub provider_ref: Option<String>,
+    /// Authorized.
     pub amount_minor: i64,
+    pub captured_minor: i64,
+    pub refunded_minor: i64,
     pub currency: String,
     pub detail: Option<String>,
+    pub client_secret: Option<String>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl PaymentRecord {
+    pub fn state(&self) -> Option<PaymentState> {
+        PaymentState::parse(&self.state)
+    }
+
+    /// The record as a change to write (to move it on from here).
+    pub fn change(&self, state: PaymentState) -> PaymentChange {
+        PaymentChange {
+            provider: self.provider.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            state,
+            provider_ref: self.provider_ref.clone(),
+            amount_minor: self.amount_minor,
+            captured_minor: self.captured_minor,
+            refunded_minor: self.refunded_minor,
+            currency: self.currency.clone(),
+            detail: self.detail.clone(),
+            client_secret: None,
+        }
+    }
 }
 
 /// A message recorded for an order.
@@ -212,8 +269,8 @@ pub struct NotificationRecord {
     pub sent_at: Option<DateTime<Utc>>,
 }
 
-pub(crate) const PAYMENT_SQL: &str = "SELECT provider, idempotency_key, state, provider_ref, amount_minor, currency, detail, \
-     updated_at FROM payments WHERE order_id = $1";
+pub(crate) const PAYMENT_SQL: &str = "SELECT provider, idempotency_key, state, provider_ref, amount_minor, captured_minor, \
+     refunded_minor, currency, detail, client_secret, updated_at FROM payments WHERE order_id = $1";
 pub(crate) const NOTIFICATIONS_SQL: &str =
     "SELECT kind, state, recipient, attempts, sent_at FROM notifications WHERE order_id = $1 ORDER BY created_at, kind";
 pub(crate) const EXPIRED_SQL: &str =

@@ -26,6 +26,69 @@ pub struct RecordedCharge {
     pub first_call: bool,
 }
 
+/// A PaymentIntent as the sandbox recorded it (Stripe's model: see
+/// `adapters::payment::intents`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct SandboxIntent {
+    pub id: String,
+    pub idempotency_key: String,
+    pub payment_method: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub order_id: Option<String>,
+    /// `manual` or `automatic`.
+    pub capture_method: String,
+    /// `requires_action`, `requires_capture`, `succeeded`, `canceled`, `requires_payment_method`.
+    pub status: String,
+    pub captured_minor: i64,
+    pub refunded_minor: i64,
+    pub decline_code: Option<String>,
+    pub client_secret: Option<String>,
+    /// How many create calls carried this intent's idempotency key.
+    pub calls: i32,
+}
+
+/// A new intent, created once per idempotency key.
+#[derive(Clone, Debug)]
+pub struct NewSandboxIntent {
+    pub idempotency_key: String,
+    pub payment_method: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub order_id: Option<String>,
+    pub capture_method: &'static str,
+    /// Its status once confirmed (decided by the payment method).
+    pub status: &'static str,
+    pub decline_code: Option<String>,
+}
+
+/// A refund of a PaymentIntent as the sandbox recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct SandboxIntentRefund {
+    pub id: String,
+    pub idempotency_key: String,
+    pub intent_id: String,
+    pub amount_minor: i64,
+    pub reason: Option<String>,
+}
+
+/// What a refund call did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SandboxRefundOutcome {
+    /// Refunded (or found: the same key was used before): the refund's id and amount.
+    Refunded {
+        id: String,
+        amount_minor: i64,
+    },
+    NoSuchIntent,
+    /// The intent holds no captured money to refund.
+    NotCaptured,
+    /// More than what is left to refund (captured − refunded).
+    Exceeds {
+        refundable_minor: i64,
+    },
+}
+
 #[async_trait]
 pub trait SandboxBooks: Send + Sync {
     /// Counts a call with this idempotency key; returns how many there have been.
@@ -48,7 +111,52 @@ pub trait SandboxBooks: Send + Sync {
     ) -> StoreResult<Option<String>>;
     /// The charges made for a shop reference (an order id).
     async fn charges_for(&self, reference: &str) -> StoreResult<Vec<SandboxCharge>>;
+
+    /// Creates the intent once per idempotency key; later calls count and return the first one.
+    /// The `bool` is true for the call that created it.
+    async fn create_intent(&self, intent: &NewSandboxIntent) -> StoreResult<(SandboxIntent, bool)>;
+    async fn intent(&self, id: &str) -> StoreResult<Option<SandboxIntent>>;
+    /// Moves an intent from `from` to `to` (one conditional write), setting `captured_minor` when
+    /// given. Returns the intent as it is afterwards (unchanged when it was not in `from`).
+    async fn transition_intent(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        captured_minor: Option<i64>,
+    ) -> StoreResult<Option<SandboxIntent>>;
+    /// Refunds part of an intent's captured money, once per idempotency key.
+    async fn refund_intent(
+        &self,
+        idempotency_key: &str,
+        intent_id: &str,
+        amount_minor: i64,
+        reason: Option<&str>,
+    ) -> StoreResult<SandboxRefundOutcome>;
+    /// Intents in creation order after `after` (an intent id), at most `limit`.
+    async fn intents(&self, after: Option<&str>, limit: u32) -> StoreResult<Vec<SandboxIntent>>;
+    /// The intents made for an order (`metadata[order_id]`), oldest first.
+    async fn intents_for(&self, order_id: &str) -> StoreResult<Vec<SandboxIntent>>;
+    /// The refunds of an intent, oldest first.
+    async fn intent_refunds(&self, intent_id: &str) -> StoreResult<Vec<SandboxIntentRefund>>;
 }
+
+pub(super) const INTENT_COLUMNS: &str = "id, idempotency_key, payment_method, amount_minor, currency, order_id, \
+     capture_method, status, captured_minor, refunded_minor, decline_code, client_secret, calls";
+pub(super) const CREATE_INTENT: &str = "INSERT INTO sandbox_intents (id, idempotency_key, payment_method, amount_minor, \
+     currency, order_id, capture_method, status, captured_minor, decline_code, client_secret, calls, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $12) \
+     ON CONFLICT (idempotency_key) DO UPDATE SET calls = sandbox_intents.calls + 1 RETURNING id, calls";
+pub(super) const TRANSITION_INTENT: &str = "UPDATE sandbox_intents SET status = $1, \
+     captured_minor = coalesce($2, captured_minor), updated_at = $3 WHERE id = $4 AND status = $5";
+pub(super) const FIND_INTENT_REFUND: &str =
+    "SELECT id, amount_minor FROM sandbox_intent_refunds WHERE idempotency_key = $1";
+pub(super) const TAKE_REFUND: &str = "UPDATE sandbox_intents SET refunded_minor = refunded_minor + $1, updated_at = $2 \
+     WHERE id = $3 AND status = 'succeeded' AND refunded_minor + $1 <= captured_minor";
+pub(super) const INTENT_REFUNDS: &str = "SELECT id, idempotency_key, intent_id, amount_minor, reason \
+     FROM sandbox_intent_refunds WHERE intent_id = $1 ORDER BY id";
+pub(super) const RECORD_INTENT_REFUND: &str = "INSERT INTO sandbox_intent_refunds (id, idempotency_key, intent_id, \
+     amount_minor, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6)";
 
 pub(super) const COUNT_CALL: &str = "INSERT INTO sandbox_attempts (idempotency_key, calls) VALUES ($1, 1) \
      ON CONFLICT (idempotency_key) DO UPDATE SET calls = sandbox_attempts.calls + 1 RETURNING CAST(calls AS BIGINT)";
@@ -136,6 +244,157 @@ macro_rules! impl_sandbox_books {
             ) -> $crate::store::StoreResult<Vec<$crate::store::sandbox::SandboxCharge>> {
                 Ok(sqlx::query_as($crate::store::sandbox::CHARGES_FOR)
                     .bind(reference)
+                    .fetch_all(&self.$reader)
+                    .await?)
+            }
+
+            async fn create_intent(
+                &self,
+                intent: &$crate::store::sandbox::NewSandboxIntent,
+            ) -> $crate::store::StoreResult<($crate::store::sandbox::SandboxIntent, bool)> {
+                let now = $crate::clock::now();
+                let id = format!("pi_{}", uuid::Uuid::now_v7().simple());
+                let captured = if intent.status == "succeeded" {
+                    intent.amount_minor
+                } else {
+                    0
+                };
+                let secret = (intent.status == "requires_action")
+                    .then(|| format!("{id}_secret_{}", uuid::Uuid::now_v7().simple()));
+                let (id, calls): (String, i32) = sqlx::query_as($crate::store::sandbox::CREATE_INTENT)
+                    .bind(&id)
+                    .bind(&intent.idempotency_key)
+                    .bind(&intent.payment_method)
+                    .bind(intent.amount_minor)
+                    .bind(&intent.currency)
+                    .bind(&intent.order_id)
+                    .bind(intent.capture_method)
+                    .bind(intent.status)
+                    .bind(captured)
+                    .bind(&intent.decline_code)
+                    .bind(secret)
+                    .bind(now)
+                    .fetch_one(&self.$writer)
+                    .await?;
+                let found = self
+                    .intent(&id)
+                    .await?
+                    .ok_or_else(|| $crate::store::StoreError::Corrupt(format!("sandbox intent {id} vanished")))?;
+                Ok((found, calls == 1))
+            }
+
+            async fn intent(
+                &self,
+                id: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::store::sandbox::SandboxIntent>> {
+                Ok(sqlx::query_as(&format!(
+                    "SELECT {} FROM sandbox_intents WHERE id = $1",
+                    $crate::store::sandbox::INTENT_COLUMNS
+                ))
+                .bind(id)
+                .fetch_optional(&self.$writer)
+                .await?)
+            }
+
+            async fn transition_intent(
+                &self,
+                id: &str,
+                from: &str,
+                to: &str,
+                captured_minor: Option<i64>,
+            ) -> $crate::store::StoreResult<Option<$crate::store::sandbox::SandboxIntent>> {
+                sqlx::query($crate::store::sandbox::TRANSITION_INTENT)
+                    .bind(to)
+                    .bind(captured_minor)
+                    .bind($crate::clock::now())
+                    .bind(id)
+                    .bind(from)
+                    .execute(&self.$writer)
+                    .await?;
+                self.intent(id).await
+            }
+
+            async fn refund_intent(
+                &self,
+                idempotency_key: &str,
+                intent_id: &str,
+                amount_minor: i64,
+                reason: Option<&str>,
+            ) -> $crate::store::StoreResult<$crate::store::sandbox::SandboxRefundOutcome> {
+                use $crate::store::sandbox::SandboxRefundOutcome;
+                let mut tx = self.$writer.begin().await?;
+                let earlier: Option<(String, i64)> = sqlx::query_as($crate::store::sandbox::FIND_INTENT_REFUND)
+                    .bind(idempotency_key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some((id, amount_minor)) = earlier {
+                    return Ok(SandboxRefundOutcome::Refunded { id, amount_minor });
+                }
+                let now = $crate::clock::now();
+                let taken = sqlx::query($crate::store::sandbox::TAKE_REFUND)
+                    .bind(amount_minor)
+                    .bind(now)
+                    .bind(intent_id)
+                    .execute(&mut *tx)
+                    .await?;
+                if taken.rows_affected() != 1 {
+                    drop(tx);
+                    return Ok(match self.intent(intent_id).await? {
+                        None => SandboxRefundOutcome::NoSuchIntent,
+                        Some(intent) if intent.status != "succeeded" => SandboxRefundOutcome::NotCaptured,
+                        Some(intent) => SandboxRefundOutcome::Exceeds {
+                            refundable_minor: intent.captured_minor - intent.refunded_minor,
+                        },
+                    });
+                }
+                let id = format!("re_{}", uuid::Uuid::now_v7().simple());
+                sqlx::query($crate::store::sandbox::RECORD_INTENT_REFUND)
+                    .bind(&id)
+                    .bind(idempotency_key)
+                    .bind(intent_id)
+                    .bind(amount_minor)
+                    .bind(reason)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(SandboxRefundOutcome::Refunded { id, amount_minor })
+            }
+
+            async fn intents(
+                &self,
+                after: Option<&str>,
+                limit: u32,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::sandbox::SandboxIntent>> {
+                Ok(sqlx::query_as(&format!(
+                    "SELECT {} FROM sandbox_intents WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2",
+                    $crate::store::sandbox::INTENT_COLUMNS
+                ))
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.$reader)
+                .await?)
+            }
+
+            async fn intents_for(
+                &self,
+                order_id: &str,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::sandbox::SandboxIntent>> {
+                Ok(sqlx::query_as(&format!(
+                    "SELECT {} FROM sandbox_intents WHERE order_id = $1 ORDER BY id",
+                    $crate::store::sandbox::INTENT_COLUMNS
+                ))
+                .bind(order_id)
+                .fetch_all(&self.$reader)
+                .await?)
+            }
+
+            async fn intent_refunds(
+                &self,
+                intent_id: &str,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::sandbox::SandboxIntentRefund>> {
+                Ok(sqlx::query_as($crate::store::sandbox::INTENT_REFUNDS)
+                    .bind(intent_id)
                     .fetch_all(&self.$reader)
                     .await?)
             }

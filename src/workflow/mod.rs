@@ -6,23 +6,23 @@
 //! keys derived from the order:
 //!
 //! ```text
-//! charge_payment ─┬─ approved ─┬─ commit_inventory ── fulfil_order ── send_confirmation
-//!                 │            └─ send_receipt
-//!                 └─ declined ─── (release stock, cancel) ── send_cancellation
+//! charge_payment ─┬─ authorized ─┬─ commit_inventory ── fulfil_order (captures) ── send_confirmation
+//!  (authorize)    │              └─ send_receipt
+//!                 └─ declined ───── (release stock, cancel) ── send_cancellation
 //! cancel (API) / expiry: pending → release stock, cancel ── send_cancellation
-//!                        paid    → release stock, cancel ── refund_payment ── send_cancellation
+//!                        paid    → release stock, cancel ── refund_payment (void or refund) ── send_cancellation
 //! ```
 
 pub mod checkout;
 pub mod steps;
 
-/// Take the payment.
+/// Authorize the payment (and capture it at once with `--capture on-payment`).
 pub const CHARGE_PAYMENT: &str = "charge_payment";
 /// Reserved stock becomes sold stock.
 pub const COMMIT_INVENTORY: &str = "commit_inventory";
 /// Hand the order to fulfilment; it becomes `fulfilled`.
 pub const FULFIL_ORDER: &str = "fulfil_order";
-/// Refund a captured payment (compensation).
+/// Give a cancelled order's money back (compensation): void an authorization, refund a capture.
 pub const REFUND_PAYMENT: &str = "refund_payment";
 /// E-mail: payment received.
 pub const SEND_RECEIPT: &str = "send_receipt";

@@ -13,7 +13,11 @@ use super::{
     SEND_RECEIPT,
 };
 use crate::adapters::notify::{Message, Notifier};
-use crate::adapters::payment::{ChargeRequest, PaymentError, PaymentProvider, RefundRequest};
+use crate::adapters::payment::PaymentError;
+use crate::adapters::payment::intents::{
+    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentGateway, PaymentIntent, RefundRequest,
+    VoidRequest,
+};
 use crate::clock;
 use crate::domain::events::{EventType, NewEvent};
 use crate::domain::{Order, OrderId, OrderStatus};
@@ -25,13 +29,23 @@ use crate::store::jobs::{
 };
 use crate::store::{NewJob, Store, StoreError};
 
-/// Attempts settings for the jobs the saga enqueues.
+/// When an order's money is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaptureMode {
+    /// Authorize at checkout, capture when the goods leave (fulfilment).
+    OnShipment,
+    /// Authorize and capture at once.
+    OnPayment,
+}
+
+/// Attempts and payment settings for the jobs the saga enqueues.
 #[derive(Clone, Debug)]
 pub struct SagaSettings {
     /// Forward steps (payment, inventory, fulfilment, e-mails).
     pub max_attempts: u32,
     /// Compensations (refunds): retried much longer before a dead letter.
     pub compensation_max_attempts: u32,
+    pub capture: CaptureMode,
 }
 
 impl Default for SagaSettings {
@@ -39,6 +53,7 @@ impl Default for SagaSettings {
         Self {
             max_attempts: 3,
             compensation_max_attempts: 10,
+            capture: CaptureMode::OnShipment,
         }
     }
 }
@@ -46,7 +61,7 @@ impl Default for SagaSettings {
 /// What the steps need from the outside world.
 pub struct Saga {
     pub store: Arc<dyn Store>,
-    pub payments: Arc<dyn PaymentProvider>,
+    pub payments: Arc<dyn PaymentGateway>,
     pub notifier: Arc<dyn Notifier>,
     pub settings: SagaSettings,
     /// Where orders fulfilled/cancelled, jobs enqueued and payment calls are counted.
@@ -58,8 +73,27 @@ pub fn charge_key(order: OrderId) -> String {
     format!("orderflow-charge-{order}")
 }
 
+/// The key of capturing an order's authorized payment.
+pub fn capture_key(order: OrderId) -> String {
+    format!("orderflow-capture-{order}")
+}
+
+/// The key of voiding an order's authorization.
+pub fn void_key(order: OrderId) -> String {
+    format!("orderflow-void-{order}")
+}
+
+/// The key of refunding a cancelled order's captured payment in full.
 pub fn refund_key(order: OrderId) -> String {
     format!("orderflow-refund-{order}")
+}
+
+/// The PaymentIntent a recorded payment refers to.
+fn intent_of(payment: &crate::store::jobs::PaymentRecord) -> Result<String, StepError> {
+    payment
+        .provider_ref
+        .clone()
+        .ok_or_else(|| StepError::Fatal("the payment has no payment intent".into()))
 }
 
 impl Saga {
@@ -132,73 +166,60 @@ impl Saga {
         self.complete(job, StepEffects::default()).await.map(|_| ())
     }
 
-    async fn charge_payment(&self, job: &ClaimedJob) -> Result<(), StepError> {
-        let order = self.order(job).await?;
-        if order.status != OrderStatus::PendingPayment {
-            // Cancelled or expired before we got here: nothing to charge.
-            return self.nothing_to_do(job).await;
-        }
-        let key = charge_key(order.id);
-        let request = ChargeRequest {
-            idempotency_key: key.clone(),
-            amount_minor: order.total.minor(),
-            currency: order.currency.code().to_string(),
-            token: order.payment_token.as_str().to_string(),
-            reference: order.id.to_string(),
-            correlation_id: job.correlation_id.clone(),
-        };
-        let payment = |state, provider_ref: Option<String>, detail: Option<String>| PaymentChange {
-            provider: self.payments.name().to_string(),
-            idempotency_key: key.clone(),
-            state,
-            provider_ref,
-            amount_minor: order.total.minor(),
-            currency: order.currency.code().to_string(),
-            detail,
-        };
+    /// Times a provider call and counts its outcome (`orderflow_payments_total`).
+    async fn provider_call<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T, PaymentError>>,
+    ) -> Result<T, PaymentError> {
         let started = std::time::Instant::now();
-        let charged = self.payments.charge(&request).await;
-        let outcome = match &charged {
+        let result = call.await;
+        let outcome = match &result {
             Ok(_) => "succeeded",
             Err(PaymentError::Declined(_)) => "declined",
             Err(PaymentError::Transient(_)) => "unavailable",
             Err(PaymentError::Rejected(_)) => "rejected",
         };
-        self.metrics.payment("charge", outcome, started.elapsed());
-        match charged {
-            Ok(charge_id) => {
-                let paid = StepEffects {
-                    order_id: Some(order.id),
-                    expect_status: vec![OrderStatus::PendingPayment],
-                    new_status: Some(OrderStatus::Paid),
-                    events: vec![(
-                        "payment_captured".into(),
-                        Some(format!("{} charge {charge_id}", self.payments.name())),
-                    )],
-                    payment: Some(payment(PaymentState::Captured, Some(charge_id.clone()), None)),
-                    emit: vec![
-                        NewEvent::new(EventType::OrderPaid),
-                        NewEvent::new(EventType::PaymentCaptured),
-                    ],
-                    enqueue: vec![self.job(COMMIT_INVENTORY, order.id), self.job(SEND_RECEIPT, order.id)],
-                    ..Default::default()
-                };
-                match self.complete(job, paid).await? {
-                    CompleteOutcome::UnexpectedStatus(_) => {
-                        // Cancelled while we were charging: keep the record and give the money back.
-                        let refund = StepEffects {
-                            order_id: Some(order.id),
-                            events: vec![("payment_captured_after_cancel".into(), Some(charge_id.clone()))],
-                            payment: Some(payment(PaymentState::Captured, Some(charge_id), None)),
-                            emit: vec![NewEvent::new(EventType::PaymentCaptured)],
-                            enqueue: vec![self.job(REFUND_PAYMENT, order.id)],
-                            ..Default::default()
-                        };
-                        self.complete(job, refund).await.map(|_| ())
-                    }
-                    _ => Ok(()),
-                }
-            }
+        self.metrics.payment(operation, outcome, started.elapsed());
+        result
+    }
+
+    /// Authorizes the order's payment (capturing it at once with `--capture on-payment`).
+    async fn charge_payment(&self, job: &ClaimedJob) -> Result<(), StepError> {
+        let order = self.order(job).await?;
+        if order.status != OrderStatus::PendingPayment {
+            // Cancelled or expired before we got here: nothing to take.
+            return self.nothing_to_do(job).await;
+        }
+        let key = charge_key(order.id);
+        let capture = match self.settings.capture {
+            CaptureMode::OnPayment => CaptureMethod::Automatic,
+            CaptureMode::OnShipment => CaptureMethod::Manual,
+        };
+        let request = AuthorizeRequest {
+            idempotency_key: key.clone(),
+            amount_minor: order.total.minor(),
+            currency: order.currency.code().to_string(),
+            payment_method: order.payment_token.as_str().to_string(),
+            capture,
+            order_id: order.id.to_string(),
+            correlation_id: job.correlation_id.clone(),
+        };
+        let payment = |state, intent: Option<&PaymentIntent>, detail: Option<String>| PaymentChange {
+            provider: self.payments.name().to_string(),
+            idempotency_key: key.clone(),
+            state,
+            provider_ref: intent.map(|i| i.id.clone()),
+            amount_minor: order.total.minor(),
+            captured_minor: intent.map(|i| i.amount_captured_minor).unwrap_or(0),
+            refunded_minor: 0,
+            currency: order.currency.code().to_string(),
+            detail,
+            client_secret: intent.and_then(|i| i.client_secret.clone()),
+        };
+        let authorized = self.provider_call("authorize", self.payments.authorize(&request)).await;
+        let intent = match authorized {
+            Ok(intent) => intent,
             Err(PaymentError::Declined(reason)) => {
                 let declined = StepEffects {
                     order_id: Some(order.id),
@@ -211,16 +232,87 @@ impl Saga {
                     enqueue: vec![self.job(SEND_CANCELLATION, order.id)],
                     ..Default::default()
                 };
-                match self.complete(job, declined).await? {
+                return match self.complete(job, declined).await? {
                     CompleteOutcome::UnexpectedStatus(_) => self.nothing_to_do(job).await,
                     _ => {
                         self.metrics.orders_cancelled(CancelReason::PaymentDeclined, 1);
                         Ok(())
                     }
-                }
+                };
             }
-            Err(PaymentError::Transient(error)) => Err(StepError::Retry(error)),
-            Err(PaymentError::Rejected(error)) => Err(StepError::Fatal(error)),
+            Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
+            Err(PaymentError::Rejected(error)) => return Err(StepError::Fatal(error)),
+        };
+        let (state, emit, timeline) = match intent.status {
+            IntentStatus::RequiresCapture => (
+                PaymentState::Authorized,
+                vec![NewEvent::new(EventType::OrderPaid)],
+                "payment_authorized",
+            ),
+            IntentStatus::Succeeded => (
+                PaymentState::Captured,
+                vec![
+                    NewEvent::new(EventType::OrderPaid),
+                    NewEvent::new(EventType::PaymentCaptured),
+                ],
+                "payment_captured",
+            ),
+            IntentStatus::RequiresAction => {
+                // 3-D Secure: the customer finishes it with the client secret; the order waits
+                // (Stripe's webhook, or reservation expiry, moves it on).
+                let waiting = StepEffects {
+                    order_id: Some(order.id),
+                    expect_status: vec![OrderStatus::PendingPayment],
+                    events: vec![("payment_requires_action".into(), Some(intent.id.clone()))],
+                    payment: Some(payment(PaymentState::RequiresAction, Some(&intent), None)),
+                    ..Default::default()
+                };
+                return match self.complete(job, waiting).await? {
+                    CompleteOutcome::UnexpectedStatus(_) => self.nothing_to_do(job).await,
+                    _ => Ok(()),
+                };
+            }
+            IntentStatus::Processing => return Err(StepError::Retry("the provider is still processing".into())),
+            IntentStatus::Canceled | IntentStatus::RequiresPaymentMethod => {
+                return Err(StepError::Fatal(format!(
+                    "the provider answered a {} PaymentIntent {}",
+                    intent.status.as_str(),
+                    intent.id
+                )));
+            }
+        };
+        let paid = StepEffects {
+            order_id: Some(order.id),
+            expect_status: vec![OrderStatus::PendingPayment],
+            new_status: Some(OrderStatus::Paid),
+            events: vec![(
+                timeline.into(),
+                Some(format!("{} payment intent {}", self.payments.name(), intent.id)),
+            )],
+            payment: Some(payment(state, Some(&intent), None)),
+            emit,
+            enqueue: vec![self.job(COMMIT_INVENTORY, order.id), self.job(SEND_RECEIPT, order.id)],
+            ..Default::default()
+        };
+        match self.complete(job, paid).await? {
+            CompleteOutcome::UnexpectedStatus(_) => {
+                // Cancelled while we were authorizing: keep the record and give it back (void or
+                // refund, by the compensation).
+                let give_back = StepEffects {
+                    order_id: Some(order.id),
+                    events: vec![("payment_after_cancel".into(), Some(intent.id.clone()))],
+                    payment: Some(payment(state, Some(&intent), None)),
+                    emit: if state == PaymentState::Captured {
+                        vec![NewEvent::new(EventType::PaymentCaptured)]
+                    } else {
+                        Vec::new()
+                    },
+                    enqueue: vec![self.job(REFUND_PAYMENT, order.id)],
+                    ..Default::default()
+                };
+                self.complete(job, give_back).await.map(|_| ())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -244,25 +336,59 @@ impl Saga {
         }
     }
 
+    /// Hands the order to fulfilment; an authorized payment is captured now (the goods leave).
     async fn fulfil_order(&self, job: &ClaimedJob) -> Result<(), StepError> {
-        let id = job
-            .order_id
-            .ok_or_else(|| StepError::Fatal("job has no order".into()))?;
-        let effects = StepEffects {
-            order_id: Some(id),
+        let order = self.order(job).await?;
+        if order.status != OrderStatus::Paid {
+            return self.nothing_to_do(job).await;
+        }
+        let mut effects = StepEffects {
+            order_id: Some(order.id),
             expect_status: vec![OrderStatus::Paid],
             new_status: Some(OrderStatus::Fulfilled),
             events: vec![("fulfilled".into(), None)],
             emit: vec![NewEvent::new(EventType::OrderFulfilled)],
-            enqueue: vec![self.job(SEND_CONFIRMATION, id)],
+            enqueue: vec![self.job(SEND_CONFIRMATION, order.id)],
             ..Default::default()
         };
+        let payment = self.store.payment(order.id).await.map_err(retry)?;
+        if let Some(payment) = payment.filter(|p| p.state() == Some(PaymentState::Authorized)) {
+            let intent_id = payment
+                .provider_ref
+                .clone()
+                .ok_or_else(|| StepError::Fatal("authorized payment without a payment intent".into()))?;
+            let request = CaptureRequest {
+                idempotency_key: capture_key(order.id),
+                intent_id,
+                amount_minor: payment.amount_minor,
+                correlation_id: job.correlation_id.clone(),
+            };
+            let captured = match self.provider_call("capture", self.payments.capture(&request)).await {
+                Ok(intent) => intent,
+                Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
+                // An authorization that can no longer be captured (expired, voided elsewhere): an
+                // operator decides (cancel, or ask the customer to pay again).
+                Err(error) => return Err(StepError::Fatal(format!("capturing the payment failed: {error}"))),
+            };
+            let mut change = payment.change(PaymentState::Captured);
+            change.captured_minor = captured.amount_captured_minor;
+            effects.payment = Some(change);
+            effects.events.insert(
+                0,
+                (
+                    "payment_captured".into(),
+                    Some(format!("payment intent {}", captured.id)),
+                ),
+            );
+            effects.emit.insert(0, NewEvent::new(EventType::PaymentCaptured));
+        }
         match self.complete(job, effects).await? {
             CompleteOutcome::UnexpectedStatus(_) => self.nothing_to_do(job).await,
             _ => Ok(()),
         }
     }
 
+    /// The cancellation's compensation: void an authorization, refund a capture, in full.
     async fn refund_payment(&self, job: &ClaimedJob) -> Result<(), StepError> {
         let order = self.order(job).await?;
         if order.status == OrderStatus::Fulfilled {
@@ -278,57 +404,60 @@ impl Saga {
             enqueue: vec![self.job(SEND_CANCELLATION, order.id)],
             ..Default::default()
         };
-        match payment {
-            Some(payment) if payment.state == PaymentState::Captured.as_str() => {
-                let charge_id = payment
-                    .provider_ref
-                    .clone()
-                    .ok_or_else(|| StepError::Fatal("captured payment without a charge id".into()))?;
-                let request = RefundRequest {
-                    idempotency_key: refund_key(order.id),
-                    charge_id,
-                    amount_minor: payment.amount_minor,
+        let state = payment.as_ref().and_then(|p| p.state());
+        match (payment, state) {
+            (Some(payment), Some(PaymentState::Authorized | PaymentState::RequiresAction)) => {
+                let request = VoidRequest {
+                    idempotency_key: void_key(order.id),
+                    intent_id: intent_of(&payment)?,
                     correlation_id: job.correlation_id.clone(),
                 };
-                let started = std::time::Instant::now();
-                let refunded = self.payments.refund(&request).await;
-                let outcome = match &refunded {
-                    Ok(_) => "succeeded",
-                    Err(PaymentError::Declined(_)) => "declined",
-                    Err(PaymentError::Transient(_)) => "unavailable",
-                    Err(PaymentError::Rejected(_)) => "rejected",
+                let voided = self.provider_call("void", self.payments.void(&request)).await;
+                match voided {
+                    Ok(intent) => {
+                        effects
+                            .events
+                            .push(("payment_voided".into(), Some(format!("payment intent {}", intent.id))));
+                        effects.payment = Some(payment.change(PaymentState::Voided));
+                    }
+                    Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
+                    Err(error) => return Err(StepError::Fatal(error.to_string())),
+                }
+            }
+            (Some(payment), Some(PaymentState::Captured | PaymentState::PartiallyRefunded)) => {
+                let amount = payment.captured_minor - payment.refunded_minor;
+                let request = RefundRequest {
+                    idempotency_key: refund_key(order.id),
+                    intent_id: intent_of(&payment)?,
+                    amount_minor: amount,
+                    reason: Some("requested_by_customer".into()),
+                    correlation_id: job.correlation_id.clone(),
                 };
-                self.metrics.payment("refund", outcome, started.elapsed());
-                let refund_id = match refunded {
-                    Ok(id) => id,
+                let refund = match self.provider_call("refund", self.payments.refund(&request)).await {
+                    Ok(refund) => refund,
                     Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
                     Err(error) => return Err(StepError::Fatal(error.to_string())),
                 };
                 effects
                     .events
-                    .push(("payment_refunded".into(), Some(format!("refund {refund_id}"))));
+                    .push(("payment_refunded".into(), Some(format!("refund {}", refund.id))));
                 effects.emit.push(NewEvent::new(EventType::PaymentRefunded).with(
                     "refund",
                     json!({
-                        "refund_id": refund_id,
-                        "amount": crate::domain::Money::from_minor(payment.amount_minor)
+                        "refund_id": refund.id,
+                        "amount": crate::domain::Money::from_minor(refund.amount_minor)
                             .unwrap_or_default()
                             .to_json_number(order.currency),
                     }),
                 ));
-                effects.payment = Some(PaymentChange {
-                    provider: payment.provider,
-                    idempotency_key: payment.idempotency_key,
-                    state: PaymentState::Refunded,
-                    provider_ref: payment.provider_ref,
-                    amount_minor: payment.amount_minor,
-                    currency: payment.currency,
-                    detail: Some(format!("refund {refund_id}")),
-                });
+                let mut change = payment.change(PaymentState::Refunded);
+                change.refunded_minor = payment.refunded_minor + refund.amount_minor;
+                change.detail = Some(format!("refund {}", refund.id));
+                effects.payment = Some(change);
             }
             _ => effects
                 .events
-                .push(("cancelled".into(), Some("nothing to refund".into()))),
+                .push(("cancelled".into(), Some("nothing to give back".into()))),
         }
         self.complete(job, effects).await.map(|_| ())
     }

@@ -406,7 +406,7 @@ pub fn error_fields(problem: &Value) -> Vec<String> {
 /// queue settings (no background workers: tests drain it).
 pub fn saga_runner(
     store: &Arc<dyn Store>,
-    payments: Arc<dyn orderflow::adapters::payment::PaymentProvider>,
+    payments: Arc<dyn orderflow::adapters::payment::intents::PaymentGateway>,
     notifier: Arc<dyn orderflow::adapters::notify::Notifier>,
 ) -> Arc<orderflow::queue::Runner> {
     saga_runner_with_metrics(store, payments, notifier, Default::default())
@@ -415,7 +415,7 @@ pub fn saga_runner(
 /// [`saga_runner`] counting into `metrics` (an app's registry, so its `/metrics` shows the steps).
 pub fn saga_runner_with_metrics(
     store: &Arc<dyn Store>,
-    payments: Arc<dyn orderflow::adapters::payment::PaymentProvider>,
+    payments: Arc<dyn orderflow::adapters::payment::intents::PaymentGateway>,
     notifier: Arc<dyn orderflow::adapters::notify::Notifier>,
     metrics: orderflow::monitoring::Metrics,
 ) -> Arc<orderflow::queue::Runner> {
