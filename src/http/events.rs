@@ -345,9 +345,11 @@ async fn feed(
             return Ok(pruned(after, oldest));
         }
     }
+    // Never behind the last event returned (positions stamped between the bounds and the page
+    // read are in the page).
     let last_position = match page.last() {
         Some(last) if page.len() >= limit as usize => last.position,
-        _ => after.max(bounds.last),
+        last => after.max(bounds.last).max(last.map_or(0, |e| e.position)),
     };
     let source = state.events.source.as_str();
     let data = page
@@ -358,7 +360,7 @@ async fn feed(
     let mut response = private(Json(FeedView {
         data,
         last_position,
-        head_position: bounds.last,
+        head_position: bounds.last.max(last_position),
     }));
     if let Some(seconds) = wait
         && let Ok(value) = HeaderValue::from_str(&format!("wait={seconds}"))
