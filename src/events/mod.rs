@@ -215,8 +215,8 @@ async fn nats_loop(
     let mut known_through: Option<i64> = None;
     while !stopped(&stop) {
         let wake = stamped.notified();
-        let up_to_date = match (known_through, store.events().event_bounds().await) {
-            (Some(through), Ok(bounds)) => bounds.last <= through,
+        let up_to_date = match (known_through, store.events().last_position().await) {
+            (Some(through), Ok(last)) => last <= through,
             _ => false,
         };
         let round: anyhow::Result<Round> = if up_to_date {

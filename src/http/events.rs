@@ -326,10 +326,9 @@ async fn feed(
         let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
         while page.is_empty() && tokio::time::Instant::now() < until {
             tokio::time::sleep(POLL_EVERY.min(until - tokio::time::Instant::now())).await;
-            let now = events.event_bounds().await?;
-            if now.last > bounds.last {
-                // Bounds first, then the page: everything up to `now.last` is visible to it.
-                bounds = now;
+            if events.last_position().await? > bounds.last {
+                // Bounds first, then the page: everything up to their `last` is visible to it.
+                bounds = events.event_bounds().await?;
                 page = events.events_after(&query).await?;
             }
         }

@@ -238,6 +238,8 @@ pub trait EventStore: Send + Sync {
     /// Positioned events after `query.after`, in position order.
     async fn events_after(&self, query: &EventQuery) -> StoreResult<Vec<StoredEvent>>;
     async fn event_bounds(&self) -> StoreResult<FeedBounds>;
+    /// The largest position handed out so far: one row read (what pollers watch).
+    async fn last_position(&self) -> StoreResult<i64>;
     /// The event ids of positioned events created in `[since, until)`, oldest first.
     async fn events_by_time(
         &self,
@@ -701,10 +703,15 @@ events_sql_bounds! {
         rows.into_iter().map(StoredEvent::try_from).collect()
     }
 
-    async fn event_bounds(&self) -> StoreResult<FeedBounds> {
+    async fn last_position(&self) -> StoreResult<i64> {
         let (last,): (i64,) = sqlx::query_as("SELECT last_position FROM event_counter WHERE id = 1")
             .fetch_one(&self.read)
             .await?;
+        Ok(last)
+    }
+
+    async fn event_bounds(&self) -> StoreResult<FeedBounds> {
+        let last = self.last_position().await?;
         let (oldest,): (Option<i64>,) =
             sqlx::query_as("SELECT min(position) FROM events WHERE position IS NOT NULL")
                 .fetch_one(&self.read)
