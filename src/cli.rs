@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::adapters::notify::smtp::{SmtpNotifier, SmtpPassword, SmtpSettings};
 use crate::adapters::notify::{FileNotifier, Notifier};
-use crate::adapters::payment::intents::PaymentGateway;
+use crate::adapters::payment::intents::PaymentProvider;
 use crate::adapters::payment::sandbox::Sandbox;
 use crate::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
 use crate::adapters::payment::stripe::{StripeClient, StripeSettings};
@@ -51,7 +51,7 @@ pub async fn run() -> ExitCode {
         Command::Migrate => migrate(&cli.global).await,
         Command::Seed => seed_catalog(&cli.global).await,
         Command::Audit(args) => {
-            let code = audit(&cli.global, args).await;
+            let code = audit(&cli.global, &cli.serve, args).await;
             telemetry.shutdown().await;
             return code;
         }
@@ -93,6 +93,9 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let event_settings = Arc::new(args.events.settings()?);
+    let stripe_webhooks = Arc::new(http::stripe_webhooks::StripeWebhookSettings::new(
+        args.stripe_webhook_secret.clone(),
+    )?);
     let store = open_store(global).await?;
     let checkout = CheckoutSettings {
         currency: global.currency,
@@ -102,6 +105,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         max_attempts: args.max_attempts,
         compensation_max_attempts: args.compensation_max_attempts,
         capture: args.capture,
+        fulfilment: args.fulfilment,
     };
     if !args.no_seed && args.mode != Mode::Worker && store.is_empty().await? {
         let added = seed::load_sample_catalog(store.as_ref(), checkout.currency).await?;
@@ -172,6 +176,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         edge: Arc::new(Edge::new(args.edge.settings())),
         monitoring,
         events: event_settings.clone(),
+        stripe_webhooks,
     };
     if let Some(address) = args.monitoring.metrics_listen {
         let listener = TcpListener::bind(address)
@@ -261,7 +266,7 @@ fn notifier(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Arc<dyn Not
 }
 
 /// The payment provider configured for the pipeline.
-fn payment_provider(args: &ServeArgs, store: &Arc<dyn Store>) -> anyhow::Result<Arc<dyn PaymentGateway>> {
+fn payment_provider(args: &ServeArgs, store: &Arc<dyn Store>) -> anyhow::Result<Arc<dyn PaymentProvider>> {
     Ok(match args.payment_provider {
         PaymentProviderKind::Sandbox => {
             let books: Arc<dyn SandboxBooks> = store.clone();
@@ -269,17 +274,7 @@ fn payment_provider(args: &ServeArgs, store: &Arc<dyn Store>) -> anyhow::Result<
             sandbox.set_outage(args.sandbox_outage);
             Arc::new(sandbox)
         }
-        PaymentProviderKind::Stripe => {
-            let key = args
-                .stripe_secret_key
-                .clone()
-                .context("--payment-provider stripe needs --stripe-secret-key (ORDERFLOW_STRIPE_SECRET_KEY)")?;
-            Arc::new(StripeClient::new(StripeSettings {
-                api_base: args.stripe_api_base.clone(),
-                secret_key: key,
-                timeout: args.payment_timeout,
-            })?)
-        }
+        PaymentProviderKind::Stripe => Arc::new(stripe_client(args)?),
     })
 }
 
@@ -398,11 +393,8 @@ async fn seed_catalog(global: &GlobalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn audit(global: &GlobalArgs, args: AuditArgs) -> ExitCode {
-    let report = match open_store(global).await {
-        Ok(store) => store.audit().await.map_err(anyhow::Error::from),
-        Err(error) => Err(error),
-    };
+async fn audit(global: &GlobalArgs, serve: &ServeArgs, args: AuditArgs) -> ExitCode {
+    let report = audit_report(global, serve).await;
     match report {
         Ok(report) => {
             if args.json {
@@ -421,6 +413,34 @@ async fn audit(global: &GlobalArgs, args: AuditArgs) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The store's checks, plus — with `--payment-provider stripe` — the comparison with Stripe's books
+/// through its API (`workflow::reconcile`). Stripe unreachable is an error, never a clean report.
+async fn audit_report(global: &GlobalArgs, serve: &ServeArgs) -> anyhow::Result<store::AuditReport> {
+    let store = open_store(global).await?;
+    let mut report = store.audit().await?;
+    if serve.payment_provider == PaymentProviderKind::Stripe {
+        let stripe = stripe_client(serve)?;
+        let violations = crate::workflow::reconcile::reconcile(store.as_ref(), &stripe)
+            .await
+            .with_context(|| format!("comparing our payments with Stripe's books at {}", stripe.api_base()))?;
+        crate::workflow::reconcile::add_to_report(&mut report, violations);
+    }
+    Ok(report)
+}
+
+/// The Stripe client `--stripe-api-base`, `--stripe-secret-key` and `--payment-timeout` describe.
+fn stripe_client(args: &ServeArgs) -> anyhow::Result<StripeClient> {
+    let key = args
+        .stripe_secret_key
+        .clone()
+        .context("--payment-provider stripe needs --stripe-secret-key (ORDERFLOW_STRIPE_SECRET_KEY)")?;
+    StripeClient::new(StripeSettings {
+        api_base: args.stripe_api_base.clone(),
+        secret_key: key,
+        timeout: args.payment_timeout,
+    })
 }
 
 async fn events(global: &GlobalArgs, serve: &ServeArgs, action: EventsAction) -> anyhow::Result<()> {

@@ -44,9 +44,11 @@ pub enum Command {
     Migrate,
     /// Load the sample catalog (products whose SKU already exists are left alone).
     Seed,
-    /// Check the invariants against the database; exit 0 when all hold, 1 otherwise.
+    /// Check the invariants against the database (with `--payment-provider stripe`, also against
+    /// Stripe's books through its API); exit 0 when all hold, 1 otherwise, 2 when they could not
+    /// be checked.
     Audit(AuditArgs),
-    /// Serve the sandbox payment provider over HTTP (a Stripe-like API with test tokens), keeping
+    /// Serve the sandbox payment provider over HTTP (Stripe's PaymentIntents API with test tokens), keeping
     /// its books in the configured database.
     SandboxProvider(SandboxProviderArgs),
     /// Inspect and replay durable jobs.
@@ -407,6 +409,16 @@ pub struct ServeArgs {
     /// The Stripe secret key (`sk_…` or a restricted `rk_…`).
     #[arg(long, env = "ORDERFLOW_STRIPE_SECRET_KEY", global = true, hide_env_values = true)]
     pub stripe_secret_key: Option<String>,
+    /// The signing secret (`whsec_…`) of the Stripe webhook endpoint pointed at `POST
+    /// /webhooks/stripe`; several, comma-separated, while rolling it. Unset: that route answers 404.
+    #[arg(
+        long,
+        env = "ORDERFLOW_STRIPE_WEBHOOK_SECRET",
+        global = true,
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub stripe_webhook_secret: Vec<String>,
     /// When the money is taken: `on-shipment` (authorize at checkout, capture when fulfilled) or
     /// `on-payment` (capture at once).
     #[arg(
@@ -417,6 +429,18 @@ pub struct ServeArgs {
         default_value = "on-shipment"
     )]
     pub capture: crate::workflow::steps::CaptureMode,
+    /// Who ships: `auto` (the built-in step ships as soon as stock is committed) or `external`
+    /// (a warehouse records shipments with `POST /orders/{id}/shipments`; the order is fulfilled
+    /// when every unit has shipped). With `external`, set `--alarm-stuck-unfulfilled` to the
+    /// warehouse's promise (e.g. `48h`).
+    #[arg(
+        long,
+        env = "ORDERFLOW_FULFILMENT",
+        global = true,
+        value_enum,
+        default_value = "auto"
+    )]
+    pub fulfilment: crate::workflow::steps::FulfilmentMode,
     /// Timeout of one call to the payment provider over HTTP.
     #[arg(long, env = "ORDERFLOW_PAYMENT_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
     pub payment_timeout: Duration,

@@ -168,7 +168,7 @@ async fn cancellation_over_http(backend: Backend) {
     assert_eq!(cancelled.json::<Value>().await.unwrap()["status"], "cancelled");
     assert_eq!(app.available(&product).await, 10);
     app.drain().await;
-    assert!(app.sandbox.books().charges_for(&pending).await.unwrap().is_empty());
+    assert!(app.sandbox.books().intents_for(&pending).await.unwrap().is_empty());
     let again = app
         .post(&format!("/orders/{pending}/cancel"), Some(&token), &json!({}))
         .await;

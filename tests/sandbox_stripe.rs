@@ -2,10 +2,11 @@
 //! automatic), capture (full, partial, retried), void, partial refunds never beyond what was
 //! captured, declines booked as `requires_payment_method`, `tok_timeout` / `tok_flaky` /
 //! `tok_unavailable` ending with exactly one intent, 3-D Secure, listing — written once against
-//! `&dyn PaymentGateway` and run over two transports, on SQLite and PostgreSQL: the in-process
+//! `&dyn PaymentProvider` and run over two transports, on SQLite and PostgreSQL: the in-process
 //! [`Sandbox`], and [`StripeClient`] (the adapter for real Stripe and localstripe) talking to the
 //! sandbox served over real HTTP. Then what only the wire shows: Stripe's JSON shapes and errors,
-//! paging, the API key, and the old JSON protocol still served beside it.
+//! paging, the API key; and 3-D Secure completed the way localstripe does it (`_authenticate`),
+//! in process and over HTTP.
 
 mod common;
 
@@ -13,14 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Backend, TestDb};
-use orderflow::adapters::payment::http::HttpProvider;
+use orderflow::adapters::payment::PaymentError;
 use orderflow::adapters::payment::intents::{
-    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentGateway, RefundRequest, VoidRequest,
+    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentProvider, RefundRequest, VoidRequest,
 };
+use orderflow::adapters::payment::sandbox::AUTHENTICATION_FAILURE;
 use orderflow::adapters::payment::sandbox::Sandbox;
 use orderflow::adapters::payment::sandbox_server::{SandboxServerSettings, serve_sandbox};
 use orderflow::adapters::payment::stripe::{StripeClient, StripeSettings};
-use orderflow::adapters::payment::{self, PaymentError, PaymentProvider};
 use orderflow::store::sandbox::{SandboxBooks, SandboxIntent};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -32,7 +33,8 @@ on_both_backends!(
     intents_are_listed_in_pages,
     the_wire_speaks_stripes_shapes,
     a_wrong_api_key_is_rejected,
-    the_old_json_protocol_is_still_served,
+    three_d_secure_is_authenticated_in_process,
+    three_d_secure_is_authenticated_over_http,
 );
 
 const API_KEY: &str = "sk_test_orderflow_sandbox_stripe";
@@ -211,7 +213,7 @@ async fn booked(sandbox: &Sandbox, order: &str) -> Vec<SandboxIntent> {
 }
 
 /// The behaviour, once, whatever the transport.
-async fn behaves(gateway: &dyn PaymentGateway, sandbox: &Sandbox, transport: Transport<'_>) {
+async fn behaves(gateway: &dyn PaymentProvider, sandbox: &Sandbox, transport: Transport<'_>) {
     let mut ours: Vec<String> = Vec::new();
 
     // Manual authorize with Stripe's test PaymentMethod, full capture, retried capture.
@@ -899,6 +901,26 @@ async fn the_wire_speaks_stripes_shapes(backend: Backend) {
     let (status, body) = server.get("/v1/nothing_here").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    // The invented JSON charge protocol is gone: no charges, and a JSON refund is not a refund.
+    let (status, _) = server.get(&format!("/v1/charges?reference={order}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = server
+        .post_json("/v1/charges", Some("k-charge"), &[("amount", "100")])
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let response = server
+        .client
+        .post(format!("{}/v1/refunds", server.url))
+        .bearer_auth(API_KEY)
+        .header("Idempotency-Key", "k-json-refund")
+        .json(&json!({ "charge": "ch_1", "amount": 100 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
 }
 
 async fn a_wrong_api_key_is_rejected(backend: Backend) {
@@ -935,44 +957,287 @@ async fn a_wrong_api_key_is_rejected(backend: Backend) {
     assert_eq!(intent.status, IntentStatus::RequiresCapture);
 }
 
-async fn the_old_json_protocol_is_still_served(backend: Backend) {
-    let server = Server::start(backend).await;
-    let provider = HttpProvider::new(&server.url, Some(API_KEY.into()), Duration::from_secs(5)).unwrap();
-    let reference = new_order();
-    let charge = payment::ChargeRequest {
-        idempotency_key: format!("charge-{reference}"),
-        amount_minor: 1234,
-        currency: "USD".into(),
-        token: "tok_visa".into(),
-        reference: reference.clone(),
-        correlation_id: None,
-    };
-    let charged = provider.charge(&charge).await.unwrap();
-    assert!(charged.starts_with("ch_"), "{charged}");
-    assert_eq!(provider.charge(&charge).await.unwrap(), charged);
-    // A JSON /v1/refunds still refunds a charge (dispatch on Content-Type).
-    let refund = payment::RefundRequest {
-        idempotency_key: format!("refund-{reference}"),
-        charge_id: charged.clone(),
-        amount_minor: 1234,
-        correlation_id: None,
-    };
-    let refunded = provider.refund(&refund).await.unwrap();
-    assert!(refunded.starts_with("re_"), "{refunded}");
-    assert_eq!(provider.refund(&refund).await.unwrap(), refunded);
-    let charges = server.sandbox.books().charges_for(&reference).await.unwrap();
-    assert_eq!(charges.len(), 1);
-    assert_eq!(charges[0].state, "refunded");
-    assert_eq!(
-        provider
-            .charge(&payment::ChargeRequest {
-                idempotency_key: format!("declined-{reference}"),
-                token: "tok_chargeDeclined".into(),
-                ..charge.clone()
-            })
-            .await,
-        Err(PaymentError::Declined("card_declined".into()))
+async fn three_d_secure_is_authenticated_in_process(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let books: Arc<dyn SandboxBooks> = store;
+    let sandbox = Sandbox::new(books);
+    let wait = |order: &str, method: &str, capture: CaptureMethod| authorize(order, method, capture, 3300);
+
+    // Success with manual capture: authorized, then captured as usual.
+    let order = new_order();
+    let intent = sandbox
+        .authorize(&wait(&order, "tok_threeDSecure", CaptureMethod::Manual))
+        .await
+        .unwrap();
+    assert_eq!(intent.status, IntentStatus::RequiresAction);
+    let secret = intent.client_secret.clone().expect("a client secret");
+    assert_rejected(
+        sandbox.authenticate(&intent.id, "pi_other_secret_x", true).await,
+        "unauthorized",
     );
-    let (status, list) = server.get(&format!("/v1/charges?reference={reference}")).await;
-    assert_eq!((status, &list["object"]), (StatusCode::OK, &json!("list")));
+    assert_rejected(sandbox.authenticate(&intent.id, "", true).await, "unauthorized");
+    assert_eq!(
+        sandbox.retrieve(&intent.id).await.unwrap().status,
+        IntentStatus::RequiresAction,
+        "a wrong secret changes nothing"
+    );
+    let authenticated = sandbox.authenticate(&intent.id, &secret, true).await.unwrap();
+    assert_eq!(authenticated.status, IntentStatus::RequiresCapture);
+    assert_eq!(
+        (
+            authenticated.amount_captured_minor,
+            authenticated.client_secret.as_deref()
+        ),
+        (0, None)
+    );
+    assert_eq!(authenticated.last_error, None);
+    assert_eq!(sandbox.retrieve(&intent.id).await.unwrap(), authenticated, "durable");
+    assert_rejected(
+        sandbox.authenticate(&intent.id, &secret, true).await,
+        "payment_intent_unexpected_state",
+    );
+    assert_rejected(
+        sandbox.authenticate(&intent.id, &secret, false).await,
+        "payment_intent_unexpected_state",
+    );
+    let captured = sandbox.capture(&capture(&intent.id, 3300)).await.unwrap();
+    assert_eq!(
+        (captured.status, captured.amount_captured_minor),
+        (IntentStatus::Succeeded, 3300)
+    );
+
+    // Success with automatic capture: captured in full at once.
+    let order = new_order();
+    let intent = sandbox
+        .authorize(&wait(&order, "pm_card_threeDSecure2Required", CaptureMethod::Automatic))
+        .await
+        .unwrap();
+    let secret = intent.client_secret.clone().unwrap();
+    let authenticated = sandbox.authenticate(&intent.id, &secret, true).await.unwrap();
+    assert_eq!(
+        (authenticated.status, authenticated.amount_captured_minor),
+        (IntentStatus::Succeeded, 3300)
+    );
+    let books = &booked(&sandbox, &order).await[0];
+    assert_eq!((books.status.as_str(), books.captured_minor), ("succeeded", 3300));
+
+    // Failure: requires_payment_method with the authentication failure; nothing to capture.
+    let order = new_order();
+    let intent = sandbox
+        .authorize(&wait(&order, "tok_threeDSecure", CaptureMethod::Manual))
+        .await
+        .unwrap();
+    let secret = intent.client_secret.clone().unwrap();
+    let failed = sandbox.authenticate(&intent.id, &secret, false).await.unwrap();
+    assert_eq!(failed.status, IntentStatus::RequiresPaymentMethod);
+    assert_eq!(failed.last_error.as_deref(), Some(AUTHENTICATION_FAILURE));
+    assert_eq!(failed.amount_captured_minor, 0);
+    let books = &booked(&sandbox, &order).await[0];
+    assert_eq!(
+        (books.status.as_str(), books.decline_code.as_deref()),
+        ("requires_payment_method", Some(AUTHENTICATION_FAILURE))
+    );
+    assert_rejected(
+        sandbox.capture(&capture(&intent.id, 3300)).await,
+        "payment_intent_unexpected_state",
+    );
+    assert_rejected(
+        sandbox.authenticate(&intent.id, &secret, true).await,
+        "payment_intent_unexpected_state",
+    );
+    // Voiding what failed still works (the saga's compensation may do it).
+    assert_eq!(
+        sandbox.void(&void(&intent.id)).await.unwrap().status,
+        IntentStatus::Canceled
+    );
+
+    // Only an intent waiting for the customer can be authenticated.
+    let order = new_order();
+    let plain = sandbox
+        .authorize(&wait(&order, "pm_card_visa", CaptureMethod::Manual))
+        .await
+        .unwrap();
+    let plain_secret = booked(&sandbox, &order).await[0].client_secret.clone();
+    assert_eq!(plain_secret, None, "no client secret without 3-D Secure");
+    assert_rejected(sandbox.authenticate(&plain.id, "anything", true).await, "unauthorized");
+    assert_rejected(sandbox.authenticate("pi_doesnotexist", "x", true).await, "no such");
+}
+
+/// `POST /v1/payment_intents/{id}/_authenticate` as localstripe's Stripe.js sends it: the query's
+/// `success`, a JSON body with the browser's publishable key and the client secret.
+async fn authenticate_over_http(
+    server: &Server,
+    id: &str,
+    query: &str,
+    body: &Value,
+    bearer: bool,
+) -> (StatusCode, Value) {
+    let mut request = server
+        .client
+        .post(format!("{}/v1/payment_intents/{id}/_authenticate{query}", server.url))
+        .body(body.to_string());
+    if bearer {
+        request = request.bearer_auth(API_KEY);
+    }
+    let response = request.send().await.unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+async fn three_d_secure_is_authenticated_over_http(backend: Backend) {
+    let server = Server::start(backend).await;
+    let stripe = server.stripe(API_KEY);
+    let browser = |secret: &str| json!({ "key": "pk_test_orderflow", "client_secret": secret });
+
+    // Success from the browser (a publishable key, no API key): authorized, as Stripe answers it.
+    let order = new_order();
+    let (status, intent) = create_intent(&server, "k-3ds-ok", "tok_threeDSecure", "manual", order.clone()).await;
+    assert_eq!((status, &intent["status"]), (StatusCode::OK, &json!("requires_action")));
+    let id = intent["id"].as_str().unwrap().to_string();
+    let secret = intent["client_secret"].as_str().unwrap().to_string();
+    let (status, body) =
+        authenticate_over_http(&server, &id, "?success=true", &browser("pi_x_secret_wrong"), false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = authenticate_over_http(
+        &server,
+        &id,
+        "?success=true",
+        &json!({ "client_secret": secret }),
+        false,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "neither API key nor publishable key: {body}"
+    );
+    let (status, body) = authenticate_over_http(&server, &id, "?success=true", &json!({ "key": "pk_x" }), false).await;
+    assert_eq!(
+        (status, &body["error"]["code"], &body["error"]["param"]),
+        (
+            StatusCode::BAD_REQUEST,
+            &json!("parameter_missing"),
+            &json!("client_secret")
+        )
+    );
+    let (status, body) = authenticate_over_http(&server, &id, "?success=maybe", &browser(&secret), false).await;
+    assert_eq!(
+        (status, &body["error"]["param"]),
+        (StatusCode::BAD_REQUEST, &json!("success"))
+    );
+    let (status, body) =
+        authenticate_over_http(&server, &id, "?success=true&colour=red", &browser(&secret), false).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::BAD_REQUEST, &json!("parameter_unknown"))
+    );
+    assert_eq!(
+        stripe.retrieve(&id).await.unwrap().status,
+        IntentStatus::RequiresAction,
+        "refusals change nothing"
+    );
+    let (status, authenticated) = authenticate_over_http(&server, &id, "?success=true", &browser(&secret), false).await;
+    assert_eq!(status, StatusCode::OK, "{authenticated}");
+    assert_eq!(authenticated["object"], "payment_intent");
+    assert_eq!(authenticated["status"], "requires_capture");
+    assert_eq!(authenticated["amount_capturable"], 5000);
+    assert_eq!(authenticated["next_action"], Value::Null);
+    assert_eq!(authenticated["client_secret"], Value::Null);
+    assert_eq!(authenticated["last_payment_error"], Value::Null);
+    let (_, again) = server.get(&format!("/v1/payment_intents/{id}")).await;
+    assert_eq!(again, authenticated, "durable");
+    let retrieved = stripe.retrieve(&id).await.unwrap();
+    assert_eq!(
+        (retrieved.status, retrieved.order_id.as_deref()),
+        (IntentStatus::RequiresCapture, Some(order.as_str()))
+    );
+    let (status, body) = authenticate_over_http(&server, &id, "?success=true", &browser(&secret), false).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::BAD_REQUEST, &json!("payment_intent_unexpected_state")),
+        "a repeat is refused, as localstripe refuses it"
+    );
+
+    // Success with automatic capture, by the server with its API key and a form body.
+    let (_, intent) = create_intent(
+        &server,
+        "k-3ds-auto",
+        "pm_card_threeDSecure2Required",
+        "automatic",
+        new_order(),
+    )
+    .await;
+    let id = intent["id"].as_str().unwrap();
+    let response = server
+        .post(
+            &format!("/v1/payment_intents/{id}/_authenticate"),
+            None,
+            &[
+                ("client_secret", intent["client_secret"].as_str().unwrap()),
+                ("success", "TRUE"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let captured: Value = response.json().await.unwrap();
+    assert_eq!(
+        (&captured["status"], &captured["amount_received"]),
+        (&json!("succeeded"), &json!(5000))
+    );
+
+    // Failure: requires_payment_method, no payment method, Stripe's authentication failure; the
+    // Stripe client reads it as the decline the saga acts on.
+    let order = new_order();
+    let (_, intent) = create_intent(&server, "k-3ds-fail", "tok_threeDSecure", "manual", order.clone()).await;
+    let id = intent["id"].as_str().unwrap().to_string();
+    let secret = intent["client_secret"].as_str().unwrap().to_string();
+    let (status, failed) = authenticate_over_http(&server, &id, "?success=false", &browser(&secret), false).await;
+    assert_eq!(status, StatusCode::OK, "{failed}");
+    assert_eq!(failed["status"], "requires_payment_method");
+    assert_eq!(failed["payment_method"], Value::Null);
+    assert_eq!(failed["last_payment_error"]["code"], AUTHENTICATION_FAILURE);
+    assert_eq!(failed["last_payment_error"]["type"], "card_error");
+    assert_eq!(failed["next_action"], Value::Null);
+    let retrieved = stripe.retrieve(&id).await.unwrap();
+    assert_eq!(retrieved.status, IntentStatus::RequiresPaymentMethod);
+    assert_eq!(retrieved.last_error.as_deref(), Some(AUTHENTICATION_FAILURE));
+    assert_eq!(
+        booked(&server.sandbox, &order).await[0].status,
+        "requires_payment_method"
+    );
+
+    // No `success` at all is a failure, as in localstripe.
+    let (_, intent) = create_intent(&server, "k-3ds-none", "tok_threeDSecure", "manual", new_order()).await;
+    let id = intent["id"].as_str().unwrap();
+    let (status, failed) = authenticate_over_http(
+        &server,
+        id,
+        "",
+        &browser(intent["client_secret"].as_str().unwrap()),
+        true,
+    )
+    .await;
+    assert_eq!(
+        (status, &failed["status"]),
+        (StatusCode::OK, &json!("requires_payment_method"))
+    );
+
+    // Unknown intents; intents not waiting for the customer.
+    let (status, body) = authenticate_over_http(&server, "pi_missing", "?success=true", &browser("x"), false).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::NOT_FOUND, &json!("resource_missing"))
+    );
+    let (status, _) = authenticate_over_http(&server, "ch_missing", "?success=true", &browser("x"), false).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, plain) = create_intent(&server, "k-plain", "pm_card_visa", "manual", new_order()).await;
+    let (status, _) = authenticate_over_http(
+        &server,
+        plain["id"].as_str().unwrap(),
+        "?success=true",
+        &browser("x"),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "it has no client secret to match");
 }

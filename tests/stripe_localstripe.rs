@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use localstripe::Localstripe;
 use orderflow::adapters::payment::PaymentError;
 use orderflow::adapters::payment::intents::{
-    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentGateway, RefundRequest, VoidRequest,
+    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentProvider, RefundRequest, VoidRequest,
 };
 use orderflow::adapters::payment::stripe::{STRIPE_VERSION, StripeClient, StripeSettings};
 use serde_json::{Value, json};
@@ -641,11 +641,18 @@ async fn wire_format_of_every_call() {
         (first.method.as_str(), first.path.as_str()),
         ("GET", "/v1/payment_intents")
     );
-    assert_eq!(first.query, [("limit".to_string(), "100".to_string())]);
+    assert_eq!(
+        first.query,
+        [
+            ("limit".to_string(), "100".to_string()),
+            ("expand[]".to_string(), "data.latest_charge".to_string())
+        ]
+    );
     assert_eq!(
         second.query,
         [
             ("limit".to_string(), "100".to_string()),
+            ("expand[]".to_string(), "data.latest_charge".to_string()),
             ("starting_after".to_string(), "pi_foreign".to_string())
         ]
     );

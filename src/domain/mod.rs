@@ -6,6 +6,7 @@
 
 pub mod customer;
 pub mod events;
+pub mod fulfilment;
 pub mod ids;
 pub mod money;
 pub mod order;

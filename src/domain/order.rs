@@ -27,20 +27,24 @@ pub const PAYMENT_TOKEN_PATTERN: &str = "^[!-~]+$";
 pub enum OrderStatus {
     /// Accepted, stock reserved, payment not yet taken.
     PendingPayment,
-    /// Payment captured.
+    /// Payment authorized (or captured): stock is committed next, then the goods ship.
     Paid,
-    /// Handed to fulfilment; terminal.
+    /// Every unit has shipped (or, with `--fulfilment auto`, handed to fulfilment). Partial
+    /// refunds leave it here.
     Fulfilled,
     /// Declined, expired, cancelled by the customer or refunded; terminal.
     Cancelled,
+    /// A fulfilled order whose captured payment was refunded in full; terminal.
+    Refunded,
 }
 
 impl OrderStatus {
-    pub const ALL: [OrderStatus; 4] = [
+    pub const ALL: [OrderStatus; 5] = [
         OrderStatus::PendingPayment,
         OrderStatus::Paid,
         OrderStatus::Fulfilled,
         OrderStatus::Cancelled,
+        OrderStatus::Refunded,
     ];
 
     /// The one place that says which transitions are legal.
@@ -48,12 +52,19 @@ impl OrderStatus {
         use OrderStatus::*;
         matches!(
             (self, next),
-            (PendingPayment, Paid) | (PendingPayment, Cancelled) | (Paid, Fulfilled) | (Paid, Cancelled)
+            (PendingPayment, Paid)
+                | (PendingPayment, Cancelled)
+                | (Paid, Fulfilled)
+                | (Paid, Cancelled)
+                | (Fulfilled, Refunded)
         )
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, OrderStatus::Fulfilled | OrderStatus::Cancelled)
+        matches!(
+            self,
+            OrderStatus::Fulfilled | OrderStatus::Cancelled | OrderStatus::Refunded
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +73,7 @@ impl OrderStatus {
             OrderStatus::Paid => "paid",
             OrderStatus::Fulfilled => "fulfilled",
             OrderStatus::Cancelled => "cancelled",
+            OrderStatus::Refunded => "refunded",
         }
     }
 }
@@ -318,10 +330,11 @@ mod tests {
                 (PendingPayment, Paid),
                 (PendingPayment, Cancelled),
                 (Paid, Fulfilled),
-                (Paid, Cancelled)
+                (Paid, Cancelled),
+                (Fulfilled, Refunded)
             ]
         );
-        assert!(Fulfilled.is_terminal() && Cancelled.is_terminal());
+        assert!(Fulfilled.is_terminal() && Cancelled.is_terminal() && Refunded.is_terminal());
         assert_eq!("paid".parse::<OrderStatus>(), Ok(Paid));
     }
 

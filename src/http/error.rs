@@ -98,8 +98,8 @@ impl ApiError {
             StatusCode::BAD_REQUEST,
             "idempotency_key_missing",
             "Idempotency-Key header required",
-            "POST /orders needs an Idempotency-Key header: generate a unique value (e.g. a UUID) per \
-             checkout attempt and send the same value when retrying that attempt",
+            "this request needs an Idempotency-Key header: generate a unique value (e.g. a UUID) per \
+             attempt (a checkout, a shipment, a refund) and send the same value when retrying it",
         )
     }
 

@@ -11,6 +11,7 @@ pub mod edge;
 pub mod error;
 mod events;
 mod extract;
+mod fulfilment;
 mod health;
 mod metrics;
 pub mod openapi;
@@ -18,6 +19,7 @@ mod ops;
 mod orders;
 mod products;
 mod schema;
+pub mod stripe_webhooks;
 mod webhooks;
 
 use std::future::Future;
@@ -60,6 +62,8 @@ pub struct AppState {
     pub monitoring: crate::monitoring::Monitoring,
     /// Events out: the CloudEvent source the feed renders with, webhook settings.
     pub events: Arc<crate::events::EventSettings>,
+    /// The signing secrets `POST /webhooks/stripe` verifies Stripe's events with.
+    pub stripe_webhooks: Arc<stripe_webhooks::StripeWebhookSettings>,
 }
 
 /// The whole API as a router.

@@ -22,7 +22,8 @@ use utoipa_axum::routes;
 
 use super::error::Problem;
 use super::{
-    AppState, admin, correlation, customers, docs, events, health, metrics, ops, orders, products, schema, webhooks,
+    AppState, admin, correlation, customers, docs, events, fulfilment, health, metrics, ops, orders, products, schema,
+    stripe_webhooks, webhooks,
 };
 use crate::domain::{Currency, FieldError};
 
@@ -111,9 +112,11 @@ const BODY_LINKS: [(&str, &str, &str, &str); 2] = [
         (name = "catalog", description = "Products and stock. Reads are public and cacheable; writes need the admin role."),
         (name = "customers", description = "Customer records; a customer sees only its own."),
         (name = "orders", description = "Checkout and order tracking."),
+        (name = "fulfilment", description = "After the payment: shipments reported by the warehouse (roles `fulfilment` or `admin`) and refunds of fulfilled orders (admin)."),
         (name = "admin", description = "The order pipeline's queues and dead-lettered jobs (admin role)."),
         (name = "webhooks", description = "Webhook endpoints that receive every event they subscribe to as a signed POST (Standard Webhooks), their delivery log and replays (admin role)."),
         (name = "events", description = "The event feed: every business fact as a CloudEvent, in position order, for integrators that pull (roles `admin` or `integrations`)."),
+        (name = "stripe", description = "Stripe's signed webhook events, which move orders waiting for 3-D Secure on."),
         (name = "health", description = "Probes for orchestrators and load balancers."),
         (name = "ops", description = "The operators' dashboard page (its data comes from the admin API)."),
         (name = "meta", description = "This document and its HTML rendering."),
@@ -173,8 +176,10 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(products::routes())
         .merge(customers::routes())
         .merge(orders::routes())
+        .merge(fulfilment::routes())
         .merge(admin::routes())
         .merge(webhooks::routes())
+        .merge(stripe_webhooks::routes())
         .merge(events::routes())
         .merge(ops::routes())
 }

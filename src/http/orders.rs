@@ -17,6 +17,7 @@ use super::auth::Principal;
 use super::correlation::CorrelationId;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, IdempotencyKey, optional_whole_number, parameter, path_id};
+use super::fulfilment::{RefundView, ShipmentView};
 use super::schema;
 use super::{AppState, private};
 use crate::domain::events::CancelReason;
@@ -104,6 +105,14 @@ pub struct OrderView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pending_steps: Option<Vec<StepView>>,
+    /// Shipments the warehouse recorded, oldest first (GET /orders/{id}).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    shipments: Option<Vec<ShipmentView>>,
+    /// Refunds after delivery, oldest first (GET /orders/{id}).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    refunds: Option<Vec<RefundView>>,
 }
 
 /// The order's payment as the payment step recorded it.
@@ -161,6 +170,8 @@ struct Progress {
     payment_attempts: i32,
     notifications: Vec<crate::store::jobs::NotificationRecord>,
     steps: Vec<crate::store::JobSummary>,
+    shipments: Vec<crate::domain::fulfilment::Shipment>,
+    refunds: Vec<crate::domain::fulfilment::Refund>,
 }
 
 impl OrderView {
@@ -204,6 +215,8 @@ impl OrderView {
             payment: None,
             notifications: None,
             pending_steps: None,
+            shipments: None,
+            refunds: None,
         }
     }
 
@@ -249,6 +262,8 @@ impl OrderView {
                 })
                 .collect(),
         );
+        self.shipments = Some(progress.shipments.iter().map(ShipmentView::new).collect());
+        self.refunds = Some(progress.refunds.iter().map(|r| RefundView::new(r, currency)).collect());
         self
     }
 }
@@ -728,6 +743,8 @@ async fn show(
             .sum(),
         notifications: state.store.notifications(id).await?,
         steps,
+        shipments: state.store.after_sale().shipments(id).await?,
+        refunds: state.store.after_sale().refunds(id).await?,
     };
     let view = OrderView::new(details.order, Some(details.events)).with_progress(progress);
     let mut response = private(Json(view));
@@ -755,7 +772,7 @@ async fn show(
             ("Cache-Control" = String, description = "`private, no-store`."),
         )),
         (status = 404, description = "No such order (or not yours).", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`order_not_cancellable`: the order has been fulfilled.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`order_not_cancellable`: the order has been fulfilled, or some of its goods have shipped.", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 async fn cancel(
@@ -782,7 +799,8 @@ async fn cancel(
     if outcome == CancelOutcome::TooLate {
         return Err(ApiError::conflict(
             "order_not_cancellable",
-            "the order has been fulfilled and can no longer be cancelled",
+            "the order has been fulfilled (or some of its goods have shipped) and can no longer be cancelled; \
+             refund it instead",
         ));
     }
     let details = state

@@ -59,7 +59,7 @@ fn optional_text(description: &str, max: usize) -> Object {
 }
 
 /// One line of required text (`validation::single_line`): like [`text`], no tab or line feed.
-fn single_line(description: &str, max: usize) -> Object {
+pub fn single_line(description: &str, max: usize) -> Object {
     string(description)
         .min_length(Some(1))
         .max_length(Some(max))

@@ -77,10 +77,11 @@ const CHECKS: &[Check] = &[
     },
     Check {
         name: "nothing_silently_stuck",
-        invariant: "I6: an unfinished order has a step queued, running, or dead-lettered (visible)",
+        invariant: "I6: an unfinished order has a step queued, running, or dead-lettered (visible), or waits \
+                    for the warehouse's shipments with its stock committed (watched by orders_stuck_unfulfilled)",
         sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected FROM orders o \
-              WHERE o.status IN ('pending_payment', 'paid') AND NOT EXISTS (SELECT 1 FROM jobs j \
-              WHERE j.order_id = o.id AND j.state IN ('ready', 'running', 'dead'))",
+              WHERE o.status IN ('pending_payment', 'paid') AND NOT (o.status = 'paid' AND o.inventory_state = 'committed') \
+              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.order_id = o.id AND j.state IN ('ready', 'running', 'dead'))",
     },
     Check {
         name: "captured_payment_has_order",
@@ -118,7 +119,7 @@ const CHECKS: &[Check] = &[
         name: "receipt_sent_or_pending",
         invariant: "I8: a paid order's receipt was sent, or its sending step is queued or parked",
         sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected FROM orders o \
-              WHERE o.status IN ('paid', 'fulfilled') AND NOT EXISTS (SELECT 1 FROM notifications n \
+              WHERE o.status IN ('paid', 'fulfilled', 'refunded') AND NOT EXISTS (SELECT 1 FROM notifications n \
               WHERE n.order_id = o.id AND n.kind = 'send_receipt' AND n.state = 'sent') \
               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.order_id = o.id AND j.kind = 'send_receipt' \
               AND j.state IN ('ready', 'running', 'dead'))",
@@ -140,15 +141,63 @@ const CHECKS: &[Check] = &[
     Check {
         name: "order_changes_have_events",
         invariant: "I7/events out: every order has the events its status implies (placed; paid; fulfilled; \
-                    cancelled)",
+                    cancelled; refunded orders were paid and fulfilled)",
         sql: "SELECT subject, found, expected FROM (SELECT o.id AS subject, CAST( \
                 (SELECT count(DISTINCT e.event_type) FROM events e WHERE e.order_id = o.id AND (e.event_type = 'order.placed' \
-                  OR (e.event_type = 'order.paid' AND o.status IN ('paid', 'fulfilled')) \
-                  OR (e.event_type = 'order.fulfilled' AND o.status = 'fulfilled') \
+                  OR (e.event_type = 'order.paid' AND o.status IN ('paid', 'fulfilled', 'refunded')) \
+                  OR (e.event_type = 'order.fulfilled' AND o.status IN ('fulfilled', 'refunded')) \
                   OR (e.event_type = 'order.cancelled' AND o.status = 'cancelled'))) AS BIGINT) AS found, \
-              CAST(CASE o.status WHEN 'pending_payment' THEN 1 WHEN 'fulfilled' THEN 3 ELSE 2 END AS BIGINT) AS expected \
+              CAST(CASE o.status WHEN 'pending_payment' THEN 1 WHEN 'fulfilled' THEN 3 WHEN 'refunded' THEN 3 ELSE 2 END \
+              AS BIGINT) AS expected \
               FROM orders o WHERE o.created_at >= (SELECT min(created_at) FROM events WHERE order_id IS NOT NULL)) t \
               WHERE found <> expected",
+    },
+    Check {
+        name: "shipped_within_ordered",
+        invariant: "I1/fulfilment: no order ships more units of a product than it ordered",
+        sql: "SELECT s.order_id AS subject, CAST(sum(i.quantity) AS BIGINT) AS found, \
+              CAST(coalesce(max(oi.quantity), 0) AS BIGINT) AS expected FROM shipment_items i \
+              JOIN shipments s ON s.id = i.shipment_id LEFT JOIN order_items oi ON oi.order_id = s.order_id \
+              AND oi.product_id = i.product_id GROUP BY s.order_id, i.product_id \
+              HAVING sum(i.quantity) > coalesce(max(oi.quantity), 0)",
+    },
+    Check {
+        name: "restocked_within_sold",
+        invariant: "I2/refunds: no refund restocks more units of a product than the order bought",
+        sql: "SELECT r.order_id AS subject, CAST(sum(i.quantity) AS BIGINT) AS found, \
+              CAST(coalesce(max(oi.quantity), 0) AS BIGINT) AS expected FROM refund_items i \
+              JOIN refunds r ON r.id = i.refund_id LEFT JOIN order_items oi ON oi.order_id = r.order_id \
+              AND oi.product_id = i.product_id GROUP BY r.order_id, i.product_id \
+              HAVING sum(i.quantity) > coalesce(max(oi.quantity), 0)",
+    },
+    Check {
+        name: "refunds_within_capture_all",
+        invariant: "I4/refunds: refunds given and under way never exceed what was captured",
+        sql: "SELECT p.order_id AS subject, r.total AS found, p.captured_minor AS expected FROM payments p \
+              JOIN (SELECT order_id, CAST(sum(amount_minor) AS BIGINT) AS total FROM refunds GROUP BY order_id) r \
+              ON r.order_id = p.order_id WHERE r.total > p.captured_minor",
+    },
+    Check {
+        name: "refunds_match_payment",
+        invariant: "I4/refunds: a refunded order's payment says exactly what its settled refunds gave back",
+        sql: "SELECT p.order_id AS subject, p.refunded_minor AS found, r.total AS expected FROM payments p \
+              JOIN (SELECT order_id, CAST(sum(amount_minor) AS BIGINT) AS total FROM refunds \
+              WHERE state = 'succeeded' GROUP BY order_id) r ON r.order_id = p.order_id \
+              WHERE p.refunded_minor <> r.total",
+    },
+    Check {
+        name: "refunded_orders_refunded",
+        invariant: "lifecycle: an order is `refunded` only when its payment was refunded in full",
+        sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected FROM orders o \
+              WHERE o.status = 'refunded' AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.order_id = o.id \
+              AND p.state = 'refunded' AND p.refunded_minor = p.captured_minor)",
+    },
+    Check {
+        name: "pending_refunds_have_a_step",
+        invariant: "no order silently stuck: a pending refund's settle_refund step is queued, running or parked",
+        sql: "SELECT r.order_id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected \
+              FROM refunds r WHERE r.state = 'pending' AND NOT EXISTS (SELECT 1 FROM jobs j \
+              WHERE j.order_id = r.order_id AND j.kind = 'settle_refund' AND j.state IN ('ready', 'running', 'dead'))",
     },
 ];
 
@@ -170,25 +219,58 @@ pub struct Violation {
     pub expected: i64,
 }
 
+impl Violation {
+    /// A violation of a check run outside this module's SQL (added with
+    /// [`AuditReport::add_check`]).
+    pub fn new(
+        check: &'static str,
+        invariant: &'static str,
+        subject: impl Into<String>,
+        found: i64,
+        expected: i64,
+    ) -> Self {
+        Self {
+            check,
+            invariant,
+            subject: subject.into(),
+            found,
+            expected,
+        }
+    }
+}
+
 /// The outcome of an audit: which checks ran and what they found.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct AuditReport {
     pub checks: Vec<&'static str>,
     pub violations: Vec<Violation>,
+    /// The checks added with [`add_check`](Self::add_check) (name, invariant), for printing.
+    #[serde(skip)]
+    external: Vec<(&'static str, &'static str)>,
 }
 
 impl AuditReport {
     pub fn is_clean(&self) -> bool {
         self.violations.is_empty()
     }
+
+    /// Adds a check run outside the database (the payment provider's books:
+    /// `workflow::reconcile`), listed and printed like the SQL checks; its violations go in
+    /// [`violations`](Self::violations).
+    pub fn add_check(&mut self, name: &'static str, invariant: &'static str) {
+        self.checks.push(name);
+        self.external.push((name, invariant));
+    }
 }
 
 impl fmt::Display for AuditReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for check in CHECKS {
-            let broken: Vec<_> = self.violations.iter().filter(|v| v.check == check.name).collect();
+        let sql = CHECKS.iter().map(|check| (check.name, check.invariant));
+        let external = self.external.iter().copied();
+        for (name, invariant) in sql.chain(external) {
+            let broken: Vec<_> = self.violations.iter().filter(|v| v.check == name).collect();
             let verdict = if broken.is_empty() { "ok  " } else { "FAIL" };
-            writeln!(f, "{verdict} {:<26} {}", check.name, check.invariant)?;
+            writeln!(f, "{verdict} {name:<26} {invariant}")?;
             for violation in broken {
                 writeln!(
                     f,

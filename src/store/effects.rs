@@ -6,11 +6,11 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::events;
-use super::jobs::{CompleteOutcome, JobLease, StepEffects};
+use super::jobs::{CompleteOutcome, JobLease, Refusal, StepEffects};
 use super::jobs_common::{inventory_plan, next_status};
 use super::rows::{ORDER_COLUMNS, OrderItemRow, OrderRow};
 use super::{StoreError, StoreResult};
+use super::{after_sale, events};
 use crate::domain::OrderStatus;
 use crate::domain::events::{PaymentFacts, order_subject};
 
@@ -66,10 +66,33 @@ where
             current.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
         let status: OrderStatus = status.parse().map_err(StoreError::Corrupt)?;
         correlation_id = correlation_id.or(order_correlation);
+        // Requests that carry their own idempotency answer before the status is looked at: a
+        // retried shipment replays even after the order has moved on.
+        if let Some(draft) = &effects.shipment {
+            if let Some(stop) = after_sale::record_shipment(tx, order, status, &inventory_state, draft, now).await? {
+                return Ok(stop);
+            }
+        }
+        if let Some(draft) = &effects.refund {
+            if let Some(stop) = after_sale::record_refund(tx, order, status, draft, now).await? {
+                return Ok(stop);
+            }
+        }
         if !effects.expect_status.is_empty() && !effects.expect_status.contains(&status) {
             return Ok(CompleteOutcome::UnexpectedStatus(status));
         }
-        let final_status = next_status(status, effects.new_status)?;
+        if effects.unless_shipped && after_sale::has_shipments(tx, order).await? {
+            return Ok(CompleteOutcome::Refused(Refusal::AlreadyShipped));
+        }
+        let mut new_status = effects.new_status;
+        if let Some(settlement) = &effects.refund_settled {
+            match after_sale::settle_refund(tx, order, status, settlement, now).await? {
+                // Settled by an earlier run: the job completes and nothing else is written.
+                after_sale::Settled::Already => return Ok(CompleteOutcome::Completed),
+                after_sale::Settled::Now(refunded) => new_status = refunded.or(new_status),
+            }
+        }
+        let final_status = next_status(status, new_status)?;
         if final_status != status {
             sqlx::query("UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3")
                 .bind(final_status.as_str().to_string())

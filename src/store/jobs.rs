@@ -13,7 +13,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{NewJob, Page, StoreResult};
-use crate::domain::{OrderId, OrderStatus};
+use crate::domain::fulfilment::{ItemQuantity, RefundReason};
+use crate::domain::{OrderId, OrderStatus, ProductId};
 
 /// Proof that a worker holds a job: its id and the token of the claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,13 +48,74 @@ pub enum FailOutcome {
 }
 
 /// What happened when a step's effects were committed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CompleteOutcome {
     Completed,
     /// The lease was taken over: nothing was written.
     LeaseLost,
     /// The order was not in an expected status: nothing was written; the step should look again.
     UnexpectedStatus(OrderStatus),
+    /// A shipment or refund request with this Idempotency-Key was recorded before, with the same
+    /// body: nothing was written; this is the first one's id.
+    Replayed(Uuid),
+    /// A business rule refused the effects (checked under the order's lock): nothing was written.
+    Refused(Refusal),
+}
+
+/// Why a shipment, refund or cancellation was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Shipments need a paid order whose stock is committed.
+    NotReadyToShip(OrderStatus),
+    /// Every unit has shipped already.
+    NothingToShip,
+    /// (product, requested, still unshipped) per line that asks for too much.
+    ExceedsUnshipped(Vec<(ProductId, u32, u32)>),
+    /// Refunds are for fulfilled orders.
+    NotRefundable(OrderStatus),
+    /// More than captured minus refunded (settled or pending).
+    ExceedsRefundable {
+        requested_minor: i64,
+        refundable_minor: i64,
+    },
+    /// (product, requested, shipped and not yet restocked) per restock line that asks for too much.
+    ExceedsReturnable(Vec<(ProductId, u32, u32)>),
+    /// The Idempotency-Key was used on this order with a different body.
+    KeyReused,
+    /// Cancelling an order some of whose goods have shipped.
+    AlreadyShipped,
+}
+
+/// A shipment to record (`POST /orders/{id}/shipments`), items resolved.
+#[derive(Clone, Debug)]
+pub struct ShipmentDraft {
+    pub id: Uuid,
+    pub idempotency_key: String,
+    /// A hash of the request body: the same key with another body is refused.
+    pub request_hash: String,
+    pub carrier: String,
+    pub tracking_number: String,
+    pub tracking_url: Option<String>,
+    pub items: Vec<ItemQuantity>,
+}
+
+/// A refund to accept (`POST /orders/{id}/refunds`), amount resolved.
+#[derive(Clone, Debug)]
+pub struct RefundDraft {
+    pub id: Uuid,
+    pub idempotency_key: String,
+    pub request_hash: String,
+    pub amount_minor: i64,
+    pub reason: RefundReason,
+    /// Units back on the shelf now (`return` ledger rows).
+    pub restock: Vec<ItemQuantity>,
+}
+
+/// The provider refunded a pending refund.
+#[derive(Clone, Debug)]
+pub struct RefundSettlement {
+    pub refund_id: Uuid,
+    pub provider_ref: String,
 }
 
 /// How an order's reserved stock moves.
@@ -152,6 +214,15 @@ pub struct StepEffects {
     /// these effects, in this same transaction.
     pub emit: Vec<crate::domain::events::NewEvent>,
     pub enqueue: Vec<NewJob>,
+    /// Record a shipment (replayed or refused as [`CompleteOutcome`] says).
+    pub shipment: Option<ShipmentDraft>,
+    /// Accept a refund and restock its units (replayed or refused as [`CompleteOutcome`] says).
+    pub refund: Option<RefundDraft>,
+    /// Settle a pending refund: the payment's refunded amount grows by it, and a fulfilled order
+    /// refunded in full becomes `refunded`. Already settled: only the job completes.
+    pub refund_settled: Option<RefundSettlement>,
+    /// Refuse ([`Refusal::AlreadyShipped`]) when any shipment was recorded (cancellations).
+    pub unless_shipped: bool,
 }
 
 /// Per step kind: the numbers an operator watches.
@@ -271,6 +342,29 @@ pub struct NotificationRecord {
 
 pub(crate) const PAYMENT_SQL: &str = "SELECT provider, idempotency_key, state, provider_ref, amount_minor, captured_minor, \
      refunded_minor, currency, detail, client_secret, updated_at FROM payments WHERE order_id = $1";
+/// [`JobStore::payments_after`]: payment records in order-id order, one page (the first page, and
+/// the pages after a given order id).
+pub(crate) const PAYMENTS_FIRST_SQL: &str = "SELECT order_id, provider, idempotency_key, state, provider_ref, \
+     amount_minor, captured_minor, refunded_minor, currency, detail, client_secret, updated_at FROM payments \
+     ORDER BY order_id LIMIT $1";
+pub(crate) const PAYMENTS_AFTER_SQL: &str = "SELECT order_id, provider, idempotency_key, state, provider_ref, \
+     amount_minor, captured_minor, refunded_minor, currency, detail, client_secret, updated_at FROM payments \
+     WHERE order_id > $1 ORDER BY order_id LIMIT $2";
+
+/// A row of [`PAYMENTS_FIRST_SQL`] / [`PAYMENTS_AFTER_SQL`].
+#[derive(sqlx::FromRow)]
+pub(crate) struct PaymentRow {
+    pub order_id: Uuid,
+    #[sqlx(flatten)]
+    pub record: PaymentRecord,
+}
+
+impl PaymentRow {
+    pub fn into_pair(self) -> (OrderId, PaymentRecord) {
+        (OrderId::from_uuid(self.order_id), self.record)
+    }
+}
+
 pub(crate) const NOTIFICATIONS_SQL: &str =
     "SELECT kind, state, recipient, attempts, sent_at FROM notifications WHERE order_id = $1 ORDER BY created_at, kind";
 pub(crate) const EXPIRED_SQL: &str =
@@ -326,6 +420,10 @@ pub trait JobStore: Send + Sync {
     /// means running jobs until this is false.
     async fn has_pending_work(&self) -> StoreResult<bool>;
     async fn payment(&self, order: OrderId) -> StoreResult<Option<PaymentRecord>>;
+    /// Every order's payment record, a page at a time in order-id order: up to `limit` records of
+    /// orders after `after` (from the first when `None`). The reconciliation with the provider's
+    /// books (`workflow::reconcile`) pages through them so its memory stays bounded.
+    async fn payments_after(&self, after: Option<OrderId>, limit: u32) -> StoreResult<Vec<(OrderId, PaymentRecord)>>;
     async fn notifications(&self, order: OrderId) -> StoreResult<Vec<NotificationRecord>>;
     /// Orders still `pending_payment` that were placed before `before` (reservation expiry).
     async fn expired_orders(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<Vec<OrderId>>;

@@ -6,6 +6,7 @@
 //! `sqlite` serves the embedded single-process default; `postgres` serves many processes sharing
 //! one database (and PostgreSQL-compatible distributed SQL, hence retries on SQLSTATE 40001).
 
+pub mod after_sale;
 mod audit;
 mod common;
 mod effects;
@@ -191,6 +192,8 @@ pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send +
 
     /// The events outbox, feed, ordered channels and webhook endpoints.
     fn events(&self) -> &dyn events::EventStore;
+    /// Orders' shipments and refunds, read back.
+    fn after_sale(&self) -> &dyn after_sale::AfterSaleReads;
 
     /// Cheap liveness check of the database (readiness probe).
     async fn ping(&self) -> StoreResult<()>;

@@ -8,24 +8,6 @@ use serde::Serialize;
 
 use super::StoreResult;
 
-/// A charge as the sandbox recorded it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
-pub struct SandboxCharge {
-    pub id: String,
-    pub idempotency_key: String,
-    pub amount_minor: i64,
-    pub state: String,
-    /// How many calls carried this charge's idempotency key.
-    pub calls: i32,
-}
-
-/// The result of a charge call: the charge, and whether this call created it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordedCharge {
-    pub id: String,
-    pub first_call: bool,
-}
-
 /// A PaymentIntent as the sandbox recorded it (Stripe's model: see
 /// `adapters::payment::intents`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -93,25 +75,6 @@ pub enum SandboxRefundOutcome {
 pub trait SandboxBooks: Send + Sync {
     /// Counts a call with this idempotency key; returns how many there have been.
     async fn count_call(&self, idempotency_key: &str) -> StoreResult<i64>;
-    /// Records a charge once per idempotency key; later calls return the same charge.
-    async fn record_charge(
-        &self,
-        idempotency_key: &str,
-        token: &str,
-        amount_minor: i64,
-        currency: &str,
-        reference: &str,
-    ) -> StoreResult<RecordedCharge>;
-    /// Refunds a charge once per idempotency key; `None` when the charge does not exist.
-    async fn record_refund(
-        &self,
-        idempotency_key: &str,
-        charge_id: &str,
-        amount_minor: i64,
-    ) -> StoreResult<Option<String>>;
-    /// The charges made for a shop reference (an order id).
-    async fn charges_for(&self, reference: &str) -> StoreResult<Vec<SandboxCharge>>;
-
     /// Creates the intent once per idempotency key; later calls count and return the first one.
     /// The `bool` is true for the call that created it.
     async fn create_intent(&self, intent: &NewSandboxIntent) -> StoreResult<(SandboxIntent, bool)>;
@@ -124,6 +87,17 @@ pub trait SandboxBooks: Send + Sync {
         from: &str,
         to: &str,
         captured_minor: Option<i64>,
+    ) -> StoreResult<Option<SandboxIntent>>;
+    /// Ends a `requires_action` intent's 3-D Secure authentication (one conditional write): moves
+    /// it to `to` with `captured_minor`, and `decline_code` as its last error when the
+    /// authentication failed. `Some(intent as it is now)` when this call moved it; `None` when
+    /// it does not exist or no longer `requires_action`.
+    async fn authenticate_intent(
+        &self,
+        id: &str,
+        to: &str,
+        captured_minor: i64,
+        decline_code: Option<&str>,
     ) -> StoreResult<Option<SandboxIntent>>;
     /// Refunds part of an intent's captured money, once per idempotency key.
     async fn refund_intent(
@@ -149,6 +123,8 @@ pub(super) const CREATE_INTENT: &str = "INSERT INTO sandbox_intents (id, idempot
      ON CONFLICT (idempotency_key) DO UPDATE SET calls = sandbox_intents.calls + 1 RETURNING id, calls";
 pub(super) const TRANSITION_INTENT: &str = "UPDATE sandbox_intents SET status = $1, \
      captured_minor = coalesce($2, captured_minor), updated_at = $3 WHERE id = $4 AND status = $5";
+pub(super) const AUTHENTICATE_INTENT: &str = "UPDATE sandbox_intents SET status = $1, captured_minor = $2, \
+     decline_code = $3, updated_at = $4 WHERE id = $5 AND status = 'requires_action'";
 pub(super) const FIND_INTENT_REFUND: &str =
     "SELECT id, amount_minor FROM sandbox_intent_refunds WHERE idempotency_key = $1";
 pub(super) const TAKE_REFUND: &str = "UPDATE sandbox_intents SET refunded_minor = refunded_minor + $1, updated_at = $2 \
@@ -160,15 +136,6 @@ pub(super) const RECORD_INTENT_REFUND: &str = "INSERT INTO sandbox_intent_refund
 
 pub(super) const COUNT_CALL: &str = "INSERT INTO sandbox_attempts (idempotency_key, calls) VALUES ($1, 1) \
      ON CONFLICT (idempotency_key) DO UPDATE SET calls = sandbox_attempts.calls + 1 RETURNING CAST(calls AS BIGINT)";
-pub(super) const RECORD_CHARGE: &str = "INSERT INTO sandbox_charges (id, idempotency_key, token, amount_minor, currency, \
-     reference, state, calls, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'succeeded', 1, $7) \
-     ON CONFLICT (idempotency_key) DO UPDATE SET calls = sandbox_charges.calls + 1 RETURNING id, calls";
-pub(super) const FIND_CHARGE: &str = "SELECT id FROM sandbox_charges WHERE id = $1";
-pub(super) const RECORD_REFUND: &str = "INSERT INTO sandbox_refunds (id, idempotency_key, charge_id, amount_minor, created_at) \
-     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO UPDATE SET charge_id = sandbox_refunds.charge_id \
-     RETURNING id";
-pub(super) const MARK_REFUNDED: &str = "UPDATE sandbox_charges SET state = 'refunded' WHERE id = $1";
-pub(super) const CHARGES_FOR: &str = "SELECT id, idempotency_key, amount_minor, state, calls FROM sandbox_charges WHERE reference = $1 ORDER BY created_at";
 
 /// Implements [`SandboxBooks`] for a store type whose `$writer` pool takes writes and `$reader`
 /// pool takes reads.
@@ -182,70 +149,6 @@ macro_rules! impl_sandbox_books {
                     .fetch_one(&self.$writer)
                     .await?;
                 Ok(calls)
-            }
-
-            async fn record_charge(
-                &self,
-                idempotency_key: &str,
-                token: &str,
-                amount_minor: i64,
-                currency: &str,
-                reference: &str,
-            ) -> $crate::store::StoreResult<$crate::store::sandbox::RecordedCharge> {
-                let (id, calls): (String, i32) = sqlx::query_as($crate::store::sandbox::RECORD_CHARGE)
-                    .bind(format!("ch_{}", uuid::Uuid::now_v7().simple()))
-                    .bind(idempotency_key)
-                    .bind(token)
-                    .bind(amount_minor)
-                    .bind(currency)
-                    .bind(reference)
-                    .bind($crate::clock::now())
-                    .fetch_one(&self.$writer)
-                    .await?;
-                Ok($crate::store::sandbox::RecordedCharge {
-                    id,
-                    first_call: calls == 1,
-                })
-            }
-
-            async fn record_refund(
-                &self,
-                idempotency_key: &str,
-                charge_id: &str,
-                amount_minor: i64,
-            ) -> $crate::store::StoreResult<Option<String>> {
-                let mut tx = self.$writer.begin().await?;
-                let charge: Option<(String,)> = sqlx::query_as($crate::store::sandbox::FIND_CHARGE)
-                    .bind(charge_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if charge.is_none() {
-                    return Ok(None);
-                }
-                let (id,): (String,) = sqlx::query_as($crate::store::sandbox::RECORD_REFUND)
-                    .bind(format!("re_{}", uuid::Uuid::now_v7().simple()))
-                    .bind(idempotency_key)
-                    .bind(charge_id)
-                    .bind(amount_minor)
-                    .bind($crate::clock::now())
-                    .fetch_one(&mut *tx)
-                    .await?;
-                sqlx::query($crate::store::sandbox::MARK_REFUNDED)
-                    .bind(charge_id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(Some(id))
-            }
-
-            async fn charges_for(
-                &self,
-                reference: &str,
-            ) -> $crate::store::StoreResult<Vec<$crate::store::sandbox::SandboxCharge>> {
-                Ok(sqlx::query_as($crate::store::sandbox::CHARGES_FOR)
-                    .bind(reference)
-                    .fetch_all(&self.$reader)
-                    .await?)
             }
 
             async fn create_intent(
@@ -311,6 +214,27 @@ macro_rules! impl_sandbox_books {
                     .bind(from)
                     .execute(&self.$writer)
                     .await?;
+                self.intent(id).await
+            }
+
+            async fn authenticate_intent(
+                &self,
+                id: &str,
+                to: &str,
+                captured_minor: i64,
+                decline_code: Option<&str>,
+            ) -> $crate::store::StoreResult<Option<$crate::store::sandbox::SandboxIntent>> {
+                let moved = sqlx::query($crate::store::sandbox::AUTHENTICATE_INTENT)
+                    .bind(to)
+                    .bind(captured_minor)
+                    .bind(decline_code)
+                    .bind($crate::clock::now())
+                    .bind(id)
+                    .execute(&self.$writer)
+                    .await?;
+                if moved.rows_affected() != 1 {
+                    return Ok(None);
+                }
                 self.intent(id).await
             }
 

@@ -7,13 +7,17 @@
 //!
 //! ```text
 //! charge_payment ─┬─ authorized ─┬─ commit_inventory ── fulfil_order (captures) ── send_confirmation
-//!  (authorize)    │              └─ send_receipt
-//!                 └─ declined ───── (release stock, cancel) ── send_cancellation
+//!  (authorize)    │              └─ send_receipt     ▲
+//!                 └─ declined ───── (release stock,  │ --fulfilment external: each
+//!                                    cancel) ──      │ POST /orders/{id}/shipments runs it;
+//!                                    send_cancellation  the first captures, the last fulfils
 //! cancel (API) / expiry: pending → release stock, cancel ── send_cancellation
 //!                        paid    → release stock, cancel ── refund_payment (void or refund) ── send_cancellation
+//! POST /orders/{id}/refunds (fulfilled): restock now ── settle_refund (provider refund) → `refunded` when whole
 //! ```
 
 pub mod checkout;
+pub mod reconcile;
 pub mod steps;
 
 /// Authorize the payment (and capture it at once with `--capture on-payment`).
@@ -24,6 +28,8 @@ pub const COMMIT_INVENTORY: &str = "commit_inventory";
 pub const FULFIL_ORDER: &str = "fulfil_order";
 /// Give a cancelled order's money back (compensation): void an authorization, refund a capture.
 pub const REFUND_PAYMENT: &str = "refund_payment";
+/// Refund an accepted (partial or full) refund of a fulfilled order at the provider.
+pub const SETTLE_REFUND: &str = "settle_refund";
 /// E-mail: payment received.
 pub const SEND_RECEIPT: &str = "send_receipt";
 /// E-mail: order fulfilled.
@@ -32,11 +38,12 @@ pub const SEND_CONFIRMATION: &str = "send_confirmation";
 pub const SEND_CANCELLATION: &str = "send_cancellation";
 
 /// Every step kind, for runners and dashboards.
-pub const ALL_STEPS: [&str; 7] = [
+pub const ALL_STEPS: [&str; 8] = [
     CHARGE_PAYMENT,
     COMMIT_INVENTORY,
     FULFIL_ORDER,
     REFUND_PAYMENT,
+    SETTLE_REFUND,
     SEND_RECEIPT,
     SEND_CONFIRMATION,
     SEND_CANCELLATION,

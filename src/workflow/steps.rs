@@ -10,22 +10,23 @@ use serde_json::json;
 
 use super::{
     ALL_STEPS, CHARGE_PAYMENT, COMMIT_INVENTORY, FULFIL_ORDER, REFUND_PAYMENT, SEND_CANCELLATION, SEND_CONFIRMATION,
-    SEND_RECEIPT,
+    SEND_RECEIPT, SETTLE_REFUND,
 };
 use crate::adapters::notify::{Message, Notifier};
 use crate::adapters::payment::PaymentError;
 use crate::adapters::payment::intents::{
-    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentGateway, PaymentIntent, RefundRequest,
+    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentIntent, PaymentProvider, RefundRequest,
     VoidRequest,
 };
 use crate::clock;
 use crate::domain::events::{EventType, NewEvent};
-use crate::domain::{Order, OrderId, OrderStatus};
+use crate::domain::fulfilment::{self, RefundState};
+use crate::domain::{Money, Order, OrderId, OrderStatus};
 use crate::monitoring::metrics::{CancelReason, Metrics};
 use crate::queue::{Runner, Step, StepError};
 use crate::store::jobs::{
     ClaimedJob, CompleteOutcome, InventoryAction, NotificationSent, NotificationSlot, PaymentChange, PaymentState,
-    StepEffects,
+    RefundSettlement, Refusal, StepEffects,
 };
 use crate::store::{NewJob, Store, StoreError};
 
@@ -38,6 +39,16 @@ pub enum CaptureMode {
     OnPayment,
 }
 
+/// Who ships the goods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FulfilmentMode {
+    /// The built-in step ships at once when stock is committed (demos, digital goods).
+    Auto,
+    /// A warehouse ships and reports shipments back (`POST /orders/{id}/shipments`); the order
+    /// is fulfilled when every unit has shipped.
+    External,
+}
+
 /// Attempts and payment settings for the jobs the saga enqueues.
 #[derive(Clone, Debug)]
 pub struct SagaSettings {
@@ -46,6 +57,7 @@ pub struct SagaSettings {
     /// Compensations (refunds): retried much longer before a dead letter.
     pub compensation_max_attempts: u32,
     pub capture: CaptureMode,
+    pub fulfilment: FulfilmentMode,
 }
 
 impl Default for SagaSettings {
@@ -54,6 +66,7 @@ impl Default for SagaSettings {
             max_attempts: 3,
             compensation_max_attempts: 10,
             capture: CaptureMode::OnShipment,
+            fulfilment: FulfilmentMode::Auto,
         }
     }
 }
@@ -61,7 +74,7 @@ impl Default for SagaSettings {
 /// What the steps need from the outside world.
 pub struct Saga {
     pub store: Arc<dyn Store>,
-    pub payments: Arc<dyn PaymentGateway>,
+    pub payments: Arc<dyn PaymentProvider>,
     pub notifier: Arc<dyn Notifier>,
     pub settings: SagaSettings,
     /// Where orders fulfilled/cancelled, jobs enqueued and payment calls are counted.
@@ -88,6 +101,27 @@ pub fn refund_key(order: OrderId) -> String {
     format!("orderflow-refund-{order}")
 }
 
+/// The key of one accepted refund of a fulfilled order (`POST /orders/{id}/refunds`).
+pub fn settle_refund_key(refund: uuid::Uuid) -> String {
+    format!("orderflow-refund-{refund}")
+}
+
+/// A job of `kind` for the order (payload `{"order_id"}` with the trace context), with the
+/// attempts its kind gets: compensations and refunds many, forward steps few.
+pub fn step_job(settings: &SagaSettings, kind: &'static str, order: OrderId) -> NewJob {
+    let max_attempts = if kind == REFUND_PAYMENT || kind == SETTLE_REFUND {
+        settings.compensation_max_attempts
+    } else {
+        settings.max_attempts
+    };
+    NewJob {
+        kind,
+        payload: crate::telemetry::with_trace_context(json!({ "order_id": order })),
+        run_at: clock::now(),
+        max_attempts,
+    }
+}
+
 /// The PaymentIntent a recorded payment refers to.
 fn intent_of(payment: &crate::store::jobs::PaymentRecord) -> Result<String, StepError> {
     payment
@@ -111,17 +145,7 @@ impl Saga {
     }
 
     fn job(&self, kind: &'static str, order: OrderId) -> NewJob {
-        let max_attempts = if kind == REFUND_PAYMENT {
-            self.settings.compensation_max_attempts
-        } else {
-            self.settings.max_attempts
-        };
-        NewJob {
-            kind,
-            payload: crate::telemetry::with_trace_context(json!({ "order_id": order })),
-            run_at: clock::now(),
-            max_attempts,
-        }
+        step_job(&self.settings, kind, order)
     }
 
     async fn order(&self, job: &ClaimedJob) -> Result<Order, StepError> {
@@ -217,7 +241,34 @@ impl Saga {
             detail,
             client_secret: intent.and_then(|i| i.client_secret.clone()),
         };
-        let authorized = self.provider_call("authorize", self.payments.authorize(&request)).await;
+        // A payment waiting for the customer (3-D Secure) is resumed by asking the provider where
+        // its intent stands: replaying the authorization would only replay its first answer.
+        let waiting = match self.store.payment(order.id).await.map_err(retry)? {
+            Some(record) if record.state() == Some(PaymentState::RequiresAction) => record.provider_ref,
+            _ => None,
+        };
+        let authorized = match &waiting {
+            Some(intent_id) => self.provider_call("retrieve", self.payments.retrieve(intent_id)).await,
+            None => self.provider_call("authorize", self.payments.authorize(&request)).await,
+        };
+        let authorized = match authorized {
+            // The customer failed (or abandoned) the authentication: a decline like any other.
+            Ok(intent)
+                if waiting.is_some()
+                    && matches!(
+                        intent.status,
+                        IntentStatus::RequiresPaymentMethod | IntentStatus::Canceled
+                    ) =>
+            {
+                Err(PaymentError::Declined(
+                    intent
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "authentication_failed".into()),
+                ))
+            }
+            other => other,
+        };
         let intent = match authorized {
             Ok(intent) => intent,
             Err(PaymentError::Declined(reason)) => {
@@ -260,6 +311,9 @@ impl Saga {
             IntentStatus::RequiresAction => {
                 // 3-D Secure: the customer finishes it with the client secret; the order waits
                 // (Stripe's webhook, or reservation expiry, moves it on).
+                if waiting.is_some() {
+                    return self.nothing_to_do(job).await;
+                }
                 let waiting = StepEffects {
                     order_id: Some(order.id),
                     expect_status: vec![OrderStatus::PendingPayment],
@@ -268,6 +322,17 @@ impl Saga {
                     ..Default::default()
                 };
                 return match self.complete(job, waiting).await? {
+                    // Cancelled while we were asking: record the intent and void it.
+                    CompleteOutcome::UnexpectedStatus(OrderStatus::Cancelled) => {
+                        let give_back = StepEffects {
+                            order_id: Some(order.id),
+                            events: vec![("payment_after_cancel".into(), Some(intent.id.clone()))],
+                            payment: Some(payment(PaymentState::RequiresAction, Some(&intent), None)),
+                            enqueue: vec![self.job(REFUND_PAYMENT, order.id)],
+                            ..Default::default()
+                        };
+                        self.complete(job, give_back).await.map(|_| ())
+                    }
                     CompleteOutcome::UnexpectedStatus(_) => self.nothing_to_do(job).await,
                     _ => Ok(()),
                 };
@@ -295,6 +360,11 @@ impl Saga {
             ..Default::default()
         };
         match self.complete(job, paid).await? {
+            // Another run of this step (a webhook's wake-up racing a retry) recorded the same
+            // intent first: nothing to give back.
+            CompleteOutcome::UnexpectedStatus(status) if status != OrderStatus::Cancelled => {
+                self.nothing_to_do(job).await
+            }
             CompleteOutcome::UnexpectedStatus(_) => {
                 // Cancelled while we were authorizing: keep the record and give it back (void or
                 // refund, by the compensation).
@@ -326,7 +396,12 @@ impl Saga {
             events: vec![("inventory_committed".into(), None)],
             emit: vec![NewEvent::new(EventType::OrderReadyToShip)],
             inventory: Some(InventoryAction::Commit),
-            enqueue: vec![self.job(FULFIL_ORDER, id)],
+            // External fulfilment: the order waits for the warehouse's shipments, each of which
+            // runs fulfil_order.
+            enqueue: match self.settings.fulfilment {
+                FulfilmentMode::Auto => vec![self.job(FULFIL_ORDER, id)],
+                FulfilmentMode::External => Vec::new(),
+            },
             ..Default::default()
         };
         match self.complete(job, effects).await? {
@@ -336,21 +411,36 @@ impl Saga {
         }
     }
 
-    /// Hands the order to fulfilment; an authorized payment is captured now (the goods leave).
+    /// The goods leave: an authorized payment is captured (the first shipment), and the order is
+    /// fulfilled once every unit has shipped (at once with `--fulfilment auto`).
     async fn fulfil_order(&self, job: &ClaimedJob) -> Result<(), StepError> {
         let order = self.order(job).await?;
         if order.status != OrderStatus::Paid {
             return self.nothing_to_do(job).await;
         }
+        let all_shipped = match self.settings.fulfilment {
+            FulfilmentMode::Auto => true,
+            FulfilmentMode::External => {
+                let shipments = self.store.after_sale().shipments(order.id).await.map_err(retry)?;
+                fulfilment::remaining(
+                    fulfilment::ordered(&order.lines),
+                    shipments.iter().flat_map(|s| s.items.iter().copied()),
+                )
+                .values()
+                .all(|&left| left == 0)
+            }
+        };
         let mut effects = StepEffects {
             order_id: Some(order.id),
             expect_status: vec![OrderStatus::Paid],
-            new_status: Some(OrderStatus::Fulfilled),
-            events: vec![("fulfilled".into(), None)],
-            emit: vec![NewEvent::new(EventType::OrderFulfilled)],
-            enqueue: vec![self.job(SEND_CONFIRMATION, order.id)],
             ..Default::default()
         };
+        if all_shipped {
+            effects.new_status = Some(OrderStatus::Fulfilled);
+            effects.events.push(("fulfilled".into(), None));
+            effects.emit.push(NewEvent::new(EventType::OrderFulfilled));
+            effects.enqueue.push(self.job(SEND_CONFIRMATION, order.id));
+        }
         let payment = self.store.payment(order.id).await.map_err(retry)?;
         if let Some(payment) = payment.filter(|p| p.state() == Some(PaymentState::Authorized)) {
             let intent_id = payment
@@ -364,7 +454,16 @@ impl Saga {
                 correlation_id: job.correlation_id.clone(),
             };
             let captured = match self.provider_call("capture", self.payments.capture(&request)).await {
-                Ok(intent) => intent,
+                Ok(intent) if intent.status == IntentStatus::Succeeded => intent,
+                // Some providers answer a capture of a cancelled intent with the intent as it
+                // is: no money moved, so nothing may be recorded as captured.
+                Ok(intent) => {
+                    return Err(StepError::Fatal(format!(
+                        "capturing the payment left payment intent {} {}",
+                        intent.id,
+                        intent.status.as_str()
+                    )));
+                }
                 Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
                 // An authorization that can no longer be captured (expired, voided elsewhere): an
                 // operator decides (cancel, or ask the customer to pay again).
@@ -381,6 +480,9 @@ impl Saga {
                 ),
             );
             effects.emit.insert(0, NewEvent::new(EventType::PaymentCaptured));
+        } else if !all_shipped {
+            // A later partial shipment: the money was taken with the first one.
+            return self.nothing_to_do(job).await;
         }
         match self.complete(job, effects).await? {
             CompleteOutcome::UnexpectedStatus(_) => self.nothing_to_do(job).await,
@@ -388,10 +490,83 @@ impl Saga {
         }
     }
 
+    /// Refunds one accepted refund of a fulfilled order at the provider (key: the refund's id),
+    /// then adds it to the payment's refunded amount; a refund that makes it whole makes the
+    /// order `refunded`.
+    async fn settle_refund(&self, job: &ClaimedJob) -> Result<(), StepError> {
+        let order = self.order(job).await?;
+        let refund_id = job
+            .payload
+            .get("refund_id")
+            .and_then(|id| id.as_str())
+            .and_then(|id| id.parse::<uuid::Uuid>().ok())
+            .ok_or_else(|| StepError::Fatal("job has no refund_id".into()))?;
+        let refunds = self.store.after_sale().refunds(order.id).await.map_err(retry)?;
+        let refund = refunds
+            .into_iter()
+            .find(|r| r.id == refund_id)
+            .ok_or_else(|| StepError::Fatal(format!("refund {refund_id} does not exist")))?;
+        if refund.state != RefundState::Pending {
+            return self.nothing_to_do(job).await;
+        }
+        let payment = self
+            .store
+            .payment(order.id)
+            .await
+            .map_err(retry)?
+            .ok_or_else(|| StepError::Fatal("the order has no payment to refund".into()))?;
+        let request = RefundRequest {
+            idempotency_key: settle_refund_key(refund.id),
+            intent_id: intent_of(&payment)?,
+            amount_minor: refund.amount_minor,
+            // Stripe knows `requested_by_customer`; the adapter sends the others (returned,
+            // damaged, other) as metadata.
+            reason: Some(refund.reason.as_str().to_string()),
+            correlation_id: job.correlation_id.clone(),
+        };
+        let settled = match self.provider_call("refund", self.payments.refund(&request)).await {
+            Ok(settled) => settled,
+            Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
+            // Refused by the provider (e.g. disputed): parked for an operator, the refund stays
+            // pending and counts against what may still be refunded.
+            Err(error) => return Err(StepError::Fatal(format!("the provider refused the refund: {error}"))),
+        };
+        let effects = StepEffects {
+            order_id: Some(order.id),
+            refund_settled: Some(RefundSettlement {
+                refund_id: refund.id,
+                provider_ref: settled.id.clone(),
+            }),
+            events: vec![(
+                "payment_refunded".into(),
+                Some(format!(
+                    "refund {} of {} {} ({})",
+                    settled.id,
+                    Money::from_minor(refund.amount_minor)
+                        .unwrap_or_default()
+                        .to_decimal(order.currency),
+                    order.currency,
+                    refund.reason.as_str()
+                )),
+            )],
+            emit: vec![NewEvent::new(EventType::PaymentRefunded).with(
+                "refund",
+                json!({
+                    "refund_id": refund.id,
+                    "provider_refund_id": settled.id,
+                    "amount": Money::from_minor(refund.amount_minor).unwrap_or_default().to_json_number(order.currency),
+                    "reason": refund.reason.as_str(),
+                }),
+            )],
+            ..Default::default()
+        };
+        self.complete(job, effects).await.map(|_| ())
+    }
+
     /// The cancellation's compensation: void an authorization, refund a capture, in full.
     async fn refund_payment(&self, job: &ClaimedJob) -> Result<(), StepError> {
         let order = self.order(job).await?;
-        if order.status == OrderStatus::Fulfilled {
+        if matches!(order.status, OrderStatus::Fulfilled | OrderStatus::Refunded) {
             return Err(StepError::Fatal(
                 "a fulfilled order cannot be refunded by cancellation".into(),
             ));
@@ -556,6 +731,7 @@ impl Step for SagaStep {
             COMMIT_INVENTORY => self.saga.commit_inventory(job).await,
             FULFIL_ORDER => self.saga.fulfil_order(job).await,
             REFUND_PAYMENT => self.saga.refund_payment(job).await,
+            SETTLE_REFUND => self.saga.settle_refund(job).await,
             kind => self.saga.send(job, kind).await,
         }
     }
@@ -570,7 +746,7 @@ pub enum CancelOutcome {
     RefundQueued,
     /// It was already cancelled.
     AlreadyCancelled,
-    /// Fulfilled orders cannot be cancelled.
+    /// Fulfilled (or partly shipped) orders cannot be cancelled.
     TooLate,
 }
 
@@ -597,27 +773,31 @@ pub async fn cancel_order(
         let Some(details) = store.get_order(id).await? else {
             return Err(StoreError::Corrupt(format!("order {id} vanished")));
         };
-        let job = |kind, max_attempts| NewJob {
-            kind,
-            payload: crate::telemetry::with_trace_context(json!({ "order_id": id })),
-            run_at: clock::now(),
-            max_attempts,
-        };
         let (expect, effects, outcome) = match details.order.status {
             OrderStatus::Cancelled => return Ok(CancelOutcome::AlreadyCancelled),
-            OrderStatus::Fulfilled => return Ok(CancelOutcome::TooLate),
-            OrderStatus::PendingPayment => (
-                OrderStatus::PendingPayment,
-                StepEffects {
-                    new_status: Some(OrderStatus::Cancelled),
-                    inventory: Some(InventoryAction::Release),
-                    events: vec![("cancelled".into(), Some(reason.description().to_string()))],
-                    emit: vec![NewEvent::cancelled(reason, None)],
-                    enqueue: vec![job(SEND_CANCELLATION, settings.max_attempts)],
-                    ..Default::default()
-                },
-                CancelOutcome::Cancelled,
-            ),
+            OrderStatus::Fulfilled | OrderStatus::Refunded => return Ok(CancelOutcome::TooLate),
+            OrderStatus::PendingPayment => {
+                // A payment waiting for 3-D Secure holds an open intent: void it (the
+                // compensation sends the cancellation e-mail after), so a late authentication
+                // cannot leave a hold on the customer's card.
+                let waiting = store
+                    .payment(id)
+                    .await?
+                    .is_some_and(|p| p.state() == Some(PaymentState::RequiresAction));
+                let next = if waiting { REFUND_PAYMENT } else { SEND_CANCELLATION };
+                (
+                    OrderStatus::PendingPayment,
+                    StepEffects {
+                        new_status: Some(OrderStatus::Cancelled),
+                        inventory: Some(InventoryAction::Release),
+                        events: vec![("cancelled".into(), Some(reason.description().to_string()))],
+                        emit: vec![NewEvent::cancelled(reason, None)],
+                        enqueue: vec![step_job(settings, next, id)],
+                        ..Default::default()
+                    },
+                    CancelOutcome::Cancelled,
+                )
+            }
             // Cancelled at once (so fulfilment, which expects `paid`, stops here) with the stock
             // back; the refund follows as a durable compensation.
             OrderStatus::Paid => (
@@ -627,7 +807,7 @@ pub async fn cancel_order(
                     inventory: Some(InventoryAction::Release),
                     events: vec![("cancelled".into(), Some(reason.description().to_string()))],
                     emit: vec![NewEvent::cancelled(reason, None)],
-                    enqueue: vec![job(REFUND_PAYMENT, settings.compensation_max_attempts)],
+                    enqueue: vec![step_job(settings, REFUND_PAYMENT, id)],
                     ..Default::default()
                 },
                 CancelOutcome::RefundQueued,
@@ -636,10 +816,13 @@ pub async fn cancel_order(
         let effects = StepEffects {
             order_id: Some(id),
             expect_status: vec![expect],
+            // Goods that left cannot be called back: a refund after delivery is the way.
+            unless_shipped: true,
             ..effects
         };
         match store.complete_job(None, &effects, clock::now()).await? {
             CompleteOutcome::Completed => return Ok(outcome),
+            CompleteOutcome::Refused(Refusal::AlreadyShipped) => return Ok(CancelOutcome::TooLate),
             // The status moved under us (payment landed): look again.
             _ => continue,
         }

@@ -233,9 +233,11 @@ impl TestApp {
             })),
             monitoring: Default::default(),
             events: Default::default(),
+            stripe_webhooks: Default::default(),
         };
         configure(&mut state);
         let metrics = state.monitoring.metrics.clone();
+        let saga_settings = (*state.saga).clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
@@ -256,7 +258,7 @@ impl TestApp {
             mail.path().to_path_buf(),
             "shop@example.com".into(),
         ));
-        let runner = saga_runner_with_metrics(&store, sandbox.clone(), notifier, metrics.clone());
+        let runner = saga_runner_with_settings(&store, sandbox.clone(), notifier, metrics.clone(), saga_settings);
         TestApp {
             url,
             client,
@@ -406,7 +408,7 @@ pub fn error_fields(problem: &Value) -> Vec<String> {
 /// queue settings (no background workers: tests drain it).
 pub fn saga_runner(
     store: &Arc<dyn Store>,
-    payments: Arc<dyn orderflow::adapters::payment::intents::PaymentGateway>,
+    payments: Arc<dyn orderflow::adapters::payment::intents::PaymentProvider>,
     notifier: Arc<dyn orderflow::adapters::notify::Notifier>,
 ) -> Arc<orderflow::queue::Runner> {
     saga_runner_with_metrics(store, payments, notifier, Default::default())
@@ -415,15 +417,27 @@ pub fn saga_runner(
 /// [`saga_runner`] counting into `metrics` (an app's registry, so its `/metrics` shows the steps).
 pub fn saga_runner_with_metrics(
     store: &Arc<dyn Store>,
-    payments: Arc<dyn orderflow::adapters::payment::intents::PaymentGateway>,
+    payments: Arc<dyn orderflow::adapters::payment::intents::PaymentProvider>,
     notifier: Arc<dyn orderflow::adapters::notify::Notifier>,
     metrics: orderflow::monitoring::Metrics,
+) -> Arc<orderflow::queue::Runner> {
+    saga_runner_with_settings(store, payments, notifier, metrics, SagaSettings::default())
+}
+
+/// [`saga_runner_with_metrics`] with the saga's settings (capture and fulfilment modes, attempts)
+/// — the same the app's state was given, so API and pipeline agree.
+pub fn saga_runner_with_settings(
+    store: &Arc<dyn Store>,
+    payments: Arc<dyn orderflow::adapters::payment::intents::PaymentProvider>,
+    notifier: Arc<dyn orderflow::adapters::notify::Notifier>,
+    metrics: orderflow::monitoring::Metrics,
+    settings: SagaSettings,
 ) -> Arc<orderflow::queue::Runner> {
     let saga = Arc::new(orderflow::workflow::steps::Saga {
         store: store.clone(),
         payments,
         notifier,
-        settings: SagaSettings::default(),
+        settings,
         metrics: metrics.clone(),
     });
     let mut runner = orderflow::queue::Runner::new(store.clone(), fast_queue_settings());

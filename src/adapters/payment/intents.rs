@@ -18,7 +18,7 @@ pub use super::PaymentError;
 /// When the money is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CaptureMethod {
-    /// Authorize only; [`PaymentGateway::capture`] takes the money later (`capture_method=manual`).
+    /// Authorize only; [`PaymentProvider::capture`] takes the money later (`capture_method=manual`).
     Manual,
     /// Authorize and capture in one step.
     Automatic,
@@ -126,6 +126,9 @@ pub struct PaymentIntent {
     pub amount_minor: i64,
     /// Captured so far (Stripe's `amount_received`).
     pub amount_captured_minor: i64,
+    /// Refunded so far, when the provider's answer says (Stripe: the expanded `latest_charge`'s
+    /// `amount_refunded`, which `list_intents` asks for).
+    pub amount_refunded_minor: Option<i64>,
     /// For [`IntentStatus::RequiresAction`]: what the customer's browser needs to finish.
     pub client_secret: Option<String>,
     /// The order it belongs to (`metadata[order_id]`).
@@ -146,7 +149,7 @@ pub struct Refund {
 
 /// A payment provider speaking the PaymentIntents model.
 #[async_trait]
-pub trait PaymentGateway: Send + Sync {
+pub trait PaymentProvider: Send + Sync {
     /// Short name recorded with payments (`sandbox`, `stripe`).
     fn name(&self) -> &str;
     /// Creates and confirms the order's PaymentIntent. A card decline is

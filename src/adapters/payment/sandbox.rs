@@ -11,22 +11,23 @@
 //! | `tok_unavailable` | every call fails with a 503 while the outage lasts ([`Sandbox::set_outage`]) |
 //! | `pm_card_visa` (and any other `pm_card_…` not below) | approved (Stripe's test PaymentMethods) |
 //! | `pm_card_chargeDeclined` | declined (`card_declined`) |
-//! | `tok_threeDSecure`, `pm_card_threeDSecure2Required` | the intent `requires_action` (3-D Secure) |
+//! | `tok_threeDSecure`, `pm_card_threeDSecure2Required`, `pm_card_authenticationRequired` | the intent `requires_action` (3-D Secure) until the customer authenticates ([`Sandbox::authenticate`]) |
 //!
-//! It speaks two contracts while the saga moves to the second: [`PaymentProvider`] (one-step
-//! charges, `sandbox_charges`) and [`PaymentGateway`] (Stripe's PaymentIntents: authorize, capture,
-//! void, partial refunds; `sandbox_intents`, never refunding more than was captured).
+//! It speaks Stripe's PaymentIntents model ([`PaymentProvider`]: authorize, capture, void, partial
+//! refunds never beyond what was captured), booked in `sandbox_intents`. A 3-D Secure intent
+//! waits in `requires_action` until the customer authenticates ([`Sandbox::authenticate`], served
+//! over HTTP as localstripe's `POST /v1/payment_intents/{id}/_authenticate`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 
+use super::PaymentError;
 use super::intents::{
-    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentGateway, PaymentIntent, Refund,
-    RefundRequest as IntentRefundRequest, VoidRequest,
+    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentIntent, PaymentProvider, Refund,
+    RefundRequest, VoidRequest,
 };
-use super::{ChargeRequest, PaymentError, PaymentProvider, RefundRequest};
 use crate::store::sandbox::{NewSandboxIntent, SandboxBooks, SandboxRefundOutcome};
 
 /// How many calls per key `tok_flaky` fails before it approves.
@@ -58,68 +59,6 @@ impl Sandbox {
 
 fn unavailable() -> PaymentError {
     PaymentError::Transient("503 service unavailable (sandbox outage)".into())
-}
-
-#[async_trait]
-impl PaymentProvider for Sandbox {
-    fn name(&self) -> &str {
-        "sandbox"
-    }
-
-    async fn charge(&self, request: &ChargeRequest) -> Result<String, PaymentError> {
-        let store_error = |e: crate::store::StoreError| PaymentError::Transient(format!("sandbox books: {e}"));
-        if request.amount_minor <= 0 {
-            return Err(PaymentError::Rejected("amount must be positive".into()));
-        }
-        match request.token.as_str() {
-            "tok_chargeDeclined" => return Err(PaymentError::Declined("card_declined".into())),
-            "tok_unavailable" if self.outage.load(Ordering::SeqCst) => return Err(unavailable()),
-            "tok_flaky" => {
-                let calls = self
-                    .books
-                    .count_call(&request.idempotency_key)
-                    .await
-                    .map_err(store_error)?;
-                if calls <= FLAKY_FAILURES {
-                    return Err(PaymentError::Transient(format!(
-                        "503 service unavailable (flaky call {calls})"
-                    )));
-                }
-            }
-            token if !token.starts_with("tok_") => {
-                return Err(PaymentError::Declined("invalid_payment_token".into()));
-            }
-            _ => {}
-        }
-        let charge = self
-            .books
-            .record_charge(
-                &request.idempotency_key,
-                &request.token,
-                request.amount_minor,
-                &request.currency,
-                &request.reference,
-            )
-            .await
-            .map_err(store_error)?;
-        if request.token == "tok_timeout" && charge.first_call {
-            // The charge is on the books, but the caller never hears back.
-            return Err(PaymentError::Transient("timed out waiting for the provider".into()));
-        }
-        Ok(charge.id)
-    }
-
-    async fn refund(&self, request: &RefundRequest) -> Result<String, PaymentError> {
-        match self
-            .books
-            .record_refund(&request.idempotency_key, &request.charge_id, request.amount_minor)
-            .await
-        {
-            Ok(Some(id)) => Ok(id),
-            Ok(None) => Err(PaymentError::Rejected(format!("no such charge {}", request.charge_id))),
-            Err(e) => Err(PaymentError::Transient(format!("sandbox books: {e}"))),
-        }
-    }
 }
 
 /// What a payment method does when an intent is confirmed with it.
@@ -154,12 +93,15 @@ fn behaviour(method: &str) -> Option<MethodBehaviour> {
 }
 
 fn intent_of(intent: crate::store::sandbox::SandboxIntent) -> PaymentIntent {
+    let status = IntentStatus::parse(&intent.status).unwrap_or(IntentStatus::RequiresPaymentMethod);
     PaymentIntent {
-        status: IntentStatus::parse(&intent.status).unwrap_or(IntentStatus::RequiresPaymentMethod),
+        // Only while the customer needs it, as the Stripe client reports it.
+        client_secret: intent.client_secret.filter(|_| status == IntentStatus::RequiresAction),
+        status,
         id: intent.id,
         amount_minor: intent.amount_minor,
         amount_captured_minor: intent.captured_minor,
-        client_secret: intent.client_secret,
+        amount_refunded_minor: Some(intent.refunded_minor),
         order_id: intent.order_id,
         last_error: intent.decline_code,
     }
@@ -177,13 +119,65 @@ impl Sandbox {
             .map_err(books_error)?
             .ok_or_else(|| PaymentError::Rejected(format!("no such payment_intent: {id}")))
     }
+
+    /// The customer finishes (or fails) 3-D Secure on a `requires_action` intent, as
+    /// localstripe's `POST /v1/payment_intents/{id}/_authenticate` does (what its Stripe.js
+    /// stand-in calls from the customer's browser): `client_secret` must be the intent's.
+    /// Success charges the card — `requires_capture` with manual capture, `succeeded` (all of it
+    /// captured) with automatic —; failure leaves the intent `requires_payment_method` with
+    /// [`AUTHENTICATION_FAILURE`] as its last error (and, on the wire, no payment method), so a
+    /// new confirmation would be needed. One conditional write in the books.
+    ///
+    /// Rejections, with Stripe's words first: `no such payment_intent: …`, `unauthorized: …` (a
+    /// client secret that is not the intent's; localstripe answers 401) and
+    /// `payment_intent_unexpected_state: …` (not waiting for authentication, e.g. already
+    /// authenticated: localstripe answers 400 to a repeat too).
+    pub async fn authenticate(
+        &self,
+        intent_id: &str,
+        client_secret: &str,
+        success: bool,
+    ) -> Result<PaymentIntent, PaymentError> {
+        let intent = self.existing(intent_id).await?;
+        if intent.client_secret.as_deref() != Some(client_secret) || client_secret.is_empty() {
+            return Err(PaymentError::Rejected(format!(
+                "unauthorized: that is not the client_secret of payment_intent {intent_id}"
+            )));
+        }
+        let unexpected = |status: &str| {
+            PaymentError::Rejected(format!(
+                "payment_intent_unexpected_state: the intent is {status}, it is not waiting for authentication"
+            ))
+        };
+        if intent.status != "requires_action" {
+            return Err(unexpected(&intent.status));
+        }
+        let (to, captured, last_error) = match (success, intent.capture_method.as_str()) {
+            (true, "manual") => ("requires_capture", 0, None),
+            (true, _) => ("succeeded", intent.amount_minor, None),
+            (false, _) => ("requires_payment_method", 0, Some(AUTHENTICATION_FAILURE)),
+        };
+        match self
+            .books
+            .authenticate_intent(&intent.id, to, captured, last_error)
+            .await
+            .map_err(books_error)?
+        {
+            Some(after) => Ok(intent_of(after)),
+            // Another authentication got there first.
+            None => Err(unexpected(&self.existing(intent_id).await?.status)),
+        }
+    }
 }
+
+/// The last error of an intent whose 3-D Secure authentication failed (Stripe's code).
+pub const AUTHENTICATION_FAILURE: &str = "payment_intent_authentication_failure";
 
 /// The sandbox in Stripe's PaymentIntents model: the same books and test methods, served
 /// in-process (the zero-set-up default) and over HTTP in Stripe's own protocol
 /// (`sandbox_server`). Declines are booked as intents in `requires_payment_method`, as Stripe does.
 #[async_trait]
-impl PaymentGateway for Sandbox {
+impl PaymentProvider for Sandbox {
     fn name(&self) -> &str {
         "sandbox"
     }
@@ -289,7 +283,7 @@ impl PaymentGateway for Sandbox {
         }
     }
 
-    async fn refund(&self, request: &IntentRefundRequest) -> Result<Refund, PaymentError> {
+    async fn refund(&self, request: &RefundRequest) -> Result<Refund, PaymentError> {
         if request.amount_minor <= 0 {
             return Err(PaymentError::Rejected("amount must be a positive integer".into()));
         }

@@ -2,10 +2,9 @@
 //! Refunds subset orderflow uses, form-encoded, answers and errors in Stripe's JSON shapes), so one
 //! adapter — [`super::stripe::StripeClient`] — serves the sandbox over HTTP, localstripe and real
 //! Stripe, and the Stripe client and the fault tests cross a real network hop. It is a thin
-//! protocol layer over the in-process [`Sandbox`]'s [`PaymentGateway`] implementation: the same
+//! protocol layer over the in-process [`Sandbox`]'s [`PaymentProvider`] implementation: the same
 //! test payment methods, the same behaviours, the same books (`sandbox_intents`), one copy of the
-//! behaviour. The older invented JSON charge protocol (`/v1/charges`, JSON `/v1/refunds`) is still
-//! served beside it until nothing speaks it any more.
+//! behaviour.
 //!
 //! # Stripe's API (the subset)
 //!
@@ -18,6 +17,7 @@
 //! | `POST /v1/payment_intents/{id}/cancel` | `cancellation_reason` (optional) → the `payment_intent`, `canceled` |
 //! | `POST /v1/refunds` (form-encoded) | `payment_intent`, `amount` (default: what is left), `reason`, `metadata[…]` → a `refund` (`status: "succeeded"`) |
 //! | `GET /v1/refunds?payment_intent=pi_…` | the intent's refunds, `{object: "list", …}` |
+//! | `POST /v1/payment_intents/{id}/_authenticate?success=true\|false` | localstripe's 3-D Secure step (see below) → the `payment_intent` |
 //!
 //! A `payment_intent` carries `id`, `object`, `status`, `amount`, `amount_capturable`,
 //! `amount_received`, `capture_method`, `currency` (lower case), `client_secret` and `next_action:
@@ -41,28 +41,47 @@
 //! | 503 `api_error` (`Stripe-Should-Retry: true`) | `tok_flaky`, the `tok_unavailable` outage, the books failing ([`PaymentError::Transient`]) | transient |
 //! | 504 `api_error` after [`SandboxServerSettings::timeout_answer_delay`] | the first call of a `tok_timeout` intent (see below) | transient (the client has usually timed out first) |
 //! | 404 `invalid_request_error` `resource_missing` | an unknown intent | rejected |
-//! | 400 `invalid_request_error` `payment_intent_unexpected_state` | capture or cancel in the wrong state | rejected |
+//! | 400 `invalid_request_error` `payment_intent_unexpected_state` | capture, cancel or authenticate in the wrong state | rejected |
 //! | 400 `invalid_request_error` `amount_too_large` / `charge_not_captured` / `charge_already_refunded` | a refund beyond what is left, of nothing captured; a capture beyond the amount | rejected |
 //! | 400 `invalid_request_error` `parameter_missing` / `parameter_invalid_integer` / `parameter_unknown` / `parameters_exclusive`, with `param` | a missing or bad parameter, or a POST without an `Idempotency-Key` | rejected |
-//! | 401 `invalid_request_error` | a missing or wrong API key (`Authorization: Bearer sk_…`, when one is configured) | rejected |
+//! | 401 `invalid_request_error` | a missing or wrong API key (`Authorization: Bearer sk_…`, when one is configured); for `_authenticate`, a wrong `client_secret` | rejected |
+//!
+//! # 3-D Secure: `_authenticate`
+//!
+//! An intent confirmed with a 3-D Secure method (`tok_threeDSecure`, `pm_card_threeDSecure2Required`)
+//! waits in `requires_action` with a `client_secret`. On real Stripe the customer's browser finishes
+//! it through Stripe.js; localstripe — and so the sandbox, which mirrors it — stands in for that
+//! with `POST /v1/payment_intents/{id}/_authenticate?success=true|false`, the call localstripe's
+//! Stripe.js makes when the customer clicks "Complete" or "Fail authentication":
+//!
+//! - parameters, from the body (JSON, as localstripe's script sends it, or a form) and the query
+//!   string (which wins): `client_secret` (required: the intent's, else 401), `success` (`true` or
+//!   `false`, any case; **absent means `false`**, as in localstripe), and the browser's `key`
+//!   (`pk_…`), `payment_user_agent`, `referrer`, which are ignored; anything else is 400
+//!   `parameter_unknown`;
+//! - authorized by the API key, or — it is the customer's browser calling — by a publishable key
+//!   `key=pk_…` in the body, as localstripe accepts; no `Idempotency-Key` is needed (a repeat is
+//!   refused: the intent is no longer `requires_action`);
+//! - the intent must be `requires_action` (else 400 `payment_intent_unexpected_state`);
+//! - success: the card is charged — `requires_capture` (manual capture) or `succeeded` (automatic,
+//!   `amount_received` the whole amount); failure: `requires_payment_method`, `payment_method:
+//!   null`, `last_payment_error: {type: card_error, code: payment_intent_authentication_failure,
+//!   message}` — what a new confirmation would have to fix.
+//!
+//! Like localstripe, the sandbox sends no webhook itself: whoever drives the test posts the
+//! event Stripe would send (`payment_intent.amount_capturable_updated`, `.succeeded`,
+//! `.payment_failed`) to `POST /webhooks/stripe`.
 //!
 //! # Also served
 //!
 //! | route | what |
 //! |---|---|
 //! | `POST /v1/sandbox/outage` | `{"active": bool}`: starts or ends the `tok_unavailable` outage |
-//! | `POST /v1/charges` | (old protocol) `{amount, currency, source, reference}` + `Idempotency-Key` → `{id, object: "charge", …}` |
-//! | `POST /v1/refunds` (JSON) | (old protocol) `{charge, amount}` + `Idempotency-Key` → `{id, object: "refund", …}`; `/v1/refunds` dispatches on `Content-Type` |
-//! | `GET /v1/charges?reference=<order id>` | (old protocol) `{object: "list", data: [charges]}` from the books |
 //! | `GET /health` | `{"status": "ok"}` (never needs the API key) |
-//!
-//! The old routes answer errors as `{"error": {"type", "code", "message"}}`: 402 for declines, 503
-//! for transient failures, 400 for rejected requests; 401 and 404 (unknown routes) are the same for
-//! both protocols.
 //!
 //! # Timeouts and hang-ups
 //!
-//! `tok_timeout` is a *real* timeout here: the intent (or old-protocol charge) is booked, then the
+//! `tok_timeout` is a *real* timeout here: the intent is booked, then the
 //! answer is held for [`SandboxServerSettings::timeout_answer_delay`] before a 504, so a client
 //! whose timeout is shorter genuinely times out while the payment is on the books. Its retry with
 //! the same key finds it and gets it at once.
@@ -75,9 +94,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -88,24 +107,18 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::http::{CORRELATION_ID_HEADER, IDEMPOTENCY_KEY_HEADER};
-use super::intents::{
-    AuthorizeRequest, CaptureMethod, CaptureRequest, PaymentGateway, RefundRequest as IntentRefundRequest, VoidRequest,
-};
-use super::sandbox::Sandbox;
-use super::stripe::REFUND_REASONS;
-use super::{ChargeRequest, PaymentError, PaymentProvider, RefundRequest};
+use super::PaymentError;
+use super::intents::{AuthorizeRequest, CaptureMethod, CaptureRequest, PaymentProvider, RefundRequest, VoidRequest};
+use super::sandbox::{AUTHENTICATION_FAILURE, Sandbox};
+use super::stripe::{CORRELATION_ID_HEADER, IDEMPOTENCY_KEY_HEADER, REFUND_REASONS};
 use crate::store::sandbox::{SandboxIntent, SandboxIntentRefund};
 
 /// The default delay before a `tok_timeout` first call is answered (with a 504): longer than
-/// [`super::http::DEFAULT_TIMEOUT`], so a default-configured client really times out.
+/// [`super::stripe::DEFAULT_TIMEOUT`], so a default-configured client really times out.
 pub const DEFAULT_TIMEOUT_ANSWER_DELAY: Duration = Duration::from_secs(15);
 
 /// Longest idempotency key accepted (Stripe's limit).
 const MAX_KEY_LEN: usize = 255;
-
-/// Largest form body read by the `/v1/refunds` dispatcher.
-const MAX_FORM_BODY: usize = 64 * 1024;
 
 /// Stripe's page sizes: at most 100, 10 when not asked.
 const MAX_PAGE: u32 = 100;
@@ -139,9 +152,15 @@ impl std::fmt::Debug for SandboxServerSettings {
     }
 }
 
+/// A SHA-256 digest of an API key (keys are compared by digest: no early exit on the first
+/// differing byte).
+type KeyDigest = sha2::digest::Output<Sha256>;
+
 #[derive(Clone)]
 struct ServerState {
     sandbox: Arc<Sandbox>,
+    /// The API key's digest, when one is required.
+    api_key: Option<KeyDigest>,
     timeout_answer_delay: Duration,
     /// Flipped to `true` on shutdown: held `tok_timeout` answers are released at once.
     stopping: Arc<watch::Sender<bool>>,
@@ -154,15 +173,16 @@ pub fn router(sandbox: Arc<Sandbox>, settings: SandboxServerSettings) -> Router 
 
 fn router_with_stop(sandbox: Arc<Sandbox>, settings: SandboxServerSettings) -> (Router, Arc<watch::Sender<bool>>) {
     let stopping = Arc::new(watch::Sender::new(false));
-    let state = ServerState {
-        sandbox,
-        timeout_answer_delay: settings.timeout_answer_delay,
-        stopping: stopping.clone(),
-    };
     let key_digest = settings
         .api_key
         .as_deref()
         .map(|key| Sha256::digest(key.trim().as_bytes()));
+    let state = ServerState {
+        sandbox,
+        api_key: key_digest,
+        timeout_answer_delay: settings.timeout_answer_delay,
+        stopping: stopping.clone(),
+    };
     let v1 = Router::new()
         .route(
             "/v1/payment_intents",
@@ -171,25 +191,25 @@ fn router_with_stop(sandbox: Arc<Sandbox>, settings: SandboxServerSettings) -> (
         .route("/v1/payment_intents/{id}", get(retrieve_payment_intent))
         .route("/v1/payment_intents/{id}/capture", post(capture_payment_intent))
         .route("/v1/payment_intents/{id}/cancel", post(cancel_payment_intent))
+        .route(
+            "/v1/payment_intents/{id}/_authenticate",
+            post(authenticate_payment_intent),
+        )
         .route("/v1/refunds", post(post_refund).get(list_refunds))
-        .route("/v1/charges", post(create_charge).get(list_charges))
         .route("/v1/sandbox/outage", post(set_outage))
         .layer(middleware::from_fn(move |request: Request, next: Next| async move {
-            if let Some(expected) = key_digest {
-                let presented = request
-                    .headers()
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(|key| Sha256::digest(key.trim().as_bytes()));
-                // Comparing digests: no early exit on the first differing byte of the key.
-                if presented != Some(expected) {
-                    return error(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "missing or wrong API key (Authorization: Bearer <key>)",
-                    );
-                }
+            // `_authenticate` is the customer's browser calling: it may show a publishable key in
+            // its body instead, which only the handler can read.
+            let browser = request.method() == Method::POST && request.uri().path().ends_with("/_authenticate");
+            if let Some(expected) = &key_digest
+                && !browser
+                && !bearer_matches(expected, request.headers())
+            {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing or wrong API key (Authorization: Bearer <key>)",
+                );
             }
             next.run(request).await
         }));
@@ -234,18 +254,21 @@ fn error_type(status: StatusCode) -> &'static str {
     }
 }
 
-/// A JSON error answer (the old protocol's `code`, with Stripe's `type`).
+/// Whether the request carries `Authorization: Bearer <the API key>`.
+fn bearer_matches(expected: &KeyDigest, headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|key| Sha256::digest(key.trim().as_bytes()))
+        .is_some_and(|presented| presented == *expected)
+}
+
+/// A Stripe-shaped error answer outside Stripe's API proper (the API key, unknown routes, the
+/// outage switch): a short `code` with Stripe's `type`.
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({ "error": { "type": error_type(status), "code": code, "message": message } });
     (status, Json(body)).into_response()
-}
-
-fn payment_error(failure: &PaymentError) -> Response {
-    match failure {
-        PaymentError::Declined(code) => error(StatusCode::PAYMENT_REQUIRED, code, "the payment was declined"),
-        PaymentError::Transient(message) => error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message),
-        PaymentError::Rejected(message) => error(StatusCode::BAD_REQUEST, "invalid_request", message),
-    }
 }
 
 fn bad_request(message: impl std::fmt::Display) -> Response {
@@ -253,24 +276,18 @@ fn bad_request(message: impl std::fmt::Display) -> Response {
 }
 
 /// The request's idempotency key: required, like a real provider that guarantees at most one
-/// charge per key. The error is the `(code, message)` of a 400.
-fn idempotency_key(headers: &HeaderMap) -> Result<String, (&'static str, String)> {
+/// charge per key. The error is the message of a 400.
+fn idempotency_key(headers: &HeaderMap) -> Result<String, String> {
     let key = headers
         .get(IDEMPOTENCY_KEY_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .unwrap_or_default();
     if key.is_empty() {
-        return Err((
-            "missing_idempotency_key",
-            "an Idempotency-Key header is required".into(),
-        ));
+        return Err("an Idempotency-Key header is required".into());
     }
     if key.len() > MAX_KEY_LEN {
-        return Err((
-            "invalid_request",
-            format!("the Idempotency-Key is longer than {MAX_KEY_LEN} characters"),
-        ));
+        return Err(format!("the Idempotency-Key is longer than {MAX_KEY_LEN} characters"));
     }
     Ok(key.to_string())
 }
@@ -296,164 +313,12 @@ async fn detached<T: Send + 'static>(
         .unwrap_or_else(|join| Err(PaymentError::Transient(format!("sandbox call failed: {join}"))))
 }
 
-#[derive(Deserialize)]
-struct ChargeBody {
-    amount: i64,
-    currency: String,
-    source: String,
-    #[serde(default)]
-    reference: String,
-}
-
-async fn create_charge(
-    State(state): State<ServerState>,
-    headers: HeaderMap,
-    body: Result<Json<ChargeBody>, JsonRejection>,
-) -> Response {
-    let key = match idempotency_key(&headers) {
-        Ok(key) => key,
-        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, &message),
-    };
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => return bad_request(rejection.body_text()),
-    };
-    let request = ChargeRequest {
-        idempotency_key: key,
-        amount_minor: body.amount,
-        currency: body.currency,
-        token: body.source,
-        reference: body.reference,
-        correlation_id: correlation_id(&headers),
-    };
-    let sandbox = state.sandbox.clone();
-    let call = request.clone();
-    let result = detached(async move { PaymentProvider::charge(&*sandbox, &call).await }).await;
-    // Never the payment token: it is the customer's payment credential.
-    tracing::info!(
-        idempotency_key = %request.idempotency_key,
-        reference = %request.reference,
-        correlation_id = request.correlation_id.as_deref(),
-        traceparent = header(&headers, "traceparent"),
-        outcome = ?result,
-        "sandbox charge"
-    );
-    match result {
-        Ok(id) => (
-            StatusCode::OK,
-            Json(json!({
-                "id": id,
-                "object": "charge",
-                "amount": request.amount_minor,
-                "currency": request.currency,
-                "source": request.token,
-                "reference": request.reference,
-                "status": "succeeded",
-            })),
-        )
-            .into_response(),
-        Err(PaymentError::Transient(_)) if request.token == "tok_timeout" => {
-            // Charged, but the answer is lost: hold it past the client's patience.
-            hold_answer(&state).await;
-            error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "timed out waiting for the card network (the outcome is unknown; retry with the same Idempotency-Key)",
-            )
-        }
-        Err(e) => payment_error(&e),
-    }
-}
-
 /// Holds a lost answer past the client's patience (or until shutdown).
 async fn hold_answer(state: &ServerState) {
     let mut stopping = state.stopping.subscribe();
     tokio::select! {
         () = tokio::time::sleep(state.timeout_answer_delay) => {}
         _ = stopping.wait_for(|stop| *stop) => {}
-    }
-}
-
-#[derive(Deserialize)]
-struct RefundBody {
-    charge: String,
-    amount: i64,
-}
-
-async fn create_refund(
-    State(state): State<ServerState>,
-    headers: HeaderMap,
-    body: Result<Json<RefundBody>, JsonRejection>,
-) -> Response {
-    let key = match idempotency_key(&headers) {
-        Ok(key) => key,
-        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, &message),
-    };
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => return bad_request(rejection.body_text()),
-    };
-    if body.amount <= 0 {
-        return bad_request("amount must be positive");
-    }
-    let request = RefundRequest {
-        idempotency_key: key,
-        charge_id: body.charge,
-        amount_minor: body.amount,
-        correlation_id: correlation_id(&headers),
-    };
-    let sandbox = state.sandbox.clone();
-    let call = request.clone();
-    let result = detached(async move { PaymentProvider::refund(&*sandbox, &call).await }).await;
-    tracing::info!(
-        idempotency_key = %request.idempotency_key,
-        charge = %request.charge_id,
-        correlation_id = request.correlation_id.as_deref(),
-        traceparent = header(&headers, "traceparent"),
-        outcome = ?result,
-        "sandbox refund"
-    );
-    match result {
-        Ok(id) => (
-            StatusCode::OK,
-            Json(json!({
-                "id": id,
-                "object": "refund",
-                "charge": request.charge_id,
-                "amount": request.amount_minor,
-                "status": "succeeded",
-            })),
-        )
-            .into_response(),
-        Err(e) => payment_error(&e),
-    }
-}
-
-#[derive(Deserialize)]
-struct ListQuery {
-    reference: Option<String>,
-}
-
-async fn list_charges(State(state): State<ServerState>, query: Result<Query<ListQuery>, QueryRejection>) -> Response {
-    let reference = match query {
-        Ok(Query(ListQuery {
-            reference: Some(reference),
-        })) if !reference.is_empty() => reference,
-        Ok(_) => return bad_request("the reference query parameter is required"),
-        Err(rejection) => return bad_request(rejection.body_text()),
-    };
-    match state.sandbox.books().charges_for(&reference).await {
-        Ok(charges) => Json(json!({
-            "object": "list",
-            "reference": reference,
-            "data": charges,
-        }))
-        .into_response(),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            &format!("sandbox books: {e}"),
-        ),
     }
 }
 
@@ -581,6 +446,9 @@ fn rejection(message: &str) -> StripeError {
     if let Some(id) = message.strip_prefix("no such payment_intent: ") {
         return StripeError::not_found(id, "intent");
     }
+    if let Some(detail) = message.strip_prefix("unauthorized: ") {
+        return StripeError::new(StatusCode::UNAUTHORIZED, None, detail).param("client_secret");
+    }
     if message.starts_with("amount_to_capture") {
         return StripeError::invalid(Some("amount_too_large"), message).param("amount_to_capture");
     }
@@ -615,6 +483,8 @@ fn card_error(decline_code: &str, intent: Option<&SandboxIntent>) -> StripeError
 /// Stripe's PaymentIntent object for an intent on the books.
 fn intent_json(intent: &SandboxIntent) -> Value {
     let requires_action = intent.status == "requires_action";
+    // A failed 3-D Secure leaves no payment method on the intent (localstripe and Stripe alike).
+    let authentication_failed = intent.decline_code.as_deref() == Some(AUTHENTICATION_FAILURE);
     let mut metadata = Map::new();
     if let Some(order) = intent.order_id.as_deref().filter(|order| !order.is_empty()) {
         metadata.insert("order_id".into(), json!(order));
@@ -625,20 +495,39 @@ fn intent_json(intent: &SandboxIntent) -> Value {
         "amount": intent.amount_minor,
         "amount_capturable": if intent.status == "requires_capture" { intent.amount_minor } else { 0 },
         "amount_received": intent.captured_minor,
+        // Stripe sends the charge's id unless asked to expand it; the sandbox always embeds it
+        // (clients read either), with what was captured and refunded.
+        "latest_charge": (intent.captured_minor > 0).then(|| json!({
+            "id": format!("ch_{}", intent.id.trim_start_matches("pi_")),
+            "object": "charge",
+            "amount": intent.amount_minor,
+            "amount_captured": intent.captured_minor,
+            "amount_refunded": intent.refunded_minor,
+            "captured": true,
+            "status": "succeeded",
+        })),
         "capture_method": intent.capture_method,
         "client_secret": if requires_action { intent.client_secret.clone() } else { None },
         "confirmation_method": "automatic",
         "currency": intent.currency.to_ascii_lowercase(),
-        "last_payment_error": intent.decline_code.as_ref().map(|code| json!({
-            "type": "card_error",
-            "code": "card_declined",
-            "decline_code": code,
-            "message": "Your card was declined.",
-        })),
+        "last_payment_error": intent.decline_code.as_ref().map(|code| if authentication_failed {
+            json!({
+                "type": "card_error",
+                "code": AUTHENTICATION_FAILURE,
+                "message": "The provided PaymentMethod has failed authentication.",
+            })
+        } else {
+            json!({
+                "type": "card_error",
+                "code": "card_declined",
+                "decline_code": code,
+                "message": "Your card was declined.",
+            })
+        }),
         "livemode": false,
         "metadata": metadata,
         "next_action": requires_action.then(|| json!({ "type": "use_stripe_sdk", "use_stripe_sdk": {} })),
-        "payment_method": intent.payment_method,
+        "payment_method": if authentication_failed { None } else { Some(&intent.payment_method) },
         "payment_method_types": ["card"],
         "status": intent.status,
     })
@@ -687,6 +576,22 @@ impl Params {
             pairs.push((decode_component(name)?, decode_component(value)?));
         }
         Ok(Params(pairs))
+    }
+
+    /// A JSON object of parameters (as localstripe's Stripe.js sends them), else a form.
+    fn json_or_form(body: &[u8]) -> Answer<Self> {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(object)) => Ok(Params(
+                object
+                    .into_iter()
+                    .map(|(name, value)| match value {
+                        Value::String(text) => (name, text),
+                        other => (name, other.to_string()),
+                    })
+                    .collect(),
+            )),
+            _ => Self::parse(body),
+        }
     }
 
     fn query(uri: &Uri) -> Answer<Self> {
@@ -771,7 +676,7 @@ fn decode_component(text: &str) -> Answer<String> {
 
 /// Every POST's `Idempotency-Key` (see the module docs: required here).
 fn stripe_idempotency_key(headers: &HeaderMap) -> Answer<String> {
-    idempotency_key(headers).map_err(|(_, message)| {
+    idempotency_key(headers).map_err(|message| {
         StripeError::invalid(
             Some("parameter_missing"),
             format!("{message} (the sandbox requires one on every POST: without it a retry could act twice)"),
@@ -902,7 +807,7 @@ async fn create_payment_intent_inner(state: &ServerState, headers: &HeaderMap, b
     };
     let sandbox = state.sandbox.clone();
     let call = request.clone();
-    let result = detached(async move { PaymentGateway::authorize(&*sandbox, &call).await }).await;
+    let result = detached(async move { PaymentProvider::authorize(&*sandbox, &call).await }).await;
     // Never the payment method: it is the customer's payment credential.
     tracing::info!(
         idempotency_key = %request.idempotency_key,
@@ -1020,7 +925,7 @@ async fn capture_inner(state: &ServerState, id: String, headers: &HeaderMap, bod
     };
     let sandbox = state.sandbox.clone();
     let call = request.clone();
-    let result = detached(async move { PaymentGateway::capture(&*sandbox, &call).await }).await;
+    let result = detached(async move { PaymentProvider::capture(&*sandbox, &call).await }).await;
     tracing::info!(
         idempotency_key = %request.idempotency_key,
         intent = %request.intent_id,
@@ -1066,7 +971,7 @@ async fn cancel_inner(state: &ServerState, id: String, headers: &HeaderMap, body
     };
     let sandbox = state.sandbox.clone();
     let call = request.clone();
-    let result = detached(async move { PaymentGateway::void(&*sandbox, &call).await }).await;
+    let result = detached(async move { PaymentProvider::void(&*sandbox, &call).await }).await;
     tracing::info!(
         idempotency_key = %request.idempotency_key,
         intent = %request.intent_id,
@@ -1079,28 +984,86 @@ async fn cancel_inner(state: &ServerState, id: String, headers: &HeaderMap, body
     answer_intent(state, &intent.id).await
 }
 
-/// `POST /v1/refunds`: Stripe's form-encoded refund of a PaymentIntent, or (any other
-/// `Content-Type`) the old protocol's JSON refund of a charge.
-async fn post_refund(State(state): State<ServerState>, request: Request) -> Response {
-    let form = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim()
-                .to_ascii_lowercase()
-                .starts_with("application/x-www-form-urlencoded")
-        });
-    let (parts, body) = request.into_parts();
-    if form {
-        return match axum::body::to_bytes(body, MAX_FORM_BODY).await {
-            Ok(bytes) => into_response(create_intent_refund(&state, &parts.headers, &bytes).await),
-            Err(_) => StripeError::invalid(None, "the form body is too large or was cut off").into_response(),
-        };
+/// `POST /v1/payment_intents/{id}/_authenticate?success=true|false`: localstripe's stand-in for
+/// the customer finishing 3-D Secure in Stripe.js (see the module docs).
+async fn authenticate_payment_intent(
+    State(state): State<ServerState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    into_response(authenticate_inner(&state, id, &headers, &uri, &body).await)
+}
+
+async fn authenticate_inner(
+    state: &ServerState,
+    id: String,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: &[u8],
+) -> Answer<Json<Value>> {
+    // The query string first: `get` answers the first value, and localstripe lets the query win.
+    let mut params = Params::query(uri)?;
+    params.0.extend(Params::json_or_form(body)?.0);
+    if let Some(expected) = &state.api_key
+        && !bearer_matches(expected, headers)
+        && !params.get("key").is_some_and(|key| key.starts_with("pk_"))
+    {
+        return Err(StripeError::new(
+            StatusCode::UNAUTHORIZED,
+            None,
+            "missing or wrong API key (Authorization: Bearer <key>, or the browser's key=pk_… in the body)",
+        ));
     }
-    let headers = parts.headers.clone();
-    let json = Json::<RefundBody>::from_request(Request::from_parts(parts, body), &state).await;
-    create_refund(State(state), headers, json).await
+    params.only(
+        &[
+            "client_secret",
+            "success",
+            "key",
+            "payment_user_agent",
+            "referrer",
+            "expand[]",
+        ],
+        &[],
+    )?;
+    if !id.starts_with("pi_") {
+        return Err(StripeError::invalid(None, format!("Invalid payment_intent id: {id:?}")).param("intent"));
+    }
+    let client_secret = params
+        .get("client_secret")
+        .ok_or_else(|| StripeError::missing("client_secret"))?
+        .to_string();
+    // localstripe's rule: `true`/`false` in any case, and no `success` at all is a failure.
+    let success = match params.get("success").map(str::to_ascii_lowercase).as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(StripeError::invalid(
+                Some("parameter_invalid_boolean"),
+                format!("Invalid boolean: {other:?}; success must be true or false"),
+            )
+            .param("success"));
+        }
+    };
+    let sandbox = state.sandbox.clone();
+    let intent_id = id.clone();
+    let result = detached(async move { sandbox.authenticate(&intent_id, &client_secret, success).await }).await;
+    // Never the client secret: it lets whoever holds it finish the payment.
+    tracing::info!(
+        intent = %id,
+        success,
+        traceparent = header(headers, "traceparent"),
+        outcome = ?result.as_ref().map(|intent| intent.status.as_str()),
+        "sandbox payment_intent authenticate"
+    );
+    let intent = result.map_err(gateway_error)?;
+    answer_intent(state, &intent.id).await
+}
+
+/// `POST /v1/refunds`: Stripe's form-encoded refund of a PaymentIntent.
+async fn post_refund(State(state): State<ServerState>, headers: HeaderMap, body: Bytes) -> Response {
+    into_response(create_intent_refund(&state, &headers, &body).await)
 }
 
 async fn create_intent_refund(state: &ServerState, headers: &HeaderMap, body: &[u8]) -> Answer<Json<Value>> {
@@ -1148,7 +1111,7 @@ async fn create_intent_refund(state: &ServerState, headers: &HeaderMap, body: &[
         None if intent.status == "succeeded" => intent.captured_minor - intent.refunded_minor,
         None => intent.amount_minor,
     };
-    let request = IntentRefundRequest {
+    let request = RefundRequest {
         idempotency_key: key,
         intent_id: intent_id.to_string(),
         amount_minor: amount,
@@ -1157,7 +1120,7 @@ async fn create_intent_refund(state: &ServerState, headers: &HeaderMap, body: &[
     };
     let sandbox = state.sandbox.clone();
     let call = request.clone();
-    let result = detached(async move { PaymentGateway::refund(&*sandbox, &call).await }).await;
+    let result = detached(async move { PaymentProvider::refund(&*sandbox, &call).await }).await;
     tracing::info!(
         idempotency_key = %request.idempotency_key,
         intent = %request.intent_id,

@@ -1,4 +1,4 @@
-//! The Stripe client: [`PaymentGateway`] over Stripe's own API — form-encoded PaymentIntents and
+//! The Stripe client: [`PaymentProvider`] over Stripe's own API — form-encoded PaymentIntents and
 //! Refunds under a pinned [`STRIPE_VERSION`] — for real Stripe (`https://api.stripe.com`), for
 //! localstripe, and for the sandbox served over HTTP (`orderflow sandbox-provider`). Also the
 //! verifier of Stripe's webhook signatures ([`verify_webhook_signature`]).
@@ -23,12 +23,12 @@
 //!
 //! | operation | call |
 //! |---|---|
-//! | [`authorize`](PaymentGateway::authorize) | `POST /v1/payment_intents` `amount`, `currency` (lower case), `payment_method=pm_…` — or, for a `tok_…` token, `payment_method_data[type]=card&payment_method_data[card][token]=tok_…` —, `payment_method_types[]=card`, `confirm=true`, `capture_method=manual\|automatic`, `metadata[order_id]`, `metadata[correlation_id]` |
-//! | [`capture`](PaymentGateway::capture) | `POST /v1/payment_intents/{id}/capture` `amount_to_capture` |
-//! | [`void`](PaymentGateway::void) | `POST /v1/payment_intents/{id}/cancel` (no parameters) |
-//! | [`refund`](PaymentGateway::refund) | `POST /v1/refunds` `payment_intent`, `amount`, `reason` (only Stripe's [`REFUND_REASONS`]; any other goes to `metadata[reason]`), `metadata[idempotency_key]`, `metadata[correlation_id]` |
-//! | [`retrieve`](PaymentGateway::retrieve) | `GET /v1/payment_intents/{id}` |
-//! | [`list_intents`](PaymentGateway::list_intents) | `GET /v1/payment_intents?limit=100&starting_after=…` until `has_more` is false; keeps those with `metadata[order_id]` |
+//! | [`authorize`](PaymentProvider::authorize) | `POST /v1/payment_intents` `amount`, `currency` (lower case), `payment_method=pm_…` — or, for a `tok_…` token, `payment_method_data[type]=card&payment_method_data[card][token]=tok_…` —, `payment_method_types[]=card`, `confirm=true`, `capture_method=manual\|automatic`, `metadata[order_id]`, `metadata[correlation_id]` |
+//! | [`capture`](PaymentProvider::capture) | `POST /v1/payment_intents/{id}/capture` `amount_to_capture` |
+//! | [`void`](PaymentProvider::void) | `POST /v1/payment_intents/{id}/cancel` (no parameters) |
+//! | [`refund`](PaymentProvider::refund) | `POST /v1/refunds` `payment_intent`, `amount`, `reason` (only Stripe's [`REFUND_REASONS`]; any other goes to `metadata[reason]`), `metadata[idempotency_key]`, `metadata[correlation_id]` |
+//! | [`retrieve`](PaymentProvider::retrieve) | `GET /v1/payment_intents/{id}` |
+//! | [`list_intents`](PaymentProvider::list_intents) | `GET /v1/payment_intents?limit=100&starting_after=…` until `has_more` is false; keeps those with `metadata[order_id]` |
 //!
 //! Why `payment_method_types[]=card` rather than `automatic_payment_methods`: since API version
 //! 2023-08-16 a PaymentIntent created without `payment_method_types` has automatic payment methods
@@ -61,7 +61,7 @@
 //! So it is retried with the *same* `Idempotency-Key`, and Stripe answers the retry with the saved
 //! first answer instead of acting twice (I4). (Stripe saves the first answer once the endpoint
 //! started, 500s included: a retry after a saved 500 gets the 500 again, and the step parks once
-//! its retries are spent — the audit then compares books through [`PaymentGateway::list_intents`].)
+//! its retries are spent — the audit then compares books through [`PaymentProvider::list_intents`].)
 //!
 //! # Secrets
 //!
@@ -108,7 +108,7 @@ use sha2::Sha256;
 
 use super::PaymentError;
 use super::intents::{
-    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentGateway, PaymentIntent, Refund,
+    AuthorizeRequest, CaptureMethod, CaptureRequest, IntentStatus, PaymentIntent, PaymentProvider, Refund,
     RefundRequest, VoidRequest,
 };
 
@@ -488,6 +488,11 @@ pub fn parse_payment_intent(object: &Value) -> Result<PaymentIntent, String> {
         .and_then(Value::as_i64)
         .ok_or("no PaymentIntent amount")?;
     let amount_captured = captured_amount(object, &status, amount);
+    let amount_refunded = object
+        .get("latest_charge")
+        .filter(|c| c.is_object())
+        .and_then(|charge| charge.get("amount_refunded"))
+        .and_then(Value::as_i64);
     let client_secret = match status {
         IntentStatus::RequiresAction => non_empty_str(object, "client_secret").map(str::to_string),
         _ => None,
@@ -506,6 +511,7 @@ pub fn parse_payment_intent(object: &Value) -> Result<PaymentIntent, String> {
         status,
         amount_minor: amount,
         amount_captured_minor: amount_captured,
+        amount_refunded_minor: amount_refunded,
         client_secret,
         order_id,
         last_error,
@@ -660,7 +666,7 @@ fn redact_keys(text: &str) -> String {
 }
 
 #[async_trait]
-impl PaymentGateway for StripeClient {
+impl PaymentProvider for StripeClient {
     fn name(&self) -> &str {
         "stripe"
     }
@@ -724,7 +730,11 @@ impl PaymentGateway for StripeClient {
         let mut intents = Vec::new();
         let mut starting_after: Option<String> = None;
         for _ in 0..MAX_PAGES {
-            let mut query = vec![("limit", PAGE_SIZE.to_string())];
+            // The charge carries the refunded amount the audit compares.
+            let mut query = vec![
+                ("limit", PAGE_SIZE.to_string()),
+                ("expand[]", "data.latest_charge".to_string()),
+            ];
             if let Some(after) = &starting_after {
                 query.push(("starting_after", after.clone()));
             }

@@ -17,6 +17,7 @@ use crate::store::jobs::{
     ClaimedJob, CompleteOutcome, FailOutcome, JobFilter, JobLease, JobRecord, JobStore, NotificationRecord,
     NotificationSlot, PaymentRecord, QueueStats, ReplaySelector, StepEffects,
 };
+use crate::store::jobs::{PAYMENTS_AFTER_SQL, PAYMENTS_FIRST_SQL, PaymentRow};
 use crate::store::jobs_common::{self, ClaimedRow, JobRow, StatsRow};
 use crate::store::{Page, StoreResult};
 
@@ -187,6 +188,17 @@ impl JobStore for PgStore {
 
     async fn payment(&self, order: OrderId) -> StoreResult<Option<PaymentRecord>> {
         jobs_common::reads::payment(&self.pool, order).await
+    }
+
+    async fn payments_after(&self, after: Option<OrderId>, limit: u32) -> StoreResult<Vec<(OrderId, PaymentRecord)>> {
+        let query = match after {
+            None => sqlx::query_as::<_, PaymentRow>(PAYMENTS_FIRST_SQL).bind(i64::from(limit)),
+            Some(after) => sqlx::query_as::<_, PaymentRow>(PAYMENTS_AFTER_SQL)
+                .bind(after.as_uuid())
+                .bind(i64::from(limit)),
+        };
+        let rows = query.fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(PaymentRow::into_pair).collect())
     }
 
     async fn notifications(&self, order: OrderId) -> StoreResult<Vec<NotificationRecord>> {

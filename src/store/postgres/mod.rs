@@ -22,6 +22,7 @@ use uuid::Uuid;
 mod jobs;
 mod ops;
 
+use super::after_sale::{AfterSaleReads, AfterSaleSql};
 use super::audit::{self, AuditReport};
 use super::common::{
     is_foreign_key_violation, new_order, placed_data, replay_or_refuse, stock_levels, unique_is_conflict,
@@ -54,6 +55,7 @@ pub struct PgStore {
     /// Asks the waker task to NOTIFY other processes (see [`spawn_job_waker`]).
     wake_others: tokio::sync::mpsc::Sender<()>,
     events: EventsSql<Postgres>,
+    after_sale: AfterSaleSql<Postgres>,
 }
 
 /// The channel every enqueue notifies, in the enqueuing transaction (delivered on commit).
@@ -166,6 +168,7 @@ impl PgStore {
             lock_rows: "FOR UPDATE",
         };
         Ok(Self {
+            after_sale: AfterSaleSql { read: pool.clone() },
             pool,
             jobs_ready,
             wake_others,
@@ -407,6 +410,10 @@ impl Store for PgStore {
 
     fn events(&self) -> &dyn EventStore {
         &self.events
+    }
+
+    fn after_sale(&self) -> &dyn AfterSaleReads {
+        &self.after_sale
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -26,6 +26,7 @@ use uuid::Uuid;
 mod jobs;
 mod ops;
 
+use super::after_sale::{AfterSaleReads, AfterSaleSql};
 use super::audit::{self, AuditReport};
 use super::common::{
     is_foreign_key_violation, new_order, placed_data, replay_or_refuse, stock_levels, unique_is_conflict,
@@ -63,6 +64,7 @@ pub struct SqliteStore {
     /// Wakes this process's job workers after jobs are enqueued or replayed.
     jobs_ready: Arc<tokio::sync::Notify>,
     events: EventsSql<Sqlite>,
+    after_sale: AfterSaleSql<Sqlite>,
 }
 
 impl SqliteStore {
@@ -119,6 +121,7 @@ impl SqliteStore {
         };
         Ok(Self {
             events,
+            after_sale: AfterSaleSql { read: reader.clone() },
             writer,
             reader,
             in_flight: InFlight::default(),
@@ -150,6 +153,10 @@ impl Store for SqliteStore {
 
     fn events(&self) -> &dyn EventStore {
         &self.events
+    }
+
+    fn after_sale(&self) -> &dyn AfterSaleReads {
+        &self.after_sale
     }
 
     async fn ping(&self) -> StoreResult<()> {
