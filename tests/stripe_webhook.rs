@@ -28,6 +28,7 @@ on_both_backends!(
     unverified_events_change_nothing,
     events_that_concern_no_waiting_order_change_nothing,
     without_a_secret_the_route_is_off,
+    cancelling_a_waiting_order_voids_its_intent,
 );
 
 const SECRET: &str = "whsec_test_orderflow_stripe_webhooks";
@@ -445,4 +446,40 @@ async fn without_a_secret_the_route_is_off(backend: Backend) {
     );
     let response = app.get("/webhooks/stripe", None).await;
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+async fn cancelling_a_waiting_order_voids_its_intent(backend: Backend) {
+    let app = app(backend).await;
+    let w = waiting_order(&app).await;
+    let response = app
+        .post(&format!("/orders/{}/cancel", w.order), Some(&w.token), &json!({}))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(app.available(&w.product).await, 10, "the stock is back at once");
+    app.drain().await;
+    let cancelled = view(&app, &w.order, &w.token).await;
+    assert_eq!(
+        (&cancelled["status"], &cancelled["payment"]["state"]),
+        (&json!("cancelled"), &json!("voided")),
+        "{cancelled}"
+    );
+    // The hold is gone at the provider: a late authentication finds nothing to authorize.
+    let intent = app.store.intent(&w.intent).await.unwrap().expect("the intent");
+    assert_eq!(intent.status, "canceled");
+    assert!(
+        app.sandbox
+            .authenticate(&w.intent, &w.client_secret, true)
+            .await
+            .is_err()
+    );
+    let notifications = cancelled["notifications"].as_array().unwrap();
+    assert_eq!(
+        notifications
+            .iter()
+            .filter(|n| n["kind"] == "send_cancellation")
+            .count(),
+        1,
+        "{cancelled}"
+    );
+    app.assert_audit_clean().await;
 }
