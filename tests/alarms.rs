@@ -2,7 +2,9 @@
 //! a real webhook receiver gets exactly one signed "firing" message per alarm even with two
 //! evaluators (two "processes") sharing the database; after the provider is back and the dead
 //! job is replayed, exactly one "resolved" message each. The alarm states also show in `/metrics`
-//! and `/health/ready` (which stays 200).
+//! and `/health/ready` (which stays 200). With `--fulfilment external`, a paid, ready-to-ship
+//! order the warehouse has not shipped raises `orders_stuck_unfulfilled` past the limit, and its
+//! shipments (fulfilling it) clear it.
 
 mod common;
 
@@ -28,6 +30,7 @@ on_both_backends!(
     provider_outage_fires_and_replay_resolves_each_alarm_once,
     error_rate_and_stuck_orders_are_read_from_the_database,
     refused_deliveries_are_retried_and_counted,
+    external_fulfilment_waits_are_stuck_past_the_limit_until_shipped,
 );
 
 const SECRET: &str = "alert-signing-secret-0123456789";
@@ -342,4 +345,164 @@ async fn refused_deliveries_are_retried_and_counted(backend: Backend) {
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
     }
+}
+
+/// `--fulfilment external`: a paid order whose stock is committed waits for the warehouse. Past
+/// `--alarm-stuck-unfulfilled` without a shipment it is stuck; a partial shipment does not make it
+/// fulfilled (still stuck once the limit passes again); the last shipment fulfils it and clears
+/// the alarm, for any clock. The evaluation is read at chosen times (no sleeping past the limit),
+/// then once through the recording evaluator, whose state `/health/ready` shows.
+async fn external_fulfilment_waits_are_stuck_past_the_limit_until_shipped(backend: Backend) {
+    use orderflow::workflow::steps::{FulfilmentMode, SagaSettings};
+    let app = TestApp::spawn_with(backend, |state| {
+        state.saga = Arc::new(SagaSettings {
+            fulfilment: FulfilmentMode::External,
+            ..SagaSettings::default()
+        });
+    })
+    .await;
+    let limit = Duration::from_secs(48 * 3600);
+    let settings = AlarmSettings {
+        oldest_job_age: None,
+        dead_jobs: None,
+        error_rate: None,
+        stuck_unpaid: Duration::from_secs(3600),
+        stuck_unfulfilled: limit,
+        ..AlarmSettings::default()
+    };
+    let stuck = async |at: chrono::DateTime<chrono::Utc>| -> alarms::Condition {
+        let conditions = alarms::evaluate(app.store.as_ref(), &settings, at).await.unwrap();
+        let unpaid = condition(&conditions, "orders_stuck_unpaid");
+        assert!(!unpaid.firing, "{unpaid:?}");
+        condition(&conditions, "orders_stuck_unfulfilled").clone()
+    };
+    let just_past = |from: chrono::DateTime<chrono::Utc>| from + limit + Duration::from_secs(1);
+
+    let (a, b) = (app.product("10.00", 10).await, app.product("5.00", 10).await);
+    let (_, buyer) = app.customer().await;
+    let placed = app
+        .place_order(
+            &buyer,
+            "stuck-1",
+            &json!({"items": [{"product_id": a, "quantity": 2}, {"product_id": b, "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(placed.status(), reqwest::StatusCode::ACCEPTED);
+    let id = placed.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.drain().await;
+    let paid_at = orderflow::clock::now();
+    let view: Value = app
+        .get(&format!("/orders/{id}"), Some(&app.admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["status"], "paid", "{view}");
+    assert_eq!(
+        view["pending_steps"],
+        json!([]),
+        "ready to ship, nothing queued: {view}"
+    );
+    assert!(
+        view["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "inventory_committed"),
+        "{view}"
+    );
+
+    // Within the limit: not stuck. Past it with no shipment: stuck, naming one order.
+    let within = stuck(paid_at).await;
+    assert!(!within.firing && within.detail["orders"] == 0, "{within:?}");
+    let past = stuck(just_past(paid_at)).await;
+    assert!(past.firing, "{past:?}");
+    assert_eq!(past.detail["orders"], 1, "{past:?}");
+    assert_eq!(past.detail["limit_seconds"], limit.as_secs(), "{past:?}");
+
+    // The recording evaluator agrees once the limit is zero (any paid order is past it), and
+    // readiness shows the alarm.
+    let now_limit = AlarmSettings {
+        stuck_unfulfilled: Duration::ZERO,
+        ..settings.clone()
+    };
+    let made = alarms::evaluate_once(app.store.as_ref(), &now_limit).await.unwrap();
+    assert_eq!(
+        made.iter().map(|c| (c.alarm.as_str(), c.firing)).collect::<Vec<_>>(),
+        [("orders_stuck_unfulfilled", true)]
+    );
+    let ready: Value = app.get("/health/ready", None).await.json().await.unwrap();
+    assert!(
+        ready["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alarm"] == "orders_stuck_unfulfilled"),
+        "{ready}"
+    );
+
+    // A first, partial shipment: captured, still paid, still unfulfilled — stuck again once the
+    // limit passes.
+    let warehouse = app
+        .auth
+        .issue("warehouse-1", &["fulfilment".into()], Duration::from_secs(3600))
+        .unwrap();
+    let ship = async |key: &str, body: Value| {
+        let response = app
+            .client
+            .post(format!("{}/orders/{id}/shipments", app.url))
+            .bearer_auth(&warehouse)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    };
+    ship(
+        "s-1",
+        json!({"carrier": "DHL", "tracking_number": "JD1", "items": [{"product_id": a, "quantity": 2}]}),
+    )
+    .await;
+    app.drain().await;
+    let view: Value = app
+        .get(&format!("/orders/{id}"), Some(&app.admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (view["status"].as_str(), view["payment"]["state"].as_str()),
+        (Some("paid"), Some("captured"))
+    );
+    let shipped_at = orderflow::clock::now();
+    let past = stuck(just_past(shipped_at)).await;
+    assert!(
+        past.firing && past.detail["orders"] == 1,
+        "a partial shipment is not fulfilment: {past:?}"
+    );
+
+    // The rest ships: fulfilled, and the alarm clears at any time from now on.
+    ship("s-2", json!({"carrier": "DHL", "tracking_number": "JD2"})).await;
+    app.drain().await;
+    let view: Value = app
+        .get(&format!("/orders/{id}"), Some(&app.admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["status"], "fulfilled", "{view}");
+    let cleared = stuck(just_past(orderflow::clock::now())).await;
+    assert!(!cleared.firing && cleared.detail["orders"] == 0, "{cleared:?}");
+    let made = alarms::evaluate_once(app.store.as_ref(), &now_limit).await.unwrap();
+    assert_eq!(
+        made.iter().map(|c| (c.alarm.as_str(), c.firing)).collect::<Vec<_>>(),
+        [("orders_stuck_unfulfilled", false)]
+    );
+    let ready: Value = app.get("/health/ready", None).await.json().await.unwrap();
+    assert_eq!(ready["alarms"], json!([]), "{ready}");
+    app.assert_audit_clean().await;
 }

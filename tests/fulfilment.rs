@@ -467,3 +467,40 @@ async fn refunds_are_refused_for_bad_requests_and_unfulfilled_orders(backend: Ba
     assert_eq!(order(&app, &id).await["refunds"], json!([]), "nothing was recorded");
     app.assert_audit_clean().await;
 }
+
+#[tokio::test]
+async fn payment_is_a_token_or_a_payment_method() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let product = app.product("10.00", 10).await;
+    let (_, buyer) = app.customer().await;
+    let order = |payment: Value| json!({ "items": [{ "product_id": product, "quantity": 1 }], "payment": payment });
+    json_of(
+        app.place_order(&buyer, "m-1", &order(json!({ "method": "pm_card_visa" })))
+            .await,
+        202,
+    )
+    .await;
+    for (key, payment, field) in [
+        ("m-2", json!({ "method": "tok_visa" }), "/payment/method"),
+        (
+            "m-3",
+            json!({ "token": "tok_visa", "method": "pm_card_visa" }),
+            "/payment/method",
+        ),
+        ("m-4", json!({}), "/payment/token"),
+    ] {
+        let problem = expect_problem(
+            app.place_order(&buyer, key, &order(payment)).await,
+            400,
+            "validation_failed",
+        )
+        .await;
+        assert_eq!(common::error_fields(&problem), [field]);
+    }
+    app.drain().await;
+    assert_eq!(
+        app.available(&product).await,
+        9,
+        "only the order paid with pm_card_visa took stock"
+    );
+}

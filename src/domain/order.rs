@@ -140,6 +140,16 @@ impl PaymentToken {
         Ok(PaymentToken(value.to_string()))
     }
 
+    /// A Stripe PaymentMethod id: `pm_` and letters, digits or underscores.
+    pub fn parse_method(value: &str) -> Result<Self, String> {
+        let token = Self::parse(value)?;
+        let rest = value.strip_prefix("pm_").unwrap_or_default();
+        if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err("must be a Stripe PaymentMethod id: pm_ followed by letters, digits or _".into());
+        }
+        Ok(token)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -437,3 +437,36 @@ mod tests {
         );
     }
 }
+
+/// One `{product_id, quantity}` entry of a request (a checkout line, a shipped or restocked
+/// item) at `{list}/{index}`: both required, every bad field recorded in `errors`.
+pub fn product_quantity(
+    errors: &mut crate::domain::FieldErrors,
+    list: &str,
+    index: usize,
+    product_id: Option<String>,
+    quantity: Option<i64>,
+) -> Option<(crate::domain::ProductId, crate::domain::Quantity)> {
+    let product_id = match product_id {
+        None => {
+            errors.add(format!("{list}/{index}/product_id"), "is required");
+            None
+        }
+        Some(id) => errors.check(
+            &format!("{list}/{index}/product_id"),
+            id.parse::<crate::domain::ProductId>()
+                .map_err(|_| "must be a UUID".to_string()),
+        ),
+    };
+    let quantity = match quantity {
+        None => {
+            errors.add(format!("{list}/{index}/quantity"), "is required");
+            None
+        }
+        Some(quantity) => errors.check(
+            &format!("{list}/{index}/quantity"),
+            crate::domain::Quantity::parse(quantity),
+        ),
+    };
+    Some((product_id?, quantity?))
+}

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::auth::{Admin, Principal};
 use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, IdempotencyKey, optional_whole_number, path_id};
+use super::extract::{ApiJson, IdempotencyKey, optional_whole_number, path_id, product_quantity};
 use super::schema;
 use super::{AppState, private};
 use crate::clock;
@@ -141,35 +141,20 @@ fn parse_items(field: &str, items: Vec<ItemBody>, errors: &mut FieldErrors) -> V
         errors.add(field, "must not be empty; leave it out to mean every unit");
     }
     for (index, item) in items.into_iter().enumerate() {
-        let product_id = match item.product_id {
-            None => {
-                errors.add(format!("{field}/{index}/product_id"), "is required");
-                None
-            }
-            Some(id) => errors.check(
-                &format!("{field}/{index}/product_id"),
-                id.parse::<ProductId>().map_err(|_| "must be a UUID".to_string()),
-            ),
+        let Some((product_id, quantity)) = product_quantity(errors, field, index, item.product_id, item.quantity)
+        else {
+            continue;
         };
-        let quantity = match item.quantity {
-            None => {
-                errors.add(format!("{field}/{index}/quantity"), "is required");
-                None
-            }
-            Some(quantity) => errors.check(&format!("{field}/{index}/quantity"), Quantity::parse(quantity)),
-        };
-        if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
-            if parsed.iter().any(|seen| seen.product_id == product_id) {
-                errors.add(
-                    format!("{field}/{index}/product_id"),
-                    "names a product already listed; send one entry per product",
-                );
-            } else {
-                parsed.push(ItemQuantity {
-                    product_id,
-                    quantity: quantity.get(),
-                });
-            }
+        if parsed.iter().any(|seen| seen.product_id == product_id) {
+            errors.add(
+                format!("{field}/{index}/product_id"),
+                "names a product already listed; send one entry per product",
+            );
+        } else {
+            parsed.push(ItemQuantity {
+                product_id,
+                quantity: quantity.get(),
+            });
         }
     }
     parsed

@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 use super::auth::Principal;
 use super::correlation::CorrelationId;
 use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, IdempotencyKey, optional_whole_number, parameter, path_id};
+use super::extract::{ApiJson, IdempotencyKey, optional_whole_number, parameter, path_id, product_quantity};
 use super::fulfilment::{RefundView, ShipmentView};
 use super::schema;
 use super::{AppState, private};
@@ -310,8 +310,12 @@ struct ItemBody {
 #[serde(deny_unknown_fields)]
 #[schema(as = PlaceOrderPayment)]
 struct PaymentBody {
-    #[schema(schema_with = schema::payment_token, required = true)]
+    /// A sandbox or Stripe card token (`tok_…`). Give this or `method`.
+    #[schema(schema_with = schema::payment_token)]
     token: Option<String>,
+    /// A Stripe PaymentMethod id (`pm_…`), e.g. from Stripe.js. Give this or `token`.
+    #[schema(schema_with = schema::payment_method)]
+    method: Option<String>,
 }
 
 /// A postal address to ship the order to. Every field is checked and every bad one reported,
@@ -398,24 +402,9 @@ fn parse_body(
         None => errors.add("/items", "is required"),
         Some(items) => {
             for (index, item) in items.into_iter().enumerate() {
-                let product_id = match item.product_id {
-                    None => {
-                        errors.add(format!("/items/{index}/product_id"), "is required");
-                        None
-                    }
-                    Some(id) => errors.check(
-                        &format!("/items/{index}/product_id"),
-                        id.parse::<ProductId>().map_err(|_| "must be a UUID".to_string()),
-                    ),
-                };
-                let quantity = match item.quantity {
-                    None => {
-                        errors.add(format!("/items/{index}/quantity"), "is required");
-                        None
-                    }
-                    Some(quantity) => errors.check(&format!("/items/{index}/quantity"), Quantity::parse(quantity)),
-                };
-                if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
+                if let Some((product_id, quantity)) =
+                    product_quantity(&mut errors, "/items", index, item.product_id, item.quantity)
+                {
                     lines.push(CartLine { product_id, quantity });
                 }
             }
@@ -423,11 +412,25 @@ fn parse_body(
     }
     let payment_token = match body.payment {
         None => Some(PaymentToken::default_sandbox()),
-        Some(PaymentBody { token: None }) => {
-            errors.add("/payment/token", "is required when payment is given");
+        Some(PaymentBody {
+            token: Some(token),
+            method: None,
+        }) => errors.check("/payment/token", PaymentToken::parse(&token)),
+        Some(PaymentBody {
+            token: None,
+            method: Some(method),
+        }) => errors.check("/payment/method", PaymentToken::parse_method(&method)),
+        Some(PaymentBody {
+            token: None,
+            method: None,
+        }) => {
+            errors.add("/payment/token", "is required when payment is given (or give method)");
             None
         }
-        Some(PaymentBody { token: Some(token) }) => errors.check("/payment/token", PaymentToken::parse(&token)),
+        Some(PaymentBody { .. }) => {
+            errors.add("/payment/method", "give either token or method, not both");
+            None
+        }
     };
     let shipping = body.shipping.and_then(|shipping| parse_shipping(shipping, &mut errors));
     // A product named twice is well-formed JSON the schema cannot rule out (JSON Schema has no

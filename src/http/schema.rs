@@ -140,6 +140,15 @@ pub fn payment_token() -> Object {
     .build()
 }
 
+pub fn payment_method() -> Object {
+    string("A Stripe PaymentMethod id (`pm_…`), e.g. from Stripe.js or Stripe's test `pm_card_visa`.")
+        .min_length(Some(4))
+        .max_length(Some(PAYMENT_TOKEN_MAX))
+        .pattern(Some("^pm_[A-Za-z0-9_]+$"))
+        .examples(["pm_card_visa"])
+        .build()
+}
+
 pub fn uuid(description: &str) -> Object {
     string(description)
         .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))

@@ -160,15 +160,37 @@ const SHIPPED: &str = "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT) FROM
 const RESTOCKED: &str = "SELECT i.product_id, CAST(sum(i.quantity) AS BIGINT) FROM refund_items i \
      JOIN refunds r ON r.id = i.refund_id WHERE r.order_id = $1 GROUP BY i.product_id";
 
-/// The earlier request with this key on this order: replayed (same body) or refused (another).
-fn earlier(found: Option<(Uuid, String)>, request_hash: &str) -> Option<CompleteOutcome> {
-    found.map(|(id, hash)| {
+/// The earlier request with this key on this order (`table`: shipments or refunds): replayed
+/// (same body) or refused (another).
+async fn earlier<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    table: &str,
+    order: Uuid,
+    key: &str,
+    request_hash: &str,
+) -> StoreResult<Option<CompleteOutcome>>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    let found: Option<(Uuid, String)> = sqlx::query_as(&format!(
+        "SELECT id, request_hash FROM {table} WHERE order_id = $1 AND idempotency_key = $2"
+    ))
+    .bind(order)
+    .bind(key.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(found.map(|(id, hash)| {
         if hash == request_hash {
             CompleteOutcome::Replayed(id)
         } else {
             CompleteOutcome::Refused(Refusal::KeyReused)
         }
-    })
+    }))
 }
 
 /// Records a shipment, or says why not (`Some`): a replay, a reused key, an order not ready,
@@ -192,13 +214,7 @@ where
     for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
-    let found: Option<(Uuid, String)> =
-        sqlx::query_as("SELECT id, request_hash FROM shipments WHERE order_id = $1 AND idempotency_key = $2")
-            .bind(order)
-            .bind(draft.idempotency_key.clone())
-            .fetch_optional(&mut **tx)
-            .await?;
-    if let Some(outcome) = earlier(found, &draft.request_hash) {
+    if let Some(outcome) = earlier(tx, "shipments", order, &draft.idempotency_key, &draft.request_hash).await? {
         return Ok(Some(outcome));
     }
     if status != OrderStatus::Paid || inventory_state != "committed" {
@@ -258,13 +274,7 @@ where
     for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
-    let found: Option<(Uuid, String)> =
-        sqlx::query_as("SELECT id, request_hash FROM refunds WHERE order_id = $1 AND idempotency_key = $2")
-            .bind(order)
-            .bind(draft.idempotency_key.clone())
-            .fetch_optional(&mut **tx)
-            .await?;
-    if let Some(outcome) = earlier(found, &draft.request_hash) {
+    if let Some(outcome) = earlier(tx, "refunds", order, &draft.idempotency_key, &draft.request_hash).await? {
         return Ok(Some(outcome));
     }
     if !matches!(status, OrderStatus::Fulfilled | OrderStatus::Refunded) {
