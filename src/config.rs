@@ -158,6 +158,15 @@ pub struct GlobalArgs {
     /// Most database connections this process holds.
     #[arg(long, env = "ORDERFLOW_DB_MAX_CONNECTIONS", default_value_t = 16, global = true)]
     pub db_max_connections: u32,
+    /// Most step completions committed in one transaction (group commit; each in its own
+    /// savepoint). 1 commits every completion alone.
+    #[arg(long, env = "ORDERFLOW_COMMIT_BATCH", default_value_t = 64, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub commit_batch: u32,
+    /// Group transactions written at once (PostgreSQL; SQLite's single writer takes them in turn).
+    #[arg(long, env = "ORDERFLOW_COMMIT_WRITERS", default_value_t = 4, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub commit_writers: u32,
     /// Longest wait for a free database connection before answering 503 (e.g. 5s, 500ms).
     #[arg(long, env = "ORDERFLOW_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
     pub db_acquire_timeout: Duration,
@@ -769,6 +778,10 @@ impl GlobalArgs {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
             sqlite_durability: self.sqlite_durability,
+            group_commit: crate::store::group_commit::GroupCommitSettings {
+                max_batch: self.commit_batch as usize,
+                committers: self.commit_writers as usize,
+            },
         })
     }
 

@@ -163,6 +163,8 @@ fn server_settings(args: &Args) -> GlobalArgs {
         data_dir: args.data_dir.clone(),
         jwt_secret: args.jwt_secret.clone(),
         db_max_connections: 2,
+        commit_batch: 1,
+        commit_writers: 1,
         db_acquire_timeout: Duration::from_secs(30),
         sqlite_durability: SqliteDurability::Full,
         currency: Currency::USD,

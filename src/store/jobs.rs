@@ -402,6 +402,13 @@ pub trait JobStore: Send + Sync {
         effects: &StepEffects,
         now: DateTime<Utc>,
     ) -> StoreResult<CompleteOutcome>;
+    /// Completes several jobs in ONE transaction, each in its own savepoint: each succeeds, is
+    /// refused (lease lost, order moved on) or fails alone; answers in the same order.
+    async fn complete_jobs(
+        &self,
+        completions: &[(Option<JobLease>, StepEffects)],
+        now: DateTime<Utc>,
+    ) -> Vec<StoreResult<CompleteOutcome>>;
     /// Records that a notification is about to be sent (I8), unless it already was.
     async fn prepare_notification(
         &self,

@@ -11,6 +11,7 @@ mod audit;
 mod common;
 mod effects;
 pub mod events;
+pub mod group_commit;
 pub mod jobs;
 mod jobs_common;
 pub mod ops;
@@ -261,6 +262,8 @@ pub struct ConnectOptions {
     /// How long a request waits for a free connection before getting 503.
     pub acquire_timeout: Duration,
     pub sqlite_durability: SqliteDurability,
+    /// How step completions share transactions ([`group_commit`]).
+    pub group_commit: group_commit::GroupCommitSettings,
 }
 
 impl Default for ConnectOptions {
@@ -269,6 +272,7 @@ impl Default for ConnectOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
             sqlite_durability: SqliteDurability::Full,
+            group_commit: Default::default(),
         }
     }
 }

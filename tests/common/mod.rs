@@ -155,6 +155,7 @@ pub fn connect_options() -> ConnectOptions {
         acquire_timeout: Duration::from_secs(30),
         // Tests that need power-loss durability say so; kill -9 is survived by both settings.
         sqlite_durability: SqliteDurability::Normal,
+        group_commit: Default::default(),
     }
 }
 

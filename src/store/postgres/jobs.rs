@@ -12,7 +12,6 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::domain::OrderId;
-use crate::store::effects;
 use crate::store::jobs::{
     ClaimedJob, CompleteOutcome, FailOutcome, JobFilter, JobLease, JobRecord, JobStore, NotificationRecord,
     NotificationSlot, PaymentRecord, QueueStats, ReplaySelector, StepEffects,
@@ -112,16 +111,16 @@ impl JobStore for PgStore {
         effects: &StepEffects,
         now: DateTime<Utc>,
     ) -> StoreResult<CompleteOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let outcome = effects::apply(&mut tx, "FOR UPDATE", lease, effects, now).await?;
-        if outcome != CompleteOutcome::Completed {
-            return Ok(outcome);
-        }
-        tx.commit().await?;
-        if !effects.enqueue.is_empty() {
-            self.jobs_enqueued();
-        }
-        Ok(CompleteOutcome::Completed)
+        // Shares a transaction with the completions waiting at the same time (group commit).
+        self.committer.complete(lease, effects, now).await
+    }
+
+    async fn complete_jobs(
+        &self,
+        completions: &[(Option<JobLease>, StepEffects)],
+        now: DateTime<Utc>,
+    ) -> Vec<StoreResult<CompleteOutcome>> {
+        self.committer.complete_all(completions, now).await
     }
 
     async fn prepare_notification(

@@ -28,6 +28,7 @@ use super::common::{
     is_foreign_key_violation, new_order, placed_data, replay_or_refuse, stock_levels, unique_is_conflict,
 };
 use super::events::{EventStore, EventsSql};
+use super::group_commit::GroupCommit;
 use super::reads;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::{
@@ -55,6 +56,7 @@ pub struct PgStore {
     /// Asks the waker task to NOTIFY other processes (see [`spawn_job_waker`]).
     wake_others: tokio::sync::mpsc::Sender<()>,
     events: EventsSql<Postgres>,
+    committer: GroupCommit,
     after_sale: AfterSaleSql<Postgres>,
 }
 
@@ -161,6 +163,19 @@ impl PgStore {
         let jobs_ready = Arc::new(tokio::sync::Notify::new());
         spawn_job_listener(listener_pool, Arc::downgrade(&jobs_ready));
         let wake_others = spawn_job_waker(pool.clone());
+        let committer = {
+            let (local, others) = (jobs_ready.clone(), wake_others.clone());
+            GroupCommit::start(
+                pool.clone(),
+                "BEGIN",
+                "FOR UPDATE",
+                options.group_commit,
+                Arc::new(move || {
+                    local.notify_waiters();
+                    let _ = others.try_send(());
+                }),
+            )
+        };
         let events = EventsSql {
             write: pool.clone(),
             read: pool.clone(),
@@ -169,6 +184,7 @@ impl PgStore {
         };
         Ok(Self {
             after_sale: AfterSaleSql { read: pool.clone() },
+            committer,
             pool,
             jobs_ready,
             wake_others,

@@ -32,6 +32,7 @@ use super::common::{
     is_foreign_key_violation, new_order, placed_data, replay_or_refuse, stock_levels, unique_is_conflict,
 };
 use super::events::{EventStore, EventsSql};
+use super::group_commit::GroupCommit;
 use super::reads;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::{
@@ -64,6 +65,7 @@ pub struct SqliteStore {
     /// Wakes this process's job workers after jobs are enqueued or replayed.
     jobs_ready: Arc<tokio::sync::Notify>,
     events: EventsSql<Sqlite>,
+    committer: GroupCommit,
     after_sale: AfterSaleSql<Sqlite>,
 }
 
@@ -119,13 +121,25 @@ impl SqliteStore {
             begin: "BEGIN IMMEDIATE",
             lock_rows: "",
         };
+        let jobs_ready = Arc::new(tokio::sync::Notify::new());
+        let committer = {
+            let local = jobs_ready.clone();
+            GroupCommit::start(
+                writer.clone(),
+                "BEGIN IMMEDIATE",
+                "",
+                options.group_commit,
+                Arc::new(move || local.notify_waiters()),
+            )
+        };
         Ok(Self {
             events,
+            committer,
             after_sale: AfterSaleSql { read: reader.clone() },
             writer,
             reader,
             in_flight: InFlight::default(),
-            jobs_ready: Arc::new(tokio::sync::Notify::new()),
+            jobs_ready,
         })
     }
 

@@ -1,0 +1,287 @@
+//! Group commit of step completions: the effects of many jobs (of any kind, of different orders)
+//! committed in one transaction, each still succeeding, being refused or failing on its own.
+//!
+//! Every finished step ends in [`JobStore::complete_job`](super::jobs::JobStore::complete_job):
+//! its effects and its job's completion in one transaction. One commit per step made the
+//! pipeline commit-bound (about seven commits per order after the checkout; on SQLite each one an
+//! fsync by the single writer). Here completions queue up while a transaction is being written
+//! and the next transaction takes all that are waiting (up to `max_batch`): each is applied in its
+//! own savepoint, so a completion whose lease was lost, whose order moved on, or whose statement
+//! failed is rolled back alone and answered alone; the others commit together. Nobody waits for a
+//! batch to fill: a completion that arrives when the committer is idle is written at once.
+//!
+//! Each caller's answer is sent only after the transaction holding its effects committed (or
+//! failed: then every completion in it is answered with the error and its job is retried, as if
+//! it had failed alone).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::effects;
+use super::jobs::{CompleteOutcome, JobLease, StepEffects};
+use super::{StoreError, StoreResult};
+
+/// One completion waiting for its transaction.
+pub(super) struct Pending {
+    lease: Option<JobLease>,
+    effects: StepEffects,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<StoreResult<CompleteOutcome>>,
+}
+
+/// The queue in front of the committers.
+pub(super) struct GroupCommit {
+    requests: mpsc::Sender<Pending>,
+    /// What the committers write with, for groups given whole ([`GroupCommit::complete_all`]).
+    writer: Arc<dyn CommitBatch>,
+    enqueued: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// How completions are grouped.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupCommitSettings {
+    /// Most completions in one transaction (1: every completion commits alone).
+    pub max_batch: usize,
+    /// Transactions written at once (PostgreSQL: connections; SQLite has one writer).
+    pub committers: usize,
+}
+
+impl Default for GroupCommitSettings {
+    fn default() -> Self {
+        Self {
+            max_batch: 64,
+            committers: 2,
+        }
+    }
+}
+
+impl GroupCommit {
+    /// Starts `settings.committers` committers writing through `pool` (`begin`: the statement
+    /// that opens a write transaction; `lock_order_row`: the dialect's row lock). `enqueued` is
+    /// called after a commit that enqueued jobs (to wake workers).
+    pub(super) fn start<DB>(
+        pool: sqlx::Pool<DB>,
+        begin: &'static str,
+        lock_order_row: &'static str,
+        settings: GroupCommitSettings,
+        enqueued: Arc<dyn Fn() + Send + Sync>,
+    ) -> Self
+    where
+        DB: sqlx::Database,
+        Batch<DB>: CommitBatch,
+    {
+        let enqueued = enqueued.clone();
+        let (requests, receiver) = mpsc::channel(settings.max_batch.max(1) * settings.committers.max(1) * 4);
+        let receiver = Arc::new(Mutex::new(receiver));
+        let writer: Arc<dyn CommitBatch> = Arc::new(Batch {
+            pool,
+            begin,
+            lock_order_row,
+        });
+        for _ in 0..settings.committers.max(1) {
+            tokio::spawn(run(
+                writer.clone(),
+                receiver.clone(),
+                settings.max_batch.max(1),
+                enqueued.clone(),
+            ));
+        }
+        Self {
+            requests,
+            writer,
+            enqueued,
+        }
+    }
+
+    /// Commits these completions in one transaction now, each in its own savepoint; answers in
+    /// the same order.
+    pub(super) async fn complete_all(
+        &self,
+        completions: &[(Option<JobLease>, StepEffects)],
+        now: DateTime<Utc>,
+    ) -> Vec<StoreResult<CompleteOutcome>> {
+        let (group, answers): (Vec<Pending>, Vec<_>) = completions
+            .iter()
+            .map(|(lease, effects)| {
+                let (reply, answer) = oneshot::channel();
+                let pending = Pending {
+                    lease: *lease,
+                    effects: effects.clone(),
+                    now,
+                    reply,
+                };
+                (pending, answer)
+            })
+            .unzip();
+        if self.writer.write(group).await {
+            (self.enqueued)();
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(
+                answer
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError::Unavailable("the group was dropped before answering".into()))),
+            );
+        }
+        results
+    }
+
+    /// Commits `effects` (and the job's completion) in the next group transaction.
+    pub(super) async fn complete(
+        &self,
+        lease: Option<&JobLease>,
+        effects: &StepEffects,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CompleteOutcome> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            lease: lease.copied(),
+            effects: effects.clone(),
+            now,
+            reply,
+        };
+        self.requests
+            .send(pending)
+            .await
+            .map_err(|_| StoreError::Unavailable("the committer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the committer stopped before answering".into()))?
+    }
+}
+
+/// What a committer writes with.
+pub(super) struct Batch<DB: sqlx::Database> {
+    pool: sqlx::Pool<DB>,
+    begin: &'static str,
+    lock_order_row: &'static str,
+}
+
+/// Writing one group: implemented for each backend's [`Batch`] (where the future is `Send`).
+#[async_trait::async_trait]
+pub(super) trait CommitBatch: Send + Sync + 'static {
+    /// Applies every completion, each in its own savepoint (a group of one: none), commits, and
+    /// answers each caller. Returns whether a committed completion enqueued jobs.
+    async fn write(&self, batch: Vec<Pending>) -> bool;
+}
+
+async fn run(
+    batch: Arc<dyn CommitBatch>,
+    receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    max_batch: usize,
+    enqueued: Arc<dyn Fn() + Send + Sync>,
+) {
+    loop {
+        let group = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut group = vec![first];
+            while group.len() < max_batch {
+                match receiver.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+            group
+        };
+        if batch.write(group).await {
+            enqueued();
+        }
+    }
+}
+
+macro_rules! commit_batch_for {
+    ($db:ty) => {
+        #[async_trait::async_trait]
+        impl CommitBatch for Batch<$db> {
+            async fn write(&self, group: Vec<Pending>) -> bool {
+                let mut tx = match self.pool.begin_with(self.begin).await {
+                    Ok(tx) => tx,
+                    Err(error) => {
+                        let message = StoreError::from(error).to_string();
+                        for pending in group {
+                            let _ = pending.reply.send(Err(StoreError::Unavailable(message.clone())));
+                        }
+                        return false;
+                    }
+                };
+                let alone = group.len() == 1;
+                let mut answers: Vec<StoreResult<CompleteOutcome>> = Vec::with_capacity(group.len());
+                let mut broken: Option<String> = None;
+                for pending in &group {
+                    if let Some(why) = &broken {
+                        answers.push(Err(StoreError::Unavailable(why.clone())));
+                        continue;
+                    }
+                    let lease = pending.lease.as_ref();
+                    let answer = if alone {
+                        effects::apply(&mut tx, self.lock_order_row, lease, &pending.effects, pending.now).await
+                    } else {
+                        match sqlx::Acquire::begin(&mut tx).await {
+                            Err(error) => {
+                                broken = Some(error.to_string());
+                                Err(StoreError::from(error))
+                            }
+                            Ok(mut savepoint) => {
+                                let answer = effects::apply(
+                                    &mut savepoint,
+                                    self.lock_order_row,
+                                    lease,
+                                    &pending.effects,
+                                    pending.now,
+                                )
+                                .await;
+                                let kept = if matches!(answer, Ok(CompleteOutcome::Completed)) {
+                                    savepoint.commit().await
+                                } else {
+                                    savepoint.rollback().await
+                                };
+                                match kept {
+                                    Ok(()) => answer,
+                                    Err(error) => {
+                                        broken = Some(error.to_string());
+                                        Err(StoreError::from(error))
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    answers.push(answer);
+                }
+                let committed = if broken.is_some() {
+                    drop(tx);
+                    Err("the group transaction broke".to_string())
+                } else if alone && !matches!(answers[0], Ok(CompleteOutcome::Completed)) {
+                    // Nothing to keep: roll back (dropping does).
+                    drop(tx);
+                    Ok(())
+                } else {
+                    tx.commit()
+                        .await
+                        .map_err(|error| StoreError::from(error).to_string())
+                };
+                let mut woke = false;
+                for (pending, answer) in group.into_iter().zip(answers) {
+                    let answer = match (&committed, answer) {
+                        (Ok(()), Ok(CompleteOutcome::Completed)) => {
+                            woke |= !pending.effects.enqueue.is_empty();
+                            Ok(CompleteOutcome::Completed)
+                        }
+                        (Err(why), Ok(CompleteOutcome::Completed)) => Err(StoreError::Unavailable(why.clone())),
+                        (_, other) => other,
+                    };
+                    let _ = pending.reply.send(answer);
+                }
+                woke
+            }
+        }
+    };
+}
+
+commit_batch_for!(sqlx::Postgres);
+commit_batch_for!(sqlx::Sqlite);
