@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Fuzzes the live API against its own OpenAPI document with schemathesis: the real binary on a
-# fresh data directory with the sample catalog, a customer and an order, every operation, with
-# an admin bearer token. Fails on any finding: a 5xx, a status code, content type, header or body
-# the document does not declare, schema-valid input refused or schema-invalid input accepted.
+# fresh data directory with the sample catalog, a customer and its orders (one waiting for the
+# warehouse, one shipped and partly refunded), every operation, with an admin bearer token (and
+# Stripe's signature on POST /webhooks/stripe). Fails on any finding: a 5xx, a status code,
+# content type, header or body the document does not declare, schema-valid input refused or
+# schema-invalid input accepted.
 #
 # Usage: .ci/schemathesis.sh [extra `st run` arguments]
 # Env:   ST_MAX_EXAMPLES (default 100) test cases per operation and phase; ST_WORKERS (default 1);
@@ -43,8 +45,14 @@ export ORDERFLOW_DATA_DIR="$work/data"
 # Rate limits off: schemathesis sends hundreds of requests a second from one principal, and
 # every 429 would be a request that tested nothing. (429 is still documented on every
 # operation and checked against the document when it happens.)
+# External fulfilment: a paid order waits for the warehouse, so POST /orders/{id}/shipments has
+# an order to ship (and POST /orders/{id}/refunds one that shipped). A Stripe webhook secret, so
+# POST /webhooks/stripe verifies what it gets: the hook below signs every request schemathesis
+# sends it, which takes the fuzzed events past the signature into the handler.
+export ORDERFLOW_FUZZ_STRIPE_SECRET="whsec_schemathesis_$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 "$bin" --log-format json serve --listen "127.0.0.1:$port" --sqlite-durability normal \
   --rate-limit-catalog off --rate-limit-reads off --rate-limit-writes off --rate-limit-admin off \
+  --fulfilment external --stripe-webhook-secret "$ORDERFLOW_FUZZ_STRIPE_SECRET" \
   >"$work/server.log" 2>&1 &
 server_pid=$!
 
@@ -62,11 +70,51 @@ auth="Authorization: Bearer $token"
 product=$(curl -fsS "$base/products?limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["product_id"])')
 curl -fsS -o /dev/null -H "$auth" -H 'Content-Type: application/json' "$base/customers" \
   -d "{\"customer_id\":\"$admin_id\",\"email\":\"fuzz@example.com\",\"first_name\":\"Fuzz\",\"last_name\":\"Tester\"}"
-# GET /orders/{id} reads this order (schemathesis.toml): random ids would only ever be 404.
+
+# POSTs a JSON body as the admin with an Idempotency-Key; prints the answer.
+post() { # path, idempotency key, body
+  curl -fsS -H "$auth" -H 'Content-Type: application/json' -H "Idempotency-Key: $2" "$base$1" -d "$3"
+}
+place_order() { # idempotency key, units → the order's id
+  post /orders "$1" "{\"customer_id\":\"$admin_id\",\"items\":[{\"product_id\":\"$product\",\"quantity\":$2}]}" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["order_id"])'
+}
+# Waits (up to 30 s) until the order's view satisfies a Python expression over it (`o`).
+wait_for_order() { # order id, condition, what is awaited
+  local deadline=$((SECONDS + 30))
+  until curl -fsS -H "$auth" "$base/orders/$1" |
+    python3 -c "import json,sys; o = json.load(sys.stdin); sys.exit(0 if ($2) else 1)"; do
+    if (( SECONDS > deadline )); then
+      echo "order $1: $3 did not happen in time" >&2
+      curl -sS -H "$auth" "$base/orders/$1" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+committed='any(e["kind"] == "inventory_committed" for e in o["timeline"])'
+
+# POST /orders/{id}/shipments ships this order (schemathesis.toml): paid, its stock committed,
+# waiting for the warehouse (order.ready_to_ship). Random ids would only ever be 404.
+export ORDERFLOW_FUZZ_SHIP_ORDER_ID
+ORDERFLOW_FUZZ_SHIP_ORDER_ID=$(place_order seed-ship 2)
+wait_for_order "$ORDERFLOW_FUZZ_SHIP_ORDER_ID" "o['status'] == 'paid' and $committed" "ready to ship"
+
+# GET /orders/{id} reads, and POST /orders/{id}/refunds refunds, this order: shipped in two parts
+# (the first captured the payment, the second fulfilled it) and refunded in part with a unit
+# restocked, so its full answer (timeline, payment, notifications, pending steps, shipments,
+# refunds) is checked against the schema.
 export ORDERFLOW_FUZZ_ORDER_ID
-ORDERFLOW_FUZZ_ORDER_ID=$(curl -fsS -H "$auth" -H 'Content-Type: application/json' -H 'Idempotency-Key: seed-1' "$base/orders" \
-  -d "{\"customer_id\":\"$admin_id\",\"items\":[{\"product_id\":\"$product\",\"quantity\":1}]}" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["order_id"])')
+ORDERFLOW_FUZZ_ORDER_ID=$(place_order seed-1 2)
+wait_for_order "$ORDERFLOW_FUZZ_ORDER_ID" "o['status'] == 'paid' and $committed" "ready to ship"
+post "/orders/$ORDERFLOW_FUZZ_ORDER_ID/shipments" seed-shipment-1 \
+  "{\"carrier\":\"DHL\",\"tracking_number\":\"SEED1\",\"items\":[{\"product_id\":\"$product\",\"quantity\":1}]}" >/dev/null
+post "/orders/$ORDERFLOW_FUZZ_ORDER_ID/shipments" seed-shipment-2 \
+  '{"carrier":"DHL","tracking_number":"SEED2","tracking_url":"https://tracking.example/SEED2"}' >/dev/null
+wait_for_order "$ORDERFLOW_FUZZ_ORDER_ID" "o['status'] == 'fulfilled'" "fulfilment"
+post "/orders/$ORDERFLOW_FUZZ_ORDER_ID/refunds" seed-refund-1 \
+  "{\"amount\":1,\"reason\":\"returned\",\"restock\":[{\"product_id\":\"$product\",\"quantity\":1}]}" >/dev/null
+wait_for_order "$ORDERFLOW_FUZZ_ORDER_ID" "o['payment']['state'] == 'partially_refunded'" "the refund"
 
 # A webhook endpoint that stays failing: nothing listens on the discard port, so the relay's
 # attempts fail and the endpoint list (and, through its link, GET of the first endpoint) answers
@@ -74,6 +122,40 @@ ORDERFLOW_FUZZ_ORDER_ID=$(curl -fsS -H "$auth" -H 'Content-Type: application/jso
 # POST /admin/webhook-endpoints (a fixed id would turn a fuzzed DELETE of it into failures).
 curl -fsS -o /dev/null -H "$auth" -H 'Content-Type: application/json' "$base/admin/webhook-endpoints" \
   -d '{"url":"http://127.0.0.1:9/fuzz","description":"schemathesis"}'
+
+# Signs requests to POST /webhooks/stripe as Stripe does (Stripe-Signature: t=<unix>,v1=<hex
+# HMAC-SHA256 of "<t>.<body>"> keyed with the endpoint's secret), over the bytes that will be sent:
+# a JSON body goes out as `requests` writes `json=` (json.dumps with its default separators).
+# Unsigned and badly signed events are tests/stripe_webhook.rs's business.
+export SCHEMATHESIS_HOOKS="$work/hooks.py"
+cat >"$SCHEMATHESIS_HOOKS" <<'PY'
+import hashlib
+import hmac
+import json
+import os
+import time
+
+import schemathesis
+
+SECRET = os.environ["ORDERFLOW_FUZZ_STRIPE_SECRET"].encode()
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    if case.operation.path != "/webhooks/stripe":
+        return
+    body = case.body
+    if isinstance(body, (bytes, bytearray)):
+        payload = bytes(body)
+    else:
+        try:
+            payload = json.dumps(body, allow_nan=False).encode()
+        except (TypeError, ValueError):
+            return  # not JSON: sent unsigned, refused either way
+    t = int(time.time())
+    signature = hmac.new(SECRET, f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    case.headers = {**(case.headers or {}), "Stripe-Signature": f"t={t},v1={signature}"}
+PY
 
 status=0
 started=$SECONDS

@@ -1,17 +1,24 @@
-//! The authorization matrix: every route × (anonymous, customer A, customer B, admin) → the
-//! status the contract promises, from one table. The table is checked against the published
-//! OpenAPI document (which the router is built from), so a route added without a row here fails
-//! this test instead of going unchecked.
+//! The authorization matrix: every route × (anonymous, customer A, customer B, a warehouse with
+//! the `fulfilment` role, admin) → the status the contract promises, from one table. The table is
+//! checked against the published OpenAPI document (which the router is built from), so a route
+//! added without a row here fails this test instead of going unchecked.
 //!
-//! Each cell runs against fresh fixtures (customer A's order, a dead job, …), so a cell that
-//! mutates (cancel, replay) cannot change what the next one sees. Requests carry valid bodies:
-//! the statuses are about who may do what, not about validation.
+//! Each cell runs against fresh fixtures (customer A's order — paid and waiting for the warehouse,
+//! or fulfilled, when the row needs it —, a dead job, …), so a cell that mutates (cancel, replay,
+//! ship, refund) cannot change what the next one sees. Requests carry valid bodies: the statuses
+//! are about who may do what, not about validation. The service runs with `--fulfilment external`
+//! (a paid order waits for shipments) and a Stripe webhook secret (`POST /webhooks/stripe` is then
+//! guarded by its signature, not by a bearer token).
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::{Backend, TestApp};
+use orderflow::http::stripe_webhooks::StripeWebhookSettings;
+use orderflow::workflow::steps::{FulfilmentMode, SagaSettings};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -20,10 +27,18 @@ enum Who {
     Anonymous,
     CustomerA,
     CustomerB,
+    /// A warehouse's token: the `fulfilment` role, a subject that is no customer id.
+    Fulfilment,
     Admin,
 }
 
-const EVERYONE: [Who; 4] = [Who::Anonymous, Who::CustomerA, Who::CustomerB, Who::Admin];
+const EVERYONE: [Who; 5] = [
+    Who::Anonymous,
+    Who::CustomerA,
+    Who::CustomerB,
+    Who::Fulfilment,
+    Who::Admin,
+];
 
 /// What a cell's request works on.
 struct Fixture {
@@ -38,15 +53,16 @@ struct Fixture {
 
 type Body = fn(&Fixture) -> Option<Value>;
 
-/// One route: method, path template, body, and the status for anonymous, A, B, admin.
+/// One route: method, path template, body, and the status for anonymous, A, B, the warehouse,
+/// admin.
 struct Row {
     method: &'static str,
     path: &'static str,
     body: Body,
-    expect: [u16; 4],
+    expect: [u16; 5],
 }
 
-const fn row(method: &'static str, path: &'static str, body: Body, expect: [u16; 4]) -> Row {
+const fn row(method: &'static str, path: &'static str, body: Body, expect: [u16; 5]) -> Row {
     Row {
         method,
         path,
@@ -59,10 +75,13 @@ fn none(_: &Fixture) -> Option<Value> {
     None
 }
 
-const PUBLIC: [u16; 4] = [200, 200, 200, 200];
-const ADMIN_ONLY_200: [u16; 4] = [401, 403, 403, 200];
-/// Customer A's own resources: B is told they do not exist.
-const OWNER_OR_ADMIN: [u16; 4] = [401, 200, 404, 200];
+const PUBLIC: [u16; 5] = [200, 200, 200, 200, 200];
+const ADMIN_ONLY_200: [u16; 5] = [401, 403, 403, 403, 200];
+/// Customer A's own resources: B (and the warehouse, which is no customer) is told they do not
+/// exist.
+const OWNER_OR_ADMIN: [u16; 5] = [401, 200, 404, 404, 200];
+/// The warehouse's route: the `fulfilment` role or an admin; customers, even the order's own, may not.
+const FULFILMENT_OR_ADMIN_201: [u16; 5] = [401, 403, 403, 201, 201];
 
 const TABLE: &[Row] = &[
     row("GET", "/health/live", none, PUBLIC),
@@ -77,7 +96,7 @@ const TABLE: &[Row] = &[
         "POST",
         "/products",
         |_| Some(json!({ "name": "Matrix lamp", "price": 10.00, "stock_quantity": 5 })),
-        [401, 403, 403, 201],
+        [401, 403, 403, 403, 201],
     ),
     row(
         "PATCH",
@@ -91,7 +110,8 @@ const TABLE: &[Row] = &[
         |_| Some(json!({ "delta": 5, "reason": "restock" })),
         ADMIN_ONLY_200,
     ),
-    // A and B may only create their own record, and theirs exist already: 409, not 403.
+    // A and B may only create their own record, and theirs exist already: 409, not 403. The
+    // warehouse's subject is no customer id, so it cannot own one.
     row(
         "POST",
         "/customers",
@@ -99,19 +119,33 @@ const TABLE: &[Row] = &[
             let email = format!("{}@example.com", Uuid::now_v7().simple());
             Some(json!({ "email": email, "first_name": "Mat", "last_name": "Rix" }))
         },
-        [401, 409, 409, 201],
+        [401, 409, 409, 403, 201],
     ),
     row("GET", "/customers/{id}", none, OWNER_OR_ADMIN),
     row("GET", "/customers/{id}/orders", none, OWNER_OR_ADMIN),
-    // An order for customer A: A and an admin may place it; B may not order for A.
+    // An order for customer A: A and an admin may place it; B (or the warehouse) may not order for A.
     row(
         "POST",
         "/orders",
         |f| Some(json!({ "customer_id": f.customer_a, "items": [{ "product_id": f.product, "quantity": 1 }] })),
-        [401, 202, 403, 202],
+        [401, 202, 403, 403, 202],
     ),
     row("GET", "/orders/{id}", none, OWNER_OR_ADMIN),
-    row("POST", "/orders/{id}/cancel", none, [401, 202, 404, 202]),
+    row("POST", "/orders/{id}/cancel", none, [401, 202, 404, 404, 202]),
+    // On an order paid and waiting for the warehouse: every unit ships (201).
+    row(
+        "POST",
+        "/orders/{id}/shipments",
+        |_| Some(json!({ "carrier": "DHL", "tracking_number": "MATRIX-1" })),
+        FULFILMENT_OR_ADMIN_201,
+    ),
+    // On a fulfilled order: refunded in full, the unit restocked (202). Admins only.
+    row(
+        "POST",
+        "/orders/{id}/refunds",
+        |f| Some(json!({ "reason": "returned", "restock": [{ "product_id": f.product, "quantity": 1 }] })),
+        [401, 403, 403, 403, 202],
+    ),
     row("GET", "/admin/queues", none, ADMIN_ONLY_200),
     row("GET", "/admin/jobs", none, ADMIN_ONLY_200),
     row("POST", "/admin/jobs/replay", none, ADMIN_ONLY_200),
@@ -121,7 +155,7 @@ const TABLE: &[Row] = &[
         "POST",
         "/admin/webhook-endpoints",
         |_| Some(json!({ "url": "https://hooks.example.com/orderflow" })),
-        [401, 403, 403, 201],
+        [401, 403, 403, 403, 201],
     ),
     row("GET", "/admin/webhook-endpoints", none, ADMIN_ONLY_200),
     row("GET", "/admin/webhook-endpoints/{id}", none, ADMIN_ONLY_200),
@@ -131,7 +165,12 @@ const TABLE: &[Row] = &[
         |_| Some(json!({ "description": "matrix" })),
         ADMIN_ONLY_200,
     ),
-    row("DELETE", "/admin/webhook-endpoints/{id}", none, [401, 403, 403, 204]),
+    row(
+        "DELETE",
+        "/admin/webhook-endpoints/{id}",
+        none,
+        [401, 403, 403, 403, 204],
+    ),
     row(
         "POST",
         "/admin/webhook-endpoints/{id}/rotate-secret",
@@ -143,10 +182,24 @@ const TABLE: &[Row] = &[
         "POST",
         "/admin/webhook-endpoints/{id}/replay",
         |_| Some(json!({ "from_position": 1, "to_position": 100 })),
-        [401, 403, 403, 202],
+        [401, 403, 403, 403, 202],
     ),
     // The feed: admins and the `integrations` role (tests/events_api.rs checks the latter).
     row("GET", "/events", none, ADMIN_ONLY_200),
+    // Stripe's events: no bearer token is asked for or honoured, only the Stripe-Signature over the
+    // body; an unsigned event is 400 `stripe_signature_missing` whoever sends it (signed events:
+    // tests/stripe_webhook.rs).
+    row(
+        "POST",
+        "/webhooks/stripe",
+        |_| {
+            Some(json!({
+                "id": "evt_matrix", "type": "payment_intent.succeeded",
+                "data": { "object": { "object": "payment_intent", "id": "pi_matrix" } },
+            }))
+        },
+        [400, 400, 400, 400, 400],
+    ),
     // The dashboard's shell and assets carry no data: its script reads the admin API with a token.
     row("GET", "/ops", none, PUBLIC),
     row("GET", "/ops/app.js", none, PUBLIC),
@@ -178,6 +231,8 @@ impl Row {
 
 async fn fixture(app: &TestApp, row: &Row) -> Fixture {
     let needs_dead_job = row.path.contains("/admin/jobs/{id}");
+    let needs_paid_order = row.path == "/orders/{id}/shipments";
+    let needs_fulfilled_order = row.path == "/orders/{id}/refunds";
     let product = app.product("10.00", 100).await;
     let (customer_a, token_a) = app.customer().await;
     let (_, token_b) = app.customer().await;
@@ -193,6 +248,31 @@ async fn fixture(app: &TestApp, row: &Row) -> Fixture {
         .as_str()
         .unwrap()
         .to_string();
+    if needs_paid_order || needs_fulfilled_order {
+        // Paid, its stock committed: with external fulfilment it waits for the warehouse.
+        app.drain().await;
+    }
+    if needs_fulfilled_order {
+        let shipped = app
+            .client
+            .post(format!("{}/orders/{order_a}/shipments", app.url))
+            .bearer_auth(&app.admin)
+            .header("idempotency-key", Uuid::now_v7().to_string())
+            .json(&json!({ "carrier": "DHL", "tracking_number": "MATRIX-0" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(shipped.status(), 201, "{}", shipped.text().await.unwrap_or_default());
+        // The shipment's step captures the payment and fulfils the order.
+        app.drain().await;
+        let order: Value = app
+            .get(&format!("/orders/{order_a}"), Some(&app.admin))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(order["status"], "fulfilled", "{order}");
+    }
     let dead_job = if needs_dead_job {
         // A payment the provider never answers: the charge step exhausts its attempts.
         let parked = app
@@ -241,7 +321,18 @@ async fn fixture(app: &TestApp, row: &Row) -> Fixture {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_route_answers_each_principal_as_the_contract_says() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
+    let app = TestApp::spawn_with(Backend::Sqlite, |state| {
+        state.saga = Arc::new(SagaSettings {
+            fulfilment: FulfilmentMode::External,
+            ..SagaSettings::default()
+        });
+        state.stripe_webhooks = Arc::new(StripeWebhookSettings::new(["whsec_matrix".to_string()]).unwrap());
+    })
+    .await;
+    let warehouse = app
+        .auth
+        .issue("warehouse-matrix", &["fulfilment".into()], Duration::from_secs(3600))
+        .unwrap();
 
     // The table covers exactly the operations the service publishes.
     let document: Value = app.get("/openapi.json", None).await.json().await.unwrap();
@@ -282,6 +373,7 @@ async fn every_route_answers_each_principal_as_the_contract_says() {
                 Who::Anonymous => None,
                 Who::CustomerA => Some(fixture.token_a.as_str()),
                 Who::CustomerB => Some(fixture.token_b.as_str()),
+                Who::Fulfilment => Some(warehouse.as_str()),
                 Who::Admin => Some(app.admin.as_str()),
             };
             let method = reqwest::Method::from_bytes(row.method.as_bytes()).unwrap();

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::{Backend, TestApp, error_fields, expect_problem};
 use orderflow::domain::customer::{EMAIL_MAX, PERSON_NAME_MAX};
+use orderflow::domain::fulfilment::{CARRIER_MAX, RefundReason, TRACKING_NUMBER_MAX, TRACKING_URL_MAX};
 use orderflow::domain::order::{MAX_LINES, MAX_QUANTITY, PAYMENT_TOKEN_MAX};
 use orderflow::domain::product::{CATEGORY_MAX, DESCRIPTION_MAX, NAME_MAX, REASON_MAX, SKU_MAX, STOCK_MAX};
 use orderflow::domain::shipping::{
@@ -197,6 +198,15 @@ async fn every_route_served_is_documented_and_every_documented_route_is_served()
 async fn every_operation_documents_its_errors_and_headers() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     let doc = document(&app).await;
+    let declared_tags: BTreeSet<&str> = doc["tags"]
+        .as_array()
+        .expect("the document declares its tags")
+        .iter()
+        .filter_map(|tag| tag["name"].as_str())
+        .collect();
+    for tag in ["catalog", "customers", "orders", "fulfilment", "admin", "stripe"] {
+        assert!(declared_tags.contains(tag), "the tag {tag} is not declared");
+    }
     for (method, path) in documented_operations(&doc) {
         let operation = &doc["paths"][&path][&method];
         let name = format!("{method} {path}");
@@ -208,6 +218,12 @@ async fn every_operation_documents_its_errors_and_headers() {
             operation["tags"].as_array().is_some_and(|t| !t.is_empty()),
             "{name} has no tag"
         );
+        for tag in operation["tags"].as_array().unwrap() {
+            assert!(
+                declared_tags.contains(tag.as_str().unwrap_or_default()),
+                "{name} has the tag {tag}, which the document does not declare"
+            );
+        }
         let responses: BTreeMap<&str, &Value> = operation["responses"]
             .as_object()
             .unwrap()
@@ -299,10 +315,52 @@ async fn every_operation_documents_its_errors_and_headers() {
             "{path} should be public"
         );
     }
-    for (method, path) in [("post", "/products"), ("get", "/admin/queues"), ("post", "/orders")] {
+    for (method, path) in [
+        ("post", "/products"),
+        ("get", "/admin/queues"),
+        ("post", "/orders"),
+        ("post", "/orders/{id}/shipments"),
+        ("post", "/orders/{id}/refunds"),
+    ] {
         assert!(
             doc["paths"][path][method].get("security").is_some(),
             "{method} {path} should need a token"
+        );
+    }
+
+    // After the sale: a warehouse retries after a timeout and a refund must never be given twice,
+    // so both take a required Idempotency-Key and say when an answer is a replay.
+    for (path, operation_id, created) in [
+        ("/orders/{id}/shipments", "recordShipment", "201"),
+        ("/orders/{id}/refunds", "refundOrder", "202"),
+    ] {
+        let operation = &doc["paths"][path]["post"];
+        assert_eq!(operation["operationId"], operation_id);
+        assert_eq!(operation["tags"], json!(["fulfilment"]), "{path}");
+        let key = parameter(&doc, "post", path, "Idempotency-Key");
+        assert_eq!(
+            (key["in"].as_str(), key["required"].as_bool()),
+            (Some("header"), Some(true)),
+            "{path}"
+        );
+        assert!(
+            operation["responses"][created]["headers"]
+                .get("Idempotent-Replayed")
+                .is_some(),
+            "{path} {created} lacks Idempotent-Replayed"
+        );
+        for status in ["403", "404", "409", "422"] {
+            assert!(operation["responses"].get(status).is_some(), "{path} lacks {status}");
+        }
+    }
+    // Stripe's events carry a signature, not a bearer token; without a secret the route is off.
+    let stripe = &doc["paths"]["/webhooks/stripe"]["post"];
+    assert!(stripe.get("security").is_none(), "Stripe cannot send a bearer token");
+    assert_eq!(stripe["tags"], json!(["stripe"]));
+    for status in ["200", "400", "404"] {
+        assert!(
+            stripe["responses"].get(status).is_some(),
+            "POST /webhooks/stripe lacks {status}"
         );
     }
 }
@@ -416,8 +474,45 @@ async fn limits_in_the_schema_are_the_constants_the_validators_use() {
     let status = schema(&doc, "OrderStatus");
     assert_eq!(
         status["enum"],
-        json!(["pending_payment", "paid", "fulfilled", "cancelled"])
+        json!(["pending_payment", "paid", "fulfilled", "cancelled", "refunded"])
     );
+
+    let shipment = schema(&doc, "RecordShipment");
+    assert_eq!(shipment["additionalProperties"], false);
+    assert_eq!(shipment["required"], json!(["carrier", "tracking_number"]));
+    assert_eq!(shipment["properties"]["carrier"]["maxLength"], CARRIER_MAX);
+    assert_eq!(
+        shipment["properties"]["tracking_number"]["maxLength"],
+        TRACKING_NUMBER_MAX
+    );
+    assert_eq!(shipment["properties"]["tracking_url"]["maxLength"], TRACKING_URL_MAX);
+    // An empty list is refused ("leave it out to mean every unit"); the schema says so.
+    assert_eq!(shipment["properties"]["items"]["minItems"], 1);
+    let item = resolve(&doc, &shipment["properties"]["items"]["items"]);
+    assert_eq!(item["required"], json!(["product_id", "quantity"]));
+    let quantity = resolve(&doc, &item["properties"]["quantity"]);
+    assert_eq!(
+        (&quantity["minimum"], &quantity["maximum"]),
+        (&json!(1), &json!(MAX_QUANTITY))
+    );
+    let refund = schema(&doc, "RequestRefund");
+    assert_eq!(refund["additionalProperties"], false);
+    assert_eq!(refund["required"], json!(["reason"]));
+    let reason = resolve(&doc, &refund["properties"]["reason"]);
+    assert_eq!(reason["enum"], json!(RefundReason::ALL.map(RefundReason::as_str)));
+    assert_eq!(refund["properties"]["restock"]["minItems"], 1);
+    // A money amount, and more than nothing.
+    let amount = &refund["properties"]["amount"]["allOf"];
+    assert_eq!(resolve(&doc, &amount[0])["type"], "number", "a money amount: {amount}");
+    assert_eq!(amount[1], json!({ "exclusiveMinimum": 0 }));
+    let refund_view = schema(&doc, "Refund");
+    assert_eq!(resolve(&doc, &refund_view["properties"]["reason"]), reason);
+    for member in ["shipments", "refunds"] {
+        assert!(
+            schema(&doc, "Order")["properties"].get(member).is_some(),
+            "the order view lacks {member}"
+        );
+    }
 
     let endpoint = schema(&doc, "CreateWebhookEndpoint");
     assert_eq!(endpoint["properties"]["url"]["maxLength"], WEBHOOK_URL_MAX);
@@ -559,6 +654,31 @@ async fn published_limits_are_the_enforced_limits(backend: Backend) {
         error_fields(&expect_problem(over, 400, "validation_failed").await),
         ["query.limit"]
     );
+    // A shipment's fields are checked before the order is looked up: at the limit the request
+    // gets as far as the (unknown) order, one past it is refused naming the field.
+    let shipment = schema(&doc, "RecordShipment");
+    for field in ["carrier", "tracking_number"] {
+        let max = shipment["properties"][field]["maxLength"].as_u64().unwrap() as usize;
+        let path = format!("/orders/{}/shipments", Uuid::now_v7());
+        let send = |value: String| {
+            let mut body = json!({ "carrier": "DHL", "tracking_number": "T1" });
+            body[field] = json!(value);
+            app.client
+                .post(format!("{}{path}", app.url))
+                .bearer_auth(&app.admin)
+                .header("idempotency-key", Uuid::now_v7().to_string())
+                .json(&body)
+                .send()
+        };
+        let at_max = send("é".repeat(max)).await.unwrap();
+        expect_problem(at_max, 404, "not_found").await;
+        let over = send("é".repeat(max + 1)).await.unwrap();
+        assert_eq!(
+            error_fields(&expect_problem(over, 400, "validation_failed").await),
+            [format!("/{field}")]
+        );
+    }
+
     let key = app
         .place_order(&token, &"k".repeat(IDEMPOTENCY_KEY_MAX + 1), &json!({ "items": [] }))
         .await;
@@ -652,6 +772,8 @@ async fn bad_path_parameters_are_400_naming_the_parameter(backend: Backend) {
     let restock = json!({ "delta": 1, "reason": "count" });
     let describe = json!({ "description": "x" });
     let positions = json!({ "from_position": 1, "to_position": 2 });
+    let ship = json!({ "carrier": "DHL", "tracking_number": "T1" });
+    let refund = json!({ "reason": "other" });
     for (method, path, token, body) in [
         ("GET", "/products/not-a-uuid", None, &none),
         ("PATCH", "/products/123", Some(admin), &rename),
@@ -665,6 +787,8 @@ async fn bad_path_parameters_are_400_naming_the_parameter(backend: Backend) {
             &none,
         ),
         ("POST", "/orders/x/cancel", Some(token.as_str()), &none),
+        ("POST", "/orders/x/shipments", Some(admin), &ship),
+        ("POST", "/orders/x/refunds", Some(admin), &refund),
         ("POST", "/admin/jobs/x/replay", Some(admin), &none),
         ("GET", "/admin/webhook-endpoints/x", Some(admin), &none),
         ("PATCH", "/admin/webhook-endpoints/x", Some(admin), &describe),
@@ -673,10 +797,14 @@ async fn bad_path_parameters_are_400_naming_the_parameter(backend: Backend) {
         ("GET", "/admin/webhook-endpoints/x/deliveries", Some(admin), &none),
         ("POST", "/admin/webhook-endpoints/x/replay", Some(admin), &positions),
     ] {
-        let mut request = app.client.request(
-            Method::from_bytes(method.as_bytes()).unwrap(),
-            format!("{}{path}", app.url),
-        );
+        // Routes that require an Idempotency-Key get one, so the id is the only thing wrong.
+        let mut request = app
+            .client
+            .request(
+                Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}{path}", app.url),
+            )
+            .header("idempotency-key", Uuid::now_v7().to_string());
         if !body.is_null() {
             request = request.json(body);
         }

@@ -5,7 +5,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::domain::{FieldError, FieldErrors, ProductId, Shortage};
+use crate::domain::{FieldError, FieldErrors, ProductId};
 use crate::store::StoreError;
 
 /// The body of every error answer (`application/problem+json`, RFC 9457), as the API schema
@@ -33,9 +33,36 @@ pub struct Problem {
     /// `unknown_product`: the product ids the catalog does not have.
     #[schema(nullable = false)]
     product_ids: Option<Vec<ProductId>>,
-    /// `insufficient_stock`: each line that cannot be filled, with requested and available units.
+    /// Each line a refusal is about: `insufficient_stock` (requested and `available` units),
+    /// `exceeds_unshipped` (requested and `unshipped`), `exceeds_returnable` (requested and
+    /// `returnable`).
     #[schema(nullable = false)]
-    items: Option<Vec<Shortage>>,
+    items: Option<Vec<ProblemItem>>,
+    /// `exceeds_refundable`: the amount asked for.
+    #[schema(nullable = false, schema_with = super::schema::money_ref)]
+    requested: Option<serde_json::Number>,
+    /// `exceeds_refundable`: the most that can still be refunded.
+    #[schema(nullable = false, schema_with = super::schema::money_ref)]
+    refundable: Option<serde_json::Number>,
+}
+
+/// One line of a refused request: the product, the units asked for, and what was possible
+/// (which member depends on the problem's `code`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Schema only.
+struct ProblemItem {
+    product_id: ProductId,
+    #[schema(minimum = 1)]
+    requested: u32,
+    /// `insufficient_stock`: units that can still be ordered.
+    #[schema(nullable = false)]
+    available: Option<i64>,
+    /// `exceeds_unshipped`: units not yet shipped.
+    #[schema(nullable = false)]
+    unshipped: Option<u32>,
+    /// `exceeds_returnable`: units bought and not yet restocked.
+    #[schema(nullable = false)]
+    returnable: Option<u32>,
 }
 
 /// An error answer. Build it with the constructors below; each documents its status.
@@ -335,6 +362,7 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Shortage;
 
     /// Every member a problem can carry is one the published `Problem` schema names.
     #[tokio::test]

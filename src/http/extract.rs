@@ -246,10 +246,11 @@ impl IntoParams for IdempotencyKey {
             "Idempotency-Key",
             ParameterIn::Header,
             true,
-            "A unique value per checkout attempt (e.g. a UUID), sent again unchanged when retrying that attempt. \
-             Scoped to the caller; kept at least 24 hours. The same key with the same body replays the first \
-             answer (`Idempotent-Replayed: true`); with a different body → 422 `idempotency_key_reused`; while \
-             the first request is still running → 409 `idempotency_key_in_use`.",
+            "A unique value per attempt (e.g. a UUID), sent again unchanged when retrying that attempt. The same \
+             key with the same body replays the first answer (`Idempotent-Replayed: true`); with a different body \
+             → 422 `idempotency_key_reused`. Checkouts (POST /orders): scoped to the caller, kept at least 24 \
+             hours, and 409 `idempotency_key_in_use` while the first request is still running. Shipments and \
+             refunds: scoped to the order, kept with the shipment or refund (for good).",
             ObjectBuilder::new()
                 .schema_type(Type::String)
                 .min_length(Some(1))

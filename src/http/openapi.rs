@@ -370,6 +370,16 @@ fn finish(mut doc: Value, currency: Currency) -> Value {
             update.insert("minProperties".into(), json!(1));
         }
     }
+    // A payment is a token or a PaymentMethod id: exactly one member.
+    if let Some(payment) = components["schemas"]["PlaceOrderPayment"].as_object_mut() {
+        payment.insert("minProperties".into(), json!(1));
+        payment.insert("maxProperties".into(), json!(1));
+    }
+    // A refund gives back more than nothing.
+    if let Some(amount) = components["schemas"]["RequestRefund"]["properties"]["amount"].as_object_mut() {
+        let money = std::mem::take(amount);
+        amount.insert("allOf".into(), json!([money, { "exclusiveMinimum": 0 }]));
+    }
 
     let correlation = header_object(
         &format!(

@@ -233,8 +233,9 @@ leaf_schema!(Quantity, integer("Units of the product.", 1, i64::from(MAX_QUANTIT
 leaf_schema!(
     OrderStatus,
     string(
-        "Where the order is: pending_payment → paid → fulfilled; pending_payment or paid → cancelled (declined, \
-         expired, cancelled, refunded)."
+        "Where the order is: pending_payment → paid → fulfilled (with external fulfilment, once every unit has \
+         shipped) → refunded (refunded in full after delivery); pending_payment or paid → cancelled (declined, \
+         expired, cancelled; a paid order's money goes back)."
     )
     .enum_values(Some(OrderStatus::ALL.map(OrderStatus::as_str)))
     .build()

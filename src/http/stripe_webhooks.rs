@@ -190,7 +190,7 @@ struct EventData {
     /// The object the event is about: for `payment_intent.*` a PaymentIntent (`object`, `id`,
     /// `status`, `metadata.order_id`, …).
     #[schema(value_type = Object)]
-    object: Value,
+    object: serde_json::Map<String, Value>,
 }
 
 /// What the event did.

@@ -465,8 +465,8 @@ impl Saga {
                     )));
                 }
                 Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
-                // An authorization that can no longer be captured (expired, voided elsewhere): an
-                // operator decides (cancel, or ask the customer to pay again).
+                // An authorization that can no longer be captured (expired, voided elsewhere):
+                // parked for an operator (docs/fulfilment.md: a new payment is needed).
                 Err(error) => return Err(StepError::Fatal(format!("capturing the payment failed: {error}"))),
             };
             let mut change = payment.change(PaymentState::Captured);
@@ -620,6 +620,8 @@ impl Saga {
                     "refund",
                     json!({
                         "refund_id": refund.id,
+                        "provider_refund_id": refund.id,
+                        "reason": "cancelled",
                         "amount": crate::domain::Money::from_minor(refund.amount_minor)
                             .unwrap_or_default()
                             .to_json_number(order.currency),
