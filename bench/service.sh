@@ -6,10 +6,12 @@
 #
 # Usage: bench/service.sh postgres|sqlite-full|sqlite-normal [concurrency=32] [orders=25000] [mode=api]
 #   mode: `api` (checkout only; what bench/raw-postgres.sh compares with) or `all` (the server
-#   also runs the payment/fulfilment/e-mail workers).
+#   also runs the payment/fulfilment/e-mail workers, and the loadgen waits for every order to be
+#   fulfilled: `--end-to-end`, fulfilled orders/s and placed → fulfilled latency).
 # Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (postgres), BENCH_DB (orderflow_bench_svc),
 #   LISTEN (127.0.0.1:18081), ORDERFLOW / LOADGEN (the release binaries), and any
-#   ORDERFLOW_LOADGEN_* setting (e.g. ORDERFLOW_LOADGEN_LINES=3).
+#   ORDERFLOW_LOADGEN_* setting (e.g. ORDERFLOW_LOADGEN_LINES=3), SERVER_ARGS (more server flags,
+#   e.g. "--commit-batch 1").
 # Run from the repository root after `cargo build --release --bins`.
 set -euo pipefail
 
@@ -57,7 +59,7 @@ server_log=$(mktemp /tmp/orderflow-bench-server.XXXXXX.log)
 # orders per second than the per-customer default allows.
 "$orderflow" "${server_args[@]}" --jwt-secret "$secret" --listen "$listen" --no-seed --mode "$mode" \
     --rate-limit-writes off --rate-limit-reads off --rate-limit-admin off --rate-limit-catalog off \
-    >"$server_log" 2>&1 &
+    ${SERVER_ARGS:-} >"$server_log" 2>&1 &
 server_pid=$!
 for _ in $(seq 100); do
     if curl -fs "http://${listen}/health/ready" >/dev/null; then break; fi
@@ -66,5 +68,7 @@ done
 if [ "$backend" = postgres ]; then psql -q -X -c CHECKPOINT "$db"; fi
 
 echo "== orderflow ($backend, --mode $mode): ${concurrency} concurrent clients, ${orders} orders (server log: $server_log)"
+loadgen_args=()
+if [ "$mode" = all ]; then loadgen_args+=(--end-to-end); fi
 "$loadgen" --url "http://${listen}" --database-url "$url" --jwt-secret "$secret" \
-    --concurrency "$concurrency" --orders "$orders"
+    --concurrency "$concurrency" --orders "$orders" "${loadgen_args[@]}"

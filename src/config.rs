@@ -159,14 +159,16 @@ pub struct GlobalArgs {
     #[arg(long, env = "ORDERFLOW_DB_MAX_CONNECTIONS", default_value_t = 16, global = true)]
     pub db_max_connections: u32,
     /// Most step completions committed in one transaction (group commit; each in its own
-    /// savepoint). 1 commits every completion alone.
-    #[arg(long, env = "ORDERFLOW_COMMIT_BATCH", default_value_t = 64, global = true,
+    /// savepoint); 1 commits every completion alone. Default: 64 on SQLite, 1 on PostgreSQL
+    /// (docs/BENCHMARKS.md, "Group commit").
+    #[arg(long, env = "ORDERFLOW_COMMIT_BATCH", global = true,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub commit_batch: u32,
-    /// Group transactions written at once (PostgreSQL; SQLite's single writer takes them in turn).
-    #[arg(long, env = "ORDERFLOW_COMMIT_WRITERS", default_value_t = 4, global = true,
+    pub commit_batch: Option<u32>,
+    /// Group transactions written at once. Default: 1 on SQLite (one writer), the pool's size
+    /// (`--db-max-connections`) on PostgreSQL.
+    #[arg(long, env = "ORDERFLOW_COMMIT_WRITERS", global = true,
           value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub commit_writers: u32,
+    pub commit_writers: Option<u32>,
     /// Longest wait for a free database connection before answering 503 (e.g. 5s, 500ms).
     #[arg(long, env = "ORDERFLOW_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
     pub db_acquire_timeout: Duration,
@@ -779,8 +781,8 @@ impl GlobalArgs {
             acquire_timeout: self.db_acquire_timeout,
             sqlite_durability: self.sqlite_durability,
             group_commit: crate::store::group_commit::GroupCommitSettings {
-                max_batch: self.commit_batch as usize,
-                committers: self.commit_writers as usize,
+                max_batch: self.commit_batch.map(|n| n as usize),
+                committers: self.commit_writers.map(|n| n as usize),
             },
         })
     }

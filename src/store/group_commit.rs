@@ -39,21 +39,31 @@ pub(super) struct GroupCommit {
     enqueued: Arc<dyn Fn() + Send + Sync>,
 }
 
-/// How completions are grouped.
-#[derive(Clone, Copy, Debug)]
+/// How completions are grouped; `None` takes the backend's default.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct GroupCommitSettings {
-    /// Most completions in one transaction (1: every completion commits alone).
-    pub max_batch: usize,
-    /// Transactions written at once (PostgreSQL: connections; SQLite has one writer).
-    pub committers: usize,
+    /// Most completions in one transaction (1: every completion commits alone). SQLite: 64 (its
+    /// single writer fsyncs once per transaction). PostgreSQL: 1 — measured (docs/BENCHMARKS.md,
+    /// "Group commit"), a group's transaction holds the order and product rows it touched until
+    /// the whole group commits, so checkouts of the same products wait longer than the commits
+    /// it saves; PostgreSQL already shares WAL flushes between concurrent commits.
+    pub max_batch: Option<usize>,
+    /// Transactions written at once. SQLite: 1 (one writer). PostgreSQL: the pool's size.
+    pub committers: Option<usize>,
 }
 
-impl Default for GroupCommitSettings {
-    fn default() -> Self {
-        Self {
-            max_batch: 64,
-            committers: 2,
-        }
+impl GroupCommitSettings {
+    /// (largest group, committers) on SQLite (`single_writer`) or PostgreSQL with `pool` connections.
+    pub fn resolve(self, single_writer: bool, pool: u32) -> (usize, usize) {
+        let (batch, committers) = if single_writer {
+            (64, 1)
+        } else {
+            (1, pool.max(1) as usize)
+        };
+        (
+            self.max_batch.unwrap_or(batch).max(1),
+            self.committers.unwrap_or(committers).max(1),
+        )
     }
 }
 
@@ -65,7 +75,7 @@ impl GroupCommit {
         pool: sqlx::Pool<DB>,
         begin: &'static str,
         lock_order_row: &'static str,
-        settings: GroupCommitSettings,
+        (max_batch, committers): (usize, usize),
         enqueued: Arc<dyn Fn() + Send + Sync>,
     ) -> Self
     where
@@ -73,20 +83,15 @@ impl GroupCommit {
         Batch<DB>: CommitBatch,
     {
         let enqueued = enqueued.clone();
-        let (requests, receiver) = mpsc::channel(settings.max_batch.max(1) * settings.committers.max(1) * 4);
+        let (requests, receiver) = mpsc::channel(max_batch * committers * 4);
         let receiver = Arc::new(Mutex::new(receiver));
         let writer: Arc<dyn CommitBatch> = Arc::new(Batch {
             pool,
             begin,
             lock_order_row,
         });
-        for _ in 0..settings.committers.max(1) {
-            tokio::spawn(run(
-                writer.clone(),
-                receiver.clone(),
-                settings.max_batch.max(1),
-                enqueued.clone(),
-            ));
+        for _ in 0..committers {
+            tokio::spawn(run(writer.clone(), receiver.clone(), max_batch, enqueued.clone()));
         }
         Self {
             requests,

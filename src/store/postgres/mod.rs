@@ -169,7 +169,7 @@ impl PgStore {
                 pool.clone(),
                 "BEGIN",
                 "FOR UPDATE",
-                options.group_commit,
+                options.group_commit.resolve(false, options.max_connections),
                 Arc::new(move || {
                     local.notify_waiters();
                     let _ = others.try_send(());

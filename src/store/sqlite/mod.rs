@@ -128,7 +128,7 @@ impl SqliteStore {
                 writer.clone(),
                 "BEGIN IMMEDIATE",
                 "",
-                options.group_commit,
+                options.group_commit.resolve(true, 1),
                 Arc::new(move || local.notify_waiters()),
             )
         };
