@@ -159,8 +159,8 @@ pub struct GlobalArgs {
     #[arg(long, env = "ORDERFLOW_DB_MAX_CONNECTIONS", default_value_t = 16, global = true)]
     pub db_max_connections: u32,
     /// Most step completions committed in one transaction (group commit; each in its own
-    /// savepoint); 1 commits every completion alone. Default: 64 on SQLite, 1 on PostgreSQL
-    /// (docs/BENCHMARKS.md, "Group commit").
+    /// savepoint); 1 (the default) commits every completion alone. SQLite under sustained load:
+    /// try 64 (docs/BENCHMARKS.md, "Group commit").
     #[arg(long, env = "ORDERFLOW_COMMIT_BATCH", global = true,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub commit_batch: Option<u32>,
