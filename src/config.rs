@@ -169,6 +169,16 @@ pub struct GlobalArgs {
     #[arg(long, env = "ORDERFLOW_COMMIT_WRITERS", global = true,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub commit_writers: Option<u32>,
+    /// Most checkouts written in one transaction (one commit; one stock write per product, so a
+    /// flash sale's hot product row is locked once per group); 1 writes each alone. Default 64.
+    #[arg(long, env = "ORDERFLOW_CHECKOUT_BATCH", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub checkout_batch: Option<u32>,
+    /// Checkout group transactions this process writes at once. Default 1 (more only contend
+    /// for the same product rows; docs/BENCHMARKS.md "Shared checkout commits").
+    #[arg(long, env = "ORDERFLOW_CHECKOUT_WRITERS", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub checkout_writers: Option<u32>,
     /// Longest wait for a free database connection before answering 503 (e.g. 5s, 500ms).
     #[arg(long, env = "ORDERFLOW_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
     pub db_acquire_timeout: Duration,
@@ -783,6 +793,10 @@ impl GlobalArgs {
             group_commit: crate::store::group_commit::GroupCommitSettings {
                 max_batch: self.commit_batch.map(|n| n as usize),
                 committers: self.commit_writers.map(|n| n as usize),
+            },
+            checkout_batch: crate::store::CheckoutBatchSettings {
+                max_batch: self.checkout_batch.map(|n| n as usize),
+                writers: self.checkout_writers.map(|n| n as usize),
             },
         })
     }

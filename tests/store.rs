@@ -18,6 +18,7 @@ use sqlx::Connection;
 
 on_both_backends!(
     placement_is_all_or_nothing,
+    shared_checkout_commit_answers_each_alone,
     idempotency_outcomes,
     adjustments_race_orders_without_breaking_invariants,
     customer_conflicts_are_classified,
@@ -147,6 +148,99 @@ async fn placement_is_all_or_nothing(backend: Backend) {
     let jobs = store.jobs_for_order(order.id).await.unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].kind, "charge_payment");
+    assert!(store.audit().await.unwrap().is_clean());
+}
+
+/// Checkouts sharing one transaction (as concurrent ones do): each is priced against the stock
+/// the ones before it left and answered on its own — the one short of stock is refused alone,
+/// the others are committed together; an unknown customer (whose foreign key would fail the
+/// whole statement) makes the group be written one by one, with the same answers.
+async fn shared_checkout_commit_answers_each_alone(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let item = product(store.as_ref(), 250, 5).await;
+    let (first, second, third) = (
+        customer(store.as_ref()).await,
+        customer(store.as_ref()).await,
+        customer(store.as_ref()).await,
+    );
+    let group = [
+        request(first, "a", &[(item, 2)]),
+        // 3 left: short.
+        request(second, "b", &[(item, 4)]),
+        request(third, "c", &[(item, 3)]),
+    ];
+    let answers = store.place_orders(&group).await;
+    let answers: Vec<PlaceOrderOutcome> = answers.into_iter().map(Result::unwrap).collect();
+    let PlaceOrderOutcome::Created(a) = &answers[0] else {
+        panic!("{answers:?}")
+    };
+    let PlaceOrderOutcome::Rejected(CartRejection::InsufficientStock(short)) = &answers[1] else {
+        panic!("{answers:?}")
+    };
+    assert_eq!((short[0].requested, short[0].available), (4, 3));
+    let PlaceOrderOutcome::Created(c) = &answers[2] else {
+        panic!("{answers:?}")
+    };
+    assert_eq!((a.total.minor(), c.total.minor()), (500, 750));
+    assert_eq!(
+        available(store.as_ref(), item).await,
+        0,
+        "2 + 3 reserved, nothing oversold"
+    );
+    for order in [a, c] {
+        let details = store.get_order(order.id).await.unwrap().unwrap();
+        assert_eq!(&details.order, order);
+        assert_eq!(store.jobs_for_order(order.id).await.unwrap().len(), 1);
+    }
+    if backend == Backend::Postgres {
+        // One transaction wrote both orders (and only one commit was paid for them).
+        let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        let (transactions,): (i64,) = sqlx::query_as("SELECT count(DISTINCT xmin::text) FROM orders")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(transactions, 1);
+    }
+    // Each key's outcome stands alone: the accepted replay, the refused one's key is free.
+    assert_eq!(
+        store.place_order(&group[0]).await.unwrap(),
+        PlaceOrderOutcome::Replayed(a.clone())
+    );
+    let refused_again = store.place_order(&request(second, "b", &[(item, 1)])).await.unwrap();
+    assert!(
+        matches!(
+            refused_again,
+            PlaceOrderOutcome::Rejected(CartRejection::InsufficientStock(_))
+        ),
+        "{refused_again:?}"
+    );
+
+    // An unknown customer in the middle of a group, and a key sent twice in it.
+    let more = product(store.as_ref(), 100, 10).await;
+    let nobody = CustomerId::new();
+    let mut ghost = request(nobody, "g", &[(more, 1)]);
+    ghost.principal = first.to_string();
+    let group = [
+        request(first, "d", &[(more, 4)]),
+        ghost,
+        request(second, "e", &[(more, 5)]),
+        request(first, "d", &[(more, 4)]),
+    ];
+    let answers: Vec<PlaceOrderOutcome> = store
+        .place_orders(&group)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(matches!(answers[0], PlaceOrderOutcome::Created(_)), "{answers:?}");
+    assert_eq!(
+        answers[1],
+        PlaceOrderOutcome::Rejected(CartRejection::UnknownCustomer(nobody))
+    );
+    assert!(matches!(answers[2], PlaceOrderOutcome::Created(_)), "{answers:?}");
+    assert_eq!(answers[3], PlaceOrderOutcome::KeyInUse, "the same key twice at once");
+    assert_eq!(available(store.as_ref(), more).await, 1);
     assert!(store.audit().await.unwrap().is_clean());
 }
 

@@ -165,6 +165,8 @@ fn server_settings(args: &Args) -> GlobalArgs {
         db_max_connections: 2,
         commit_batch: None,
         commit_writers: None,
+        checkout_batch: None,
+        checkout_writers: None,
         db_acquire_timeout: Duration::from_secs(30),
         sqlite_durability: SqliteDurability::Full,
         currency: Currency::USD,

@@ -312,7 +312,9 @@ impl Runner {
                     }
                 }
             };
-            let idle = claimed.is_empty();
+            // Idle only when there was room and nothing to take: with every slot busy, the next
+            // look is when a slot frees (not the next poll, which would stall a full backlog).
+            let idle = free > 0 && claimed.is_empty();
             for job in claimed {
                 let permit = slots.clone().acquire_owned().await.expect("semaphore never closes");
                 let (runner, step) = (self.clone(), step.clone());

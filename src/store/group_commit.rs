@@ -17,8 +17,8 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Mutex, mpsc, oneshot};
 
+use super::batcher::{Batcher, GroupWriter};
 use super::effects;
 use super::jobs::{CompleteOutcome, JobLease, StepEffects};
 use super::{StoreError, StoreResult};
@@ -28,18 +28,11 @@ pub(super) struct Pending {
     lease: Option<JobLease>,
     effects: StepEffects,
     now: DateTime<Utc>,
-    reply: oneshot::Sender<StoreResult<CompleteOutcome>>,
 }
 
 /// The queue in front of the committers.
 pub(super) struct GroupCommit {
-    requests: mpsc::Sender<Pending>,
-    /// What the committers write with, for groups given whole ([`GroupCommit::complete_all`]).
-    writer: Arc<dyn CommitBatch>,
-    enqueued: Arc<dyn Fn() + Send + Sync>,
-    /// Whether completions are grouped at all (`max_batch` > 1); if not, each caller writes its
-    /// own transaction, concurrently, exactly as without this module.
-    grouped: bool,
+    batcher: Batcher<Completions>,
 }
 
 /// How completions are grouped; `None` takes the backend's default.
@@ -84,25 +77,16 @@ impl GroupCommit {
         DB: sqlx::Database,
         Batch<DB>: CommitBatch,
     {
-        let enqueued = enqueued.clone();
-        let (requests, receiver) = mpsc::channel(max_batch * committers * 4);
-        let receiver = Arc::new(Mutex::new(receiver));
-        let writer: Arc<dyn CommitBatch> = Arc::new(Batch {
-            pool,
-            begin,
-            lock_order_row,
-        });
-        let grouped = max_batch > 1;
-        if grouped {
-            for _ in 0..committers {
-                tokio::spawn(run(writer.clone(), receiver.clone(), max_batch, enqueued.clone()));
-            }
-        }
-        Self {
-            requests,
-            writer,
+        let writer = Completions {
+            batch: Arc::new(Batch {
+                pool,
+                begin,
+                lock_order_row,
+            }),
             enqueued,
-            grouped,
+        };
+        Self {
+            batcher: Batcher::start(writer, max_batch, committers),
         }
     }
 
@@ -113,31 +97,15 @@ impl GroupCommit {
         completions: &[(Option<JobLease>, StepEffects)],
         now: DateTime<Utc>,
     ) -> Vec<StoreResult<CompleteOutcome>> {
-        let (group, answers): (Vec<Pending>, Vec<_>) = completions
+        let group = completions
             .iter()
-            .map(|(lease, effects)| {
-                let (reply, answer) = oneshot::channel();
-                let pending = Pending {
-                    lease: *lease,
-                    effects: effects.clone(),
-                    now,
-                    reply,
-                };
-                (pending, answer)
+            .map(|(lease, effects)| Pending {
+                lease: *lease,
+                effects: effects.clone(),
+                now,
             })
-            .unzip();
-        if self.writer.write(group).await {
-            (self.enqueued)();
-        }
-        let mut results = Vec::with_capacity(answers.len());
-        for answer in answers {
-            results.push(
-                answer
-                    .await
-                    .unwrap_or_else(|_| Err(StoreError::Unavailable("the group was dropped before answering".into()))),
-            );
-        }
-        results
+            .collect();
+        self.batcher.write_now(group).await
     }
 
     /// Commits `effects` (and the job's completion) in the next group transaction.
@@ -147,25 +115,35 @@ impl GroupCommit {
         effects: &StepEffects,
         now: DateTime<Utc>,
     ) -> StoreResult<CompleteOutcome> {
-        if !self.grouped {
-            let alone = [(lease.copied(), effects.clone())];
-            let mut answers = self.complete_all(&alone, now).await;
-            return answers.pop().expect("one answer per completion");
-        }
-        let (reply, answer) = oneshot::channel();
         let pending = Pending {
             lease: lease.copied(),
             effects: effects.clone(),
             now,
-            reply,
         };
-        self.requests
-            .send(pending)
+        self.batcher
+            .submit(pending)
             .await
-            .map_err(|_| StoreError::Unavailable("the committer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the committer stopped before answering".into()))?
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the committer has stopped".into())))
+    }
+}
+
+/// The batcher's writer: a group of completions through the backend's [`Batch`].
+pub(super) struct Completions {
+    batch: Arc<dyn CommitBatch>,
+    enqueued: Arc<dyn Fn() + Send + Sync>,
+}
+
+#[async_trait::async_trait]
+impl GroupWriter for Completions {
+    type Item = Pending;
+    type Answer = StoreResult<CompleteOutcome>;
+
+    async fn write(&self, group: Vec<Pending>) -> Vec<Self::Answer> {
+        let (answers, woke) = self.batch.write(group).await;
+        if woke {
+            (self.enqueued)();
+        }
+        answers
     }
 }
 
@@ -180,50 +158,24 @@ pub(super) struct Batch<DB: sqlx::Database> {
 #[async_trait::async_trait]
 pub(super) trait CommitBatch: Send + Sync + 'static {
     /// Applies every completion, each in its own savepoint (a group of one: none), commits, and
-    /// answers each caller. Returns whether a committed completion enqueued jobs.
-    async fn write(&self, batch: Vec<Pending>) -> bool;
-}
-
-async fn run(
-    batch: Arc<dyn CommitBatch>,
-    receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
-    max_batch: usize,
-    enqueued: Arc<dyn Fn() + Send + Sync>,
-) {
-    loop {
-        let group = {
-            let mut receiver = receiver.lock().await;
-            let Some(first) = receiver.recv().await else {
-                return;
-            };
-            let mut group = vec![first];
-            while group.len() < max_batch {
-                match receiver.try_recv() {
-                    Ok(next) => group.push(next),
-                    Err(_) => break,
-                }
-            }
-            group
-        };
-        if batch.write(group).await {
-            enqueued();
-        }
-    }
+    /// answers each. Also returns whether a committed completion enqueued jobs.
+    async fn write(&self, batch: Vec<Pending>) -> (Vec<StoreResult<CompleteOutcome>>, bool);
 }
 
 macro_rules! commit_batch_for {
     ($db:ty) => {
         #[async_trait::async_trait]
         impl CommitBatch for Batch<$db> {
-            async fn write(&self, group: Vec<Pending>) -> bool {
+            async fn write(&self, group: Vec<Pending>) -> (Vec<StoreResult<CompleteOutcome>>, bool) {
                 let mut tx = match self.pool.begin_with(self.begin).await {
                     Ok(tx) => tx,
                     Err(error) => {
                         let message = StoreError::from(error).to_string();
-                        for pending in group {
-                            let _ = pending.reply.send(Err(StoreError::Unavailable(message.clone())));
-                        }
-                        return false;
+                        let answers = group
+                            .iter()
+                            .map(|_| Err(StoreError::Unavailable(message.clone())))
+                            .collect();
+                        return (answers, false);
                     }
                 };
                 let alone = group.len() == 1;
@@ -282,18 +234,19 @@ macro_rules! commit_batch_for {
                         .map_err(|error| StoreError::from(error).to_string())
                 };
                 let mut woke = false;
-                for (pending, answer) in group.into_iter().zip(answers) {
-                    let answer = match (&committed, answer) {
+                let answers = group
+                    .iter()
+                    .zip(answers)
+                    .map(|(pending, answer)| match (&committed, answer) {
                         (Ok(()), Ok(CompleteOutcome::Completed)) => {
                             woke |= !pending.effects.enqueue.is_empty();
                             Ok(CompleteOutcome::Completed)
                         }
                         (Err(why), Ok(CompleteOutcome::Completed)) => Err(StoreError::Unavailable(why.clone())),
                         (_, other) => other,
-                    };
-                    let _ = pending.reply.send(answer);
-                }
-                woke
+                    })
+                    .collect();
+                (answers, woke)
             }
         }
     };

@@ -8,6 +8,8 @@
 
 pub mod after_sale;
 mod audit;
+mod batcher;
+mod checkout_batch;
 mod common;
 mod effects;
 pub mod events;
@@ -35,6 +37,7 @@ use crate::domain::{
 };
 
 pub use audit::{AuditReport, Violation};
+pub use checkout_batch::CheckoutBatchSettings;
 pub use postgres::PgStore;
 pub use sqlite::{SqliteDurability, SqliteStore};
 
@@ -240,8 +243,13 @@ pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send +
     /// Orders, newest first: every customer's (the operators' view) or one's.
     async fn list_orders(&self, query: &OrderQuery) -> StoreResult<Page<Order>>;
 
-    /// The checkout commitment: see [`PlaceOrder`] and [`PlaceOrderOutcome`].
+    /// The checkout commitment: see [`PlaceOrder`] and [`PlaceOrderOutcome`]. Checkouts that
+    /// arrive together share a transaction and its commit ([`checkout_batch`]).
     async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome>;
+    /// These checkouts in one shared transaction, as the checkout writers group concurrent
+    /// ones: each priced against the stock the ones before it left, each answered on its own
+    /// (one in the order given), one commit for all that were accepted.
+    async fn place_orders(&self, requests: &[PlaceOrder]) -> Vec<StoreResult<PlaceOrderOutcome>>;
     async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>>;
     /// Wakes job workers in this process when jobs become ready (in-process for SQLite; fed by
     /// LISTEN/NOTIFY across processes for PostgreSQL).
@@ -264,6 +272,8 @@ pub struct ConnectOptions {
     pub sqlite_durability: SqliteDurability,
     /// How step completions share transactions ([`group_commit`]).
     pub group_commit: group_commit::GroupCommitSettings,
+    /// How concurrent checkouts share transactions ([`checkout_batch`]).
+    pub checkout_batch: CheckoutBatchSettings,
 }
 
 impl Default for ConnectOptions {
@@ -273,6 +283,7 @@ impl Default for ConnectOptions {
             acquire_timeout: Duration::from_secs(5),
             sqlite_durability: SqliteDurability::Full,
             group_commit: Default::default(),
+            checkout_batch: Default::default(),
         }
     }
 }

@@ -156,6 +156,7 @@ pub fn connect_options() -> ConnectOptions {
         // Tests that need power-loss durability say so; kill -9 is survived by both settings.
         sqlite_durability: SqliteDurability::Normal,
         group_commit: Default::default(),
+        checkout_batch: Default::default(),
     }
 }
 

@@ -5,7 +5,8 @@
 //! (`SELECT … ORDER BY id FOR UPDATE`) so multi-item orders cannot deadlock one another, and every
 //! write transaction is re-run with backoff on SQLSTATE 40001/40P01 (which serializable and
 //! optimistic engines raise in normal operation). The place-order path costs five round trips:
-//! claim the idempotency key, BEGIN, lock + read stock, one statement of data-modifying CTEs that
+//! claim the idempotency key, then — shared by the checkouts waiting at the same time
+//! ([`checkout_batch`]) — BEGIN, lock + read stock, one statement of data-modifying CTEs that
 //! writes everything else, COMMIT.
 
 use std::sync::Arc;
@@ -14,7 +15,6 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rand::Rng;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -24,9 +24,9 @@ mod ops;
 
 use super::after_sale::{AfterSaleReads, AfterSaleSql};
 use super::audit::{self, AuditReport};
-use super::common::{
-    is_foreign_key_violation, new_order, placed_data, replay_or_refuse, stock_levels, unique_is_conflict,
-};
+use super::batcher::Batcher;
+use super::checkout_batch::{self, Checkout, CheckoutTransaction, Checkouts, GroupFailure, MAX_TX_ATTEMPTS, backoff};
+use super::common::{is_foreign_key_violation, placed_data, replay_or_refuse, stock_levels, unique_is_conflict};
 use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::reads;
@@ -36,7 +36,6 @@ use super::{
     ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::events::order_subject;
-use crate::domain::order::price_lines;
 use crate::domain::{
     CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderId, Product, ProductId, ProductPatch,
     StockAdjustment,
@@ -46,8 +45,6 @@ use crate::domain::{
 /// was killed mid-request); a retry may take it over. Safe even if the first request is merely
 /// slow: its completion is fenced by the claim's lock token, and orders are unique per key.
 const IN_FLIGHT_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(15);
-/// How many times a transaction is re-run after a serialization failure or deadlock.
-const MAX_TX_ATTEMPTS: u32 = 6;
 
 pub struct PgStore {
     pool: PgPool,
@@ -57,6 +54,8 @@ pub struct PgStore {
     wake_others: tokio::sync::mpsc::Sender<()>,
     events: EventsSql<Postgres>,
     committer: GroupCommit,
+    /// Groups concurrent checkouts into shared transactions ([`checkout_batch`]).
+    checkouts: Batcher<Checkouts<PgCheckouts>>,
     after_sale: AfterSaleSql<Postgres>,
 }
 
@@ -135,13 +134,6 @@ enum Claim {
     Finished(PlaceOrderOutcome),
 }
 
-/// What the placing transaction decided.
-enum Placed {
-    Done(PlaceOrderOutcome),
-    /// The transaction must be re-run (serialization failure or deadlock).
-    Retry(sqlx::Error),
-}
-
 impl PgStore {
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Self> {
         let connect: PgConnectOptions = url.parse().context("parsing the PostgreSQL URL")?;
@@ -176,6 +168,18 @@ impl PgStore {
                 }),
             )
         };
+        let checkouts = {
+            let (local, others) = (jobs_ready.clone(), wake_others.clone());
+            let (max_batch, writers) = options.checkout_batch.resolve();
+            let writer = Checkouts(PgCheckouts {
+                pool: pool.clone(),
+                enqueued: Arc::new(move || {
+                    local.notify_waiters();
+                    let _ = others.try_send(());
+                }),
+            });
+            Batcher::start(writer, max_batch, writers)
+        };
         let events = EventsSql {
             write: pool.clone(),
             read: pool.clone(),
@@ -185,6 +189,7 @@ impl PgStore {
         Ok(Self {
             after_sale: AfterSaleSql { read: pool.clone() },
             committer,
+            checkouts,
             pool,
             jobs_ready,
             wake_others,
@@ -275,7 +280,26 @@ impl PgStore {
         Ok(Claim::Finished(PlaceOrderOutcome::KeyInUse))
     }
 
-    /// Gives the key back after a request that created nothing, so the client may retry it.
+    /// Gives the key back after a request that created nothing (and whose key no other request
+    /// took over), so the client may retry it.
+    async fn release_unless_created(
+        &self,
+        request: &PlaceOrder,
+        lock_token: Uuid,
+        result: &StoreResult<PlaceOrderOutcome>,
+    ) {
+        if matches!(
+            result,
+            Ok(PlaceOrderOutcome::Created(_)) | Ok(PlaceOrderOutcome::KeyInUse)
+        ) {
+            return;
+        }
+        // If this fails the claim simply goes stale.
+        if let Err(error) = self.release_key(request, lock_token).await {
+            tracing::warn!(%error, "could not release an idempotency claim");
+        }
+    }
+
     async fn release_key(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<()> {
         sqlx::query(
             "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND lock_token = $3 \
@@ -288,120 +312,227 @@ impl PgStore {
         .await?;
         Ok(())
     }
+}
 
-    /// Phase 2: reserve stock and write the order, its lines, event, first job and the completed
-    /// idempotency record in one transaction.
-    async fn place_order_tx(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Placed> {
+/// Phase 2 of placing orders: one transaction for a group of claimed checkouts
+/// ([`checkout_batch`]): lock and read their products' stock, price each against what the ones
+/// before it left, then one statement of data-modifying CTEs writes every accepted order —
+/// the stock reservations (one per product), the orders, lines, timeline entries, `order.placed`
+/// events, first jobs and completed idempotency records. A group of one is a single checkout.
+struct PgCheckouts {
+    pool: PgPool,
+    enqueued: Arc<dyn Fn() + Send + Sync>,
+}
+
+#[async_trait]
+impl CheckoutTransaction for PgCheckouts {
+    async fn write_group(&self, group: &[Checkout]) -> Result<Vec<PlaceOrderOutcome>, GroupFailure> {
+        let retryable = |error: sqlx::Error| {
+            if is_retryable(&error) {
+                GroupFailure::Retry(error)
+            } else {
+                GroupFailure::from(error)
+            }
+        };
         let mut tx = self.pool.begin().await?;
-        let mut product_ids: Vec<Uuid> = request.cart.lines().iter().map(|l| l.product_id.as_uuid()).collect();
-        product_ids.sort();
+        let product_ids = checkout_batch::products_of(group.iter().map(|c| &c.request));
         let levels = sqlx::query_as::<_, (Uuid, i64, i64)>(
             "SELECT id, price_minor, on_hand - reserved FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
         .bind(&product_ids)
         .fetch_all(&mut *tx)
-        .await;
-        let levels = match levels {
-            Ok(levels) => stock_levels(levels)?,
-            Err(error) if is_retryable(&error) => return Ok(Placed::Retry(error)),
-            Err(error) => return Err(error.into()),
-        };
-        let (lines, total) = match price_lines(&request.cart, &levels) {
-            Ok(priced) => priced,
-            Err(rejection) => return Ok(Placed::Done(PlaceOrderOutcome::Rejected(rejection))),
-        };
-        let order = new_order(request, lines, total);
-        let reserve_ids: Vec<Uuid> = order.lines.iter().map(|l| l.product_id.as_uuid()).collect();
-        let quantities: Vec<i64> = order.lines.iter().map(|l| i64::from(l.quantity.get())).collect();
-        let line_numbers: Vec<i32> = (0..order.lines.len() as i32).collect();
-        let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price.minor()).collect();
-        let job = &request.first_job;
-
-        let written = sqlx::query_as::<_, (i64, i64)>(
-            "WITH reserve AS ( \
-                UPDATE products p SET reserved = p.reserved + v.quantity, version = p.version + 1, updated_at = $1 \
-                FROM unnest($2::uuid[], $3::bigint[]) AS v(id, quantity) \
-                WHERE p.id = v.id AND p.on_hand - p.reserved >= v.quantity RETURNING p.id), \
-             new_order AS ( \
-                INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, payment_token, \
-                    idempotency_principal, idempotency_key, correlation_id, created_at, updated_at, \
-                    last_event_sequence, shipping) \
-                VALUES ($4, $5, $6, 'reserved', $7, $8, $9, $10, $11, $12, $1, $1, 1, $26)), \
-             lines AS ( \
-                INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
-                SELECT $4, v.id, v.line_no, v.quantity, v.price \
-                FROM unnest($2::uuid[], $13::int[], $3::bigint[], $14::bigint[]) AS v(id, line_no, quantity, price)), \
-             event AS ( \
-                INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
-                VALUES ($15, $4, 'order_placed', $6, NULL, $12, $1)), \
-             outbox AS ( \
-                INSERT INTO events (id, subject, order_id, event_type, sequence, data, correlation_id, created_at) \
-                VALUES ($23, $24, $4, 'order.placed', 1, $25, $12, $1)), \
-             job AS ( \
-                INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
-                    ready_since, correlation_id, created_at, updated_at) \
-                VALUES ($16, $17, $4, $18, 'ready', 0, $19, $20, $20, $12, $1, $1)), \
-             completed AS ( \
-                UPDATE idempotency_keys SET state = 'completed', order_id = $4, response_status = 202, \
-                    response_body = $21, lock_token = NULL, updated_at = $1 \
-                WHERE principal = $10 AND key = $11 AND lock_token = $22 AND state = 'in_flight' RETURNING 1) \
-             SELECT (SELECT count(*) FROM reserve), (SELECT count(*) FROM completed)",
-        )
-        .bind(request.now) // $1
-        .bind(&reserve_ids) // $2
-        .bind(&quantities) // $3
-        .bind(order.id.as_uuid()) // $4
-        .bind(order.customer_id.as_uuid()) // $5
-        .bind(order.status.as_str()) // $6
-        .bind(order.currency.code()) // $7
-        .bind(order.total.minor()) // $8
-        .bind(order.payment_token.as_str()) // $9
-        .bind(&request.principal) // $10
-        .bind(&request.idempotency_key) // $11
-        .bind(&request.correlation_id) // $12
-        .bind(&line_numbers) // $13
-        .bind(&prices) // $14
-        .bind(Uuid::now_v7()) // $15
-        .bind(Uuid::now_v7()) // $16
-        .bind(job.kind) // $17
-        .bind(job.payload.to_string()) // $18
-        .bind(job.max_attempts as i32) // $19
-        .bind(job.run_at) // $20
-        .bind(rows::encode_snapshot(&order)) // $21
-        .bind(lock_token) // $22
-        .bind(Uuid::now_v7()) // $23
-        .bind(order_subject(order.id)) // $24
-        .bind(placed_data(&order)) // $25
-        .bind(rows::encode_shipping(order.shipping.as_ref())) // $26
-        .fetch_one(&mut *tx)
-        .await;
-        let (reserved_lines, completed) = match written {
-            Ok(counts) => counts,
-            Err(error) if is_foreign_key_violation(&error) => {
-                return Ok(Placed::Done(PlaceOrderOutcome::Rejected(
-                    CartRejection::UnknownCustomer(request.customer_id),
+        .await
+        .map_err(retryable)?;
+        let levels = stock_levels(levels).map_err(GroupFailure::Failed)?;
+        let allocated = checkout_batch::allocate(group.iter().map(|c| &c.request), levels);
+        let accepted: Vec<(&Checkout, &Order)> = group
+            .iter()
+            .zip(&allocated)
+            .filter_map(|(checkout, outcome)| outcome.as_ref().ok().map(|order| (checkout, order)))
+            .collect();
+        if !accepted.is_empty() {
+            let rows = BulkOrders::of(&accepted);
+            let reserve = checkout_batch::reservations(accepted.iter().map(|(_, order)| *order));
+            let (reserve_ids, reserve_units): (Vec<Uuid>, Vec<i64>) = reserve.into_iter().unzip();
+            let written = sqlx::query_as::<_, (i64, i64)>(
+                "WITH reserve AS ( \
+                    UPDATE products p SET reserved = p.reserved + v.units, version = p.version + 1, updated_at = $1 \
+                    FROM unnest($2::uuid[], $3::bigint[]) AS v(id, units) \
+                    WHERE p.id = v.id AND p.on_hand - p.reserved >= v.units RETURNING p.id), \
+                 new_orders AS ( \
+                    INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, payment_token, \
+                        idempotency_principal, idempotency_key, correlation_id, created_at, updated_at, \
+                        last_event_sequence, shipping) \
+                    SELECT v.id, v.customer_id, 'pending_payment', 'reserved', v.currency, v.total, v.token, \
+                        v.principal, v.key, v.correlation_id, v.at, v.at, 1, v.shipping \
+                    FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], \
+                        $11::text[], $12::timestamptz[], $13::text[]) \
+                        AS v(id, customer_id, currency, total, token, principal, key, correlation_id, at, shipping)), \
+                 lines AS ( \
+                    INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
+                    SELECT * FROM unnest($14::uuid[], $15::uuid[], $16::int[], $17::bigint[], $18::bigint[])), \
+                 timeline AS ( \
+                    INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
+                    SELECT v.id, v.order_id, 'order_placed', 'pending_payment', NULL, v.correlation_id, v.at \
+                    FROM unnest($19::uuid[], $4::uuid[], $11::text[], $12::timestamptz[]) \
+                        AS v(id, order_id, correlation_id, at)), \
+                 outbox AS ( \
+                    INSERT INTO events (id, subject, order_id, event_type, sequence, data, correlation_id, created_at) \
+                    SELECT v.id, v.subject, v.order_id, 'order.placed', 1, v.data, v.correlation_id, v.at \
+                    FROM unnest($20::uuid[], $21::text[], $4::uuid[], $22::text[], $11::text[], $12::timestamptz[]) \
+                        AS v(id, subject, order_id, data, correlation_id, at)), \
+                 first_jobs AS ( \
+                    INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
+                        ready_since, correlation_id, created_at, updated_at) \
+                    SELECT v.id, v.kind, v.order_id, v.payload, 'ready', 0, v.max_attempts, v.run_at, v.run_at, \
+                        v.correlation_id, v.at, v.at \
+                    FROM unnest($23::uuid[], $24::text[], $4::uuid[], $25::text[], $26::int[], $27::timestamptz[], \
+                        $11::text[], $12::timestamptz[]) \
+                        AS v(id, kind, order_id, payload, max_attempts, run_at, correlation_id, at)), \
+                 completed AS ( \
+                    UPDATE idempotency_keys k SET state = 'completed', order_id = v.order_id, response_status = 202, \
+                        response_body = v.body, lock_token = NULL, updated_at = v.at \
+                    FROM unnest($9::text[], $10::text[], $28::uuid[], $4::uuid[], $29::text[], $12::timestamptz[]) \
+                        AS v(principal, key, lock_token, order_id, body, at) \
+                    WHERE k.principal = v.principal AND k.key = v.key AND k.lock_token = v.lock_token \
+                        AND k.state = 'in_flight' RETURNING 1) \
+                 SELECT (SELECT count(*) FROM reserve), (SELECT count(*) FROM completed)",
+            )
+            .bind(crate::clock::now()) // $1
+            .bind(&reserve_ids) // $2
+            .bind(&reserve_units) // $3
+            .bind(&rows.ids) // $4
+            .bind(&rows.customer_ids) // $5
+            .bind(&rows.currencies) // $6
+            .bind(&rows.totals) // $7
+            .bind(&rows.tokens) // $8
+            .bind(&rows.principals) // $9
+            .bind(&rows.keys) // $10
+            .bind(&rows.correlation_ids) // $11
+            .bind(&rows.created_at) // $12
+            .bind(&rows.shipping) // $13
+            .bind(&rows.line_orders) // $14
+            .bind(&rows.line_products) // $15
+            .bind(&rows.line_numbers) // $16
+            .bind(&rows.line_quantities) // $17
+            .bind(&rows.line_prices) // $18
+            .bind(&rows.timeline_ids) // $19
+            .bind(&rows.event_ids) // $20
+            .bind(&rows.subjects) // $21
+            .bind(&rows.placed_data) // $22
+            .bind(&rows.job_ids) // $23
+            .bind(&rows.job_kinds) // $24
+            .bind(&rows.job_payloads) // $25
+            .bind(&rows.job_attempts) // $26
+            .bind(&rows.job_run_at) // $27
+            .bind(&rows.lock_tokens) // $28
+            .bind(&rows.snapshots) // $29
+            .fetch_one(&mut *tx)
+            .await;
+            let (reserved_products, completed) = match written {
+                Ok(counts) => counts,
+                // An unknown customer: alone, that checkout's answer; in a group, each alone.
+                Err(error) if is_foreign_key_violation(&error) && group.len() == 1 => {
+                    return Ok(vec![PlaceOrderOutcome::Rejected(CartRejection::UnknownCustomer(
+                        group[0].request.customer_id,
+                    ))]);
+                }
+                Err(error) if is_foreign_key_violation(&error) => return Err(GroupFailure::Split),
+                Err(error) => return Err(retryable(error)),
+            };
+            if completed != accepted.len() as i64 {
+                // A claim went stale and another request took its key over: that request owns
+                // the outcome. Alone, say so; in a group, find out which one, each alone.
+                return if group.len() == 1 {
+                    Ok(vec![PlaceOrderOutcome::KeyInUse])
+                } else {
+                    Err(GroupFailure::Split)
+                };
+            }
+            if reserved_products != reserve_ids.len() as i64 {
+                return Err(GroupFailure::Failed(StoreError::Corrupt(
+                    "locked stock changed inside the transaction".into(),
                 )));
             }
-            Err(error) if is_retryable(&error) => return Ok(Placed::Retry(error)),
-            Err(error) => return Err(error.into()),
-        };
-        if completed != 1 {
-            // Our claim went stale and another request took the key over: it owns the outcome.
-            return Ok(Placed::Done(PlaceOrderOutcome::KeyInUse));
+            tx.commit().await.map_err(retryable)?;
+            (self.enqueued)();
         }
-        if reserved_lines != order.lines.len() as i64 {
-            return Err(StoreError::Corrupt(
-                "locked stock changed inside the transaction".into(),
-            ));
-        }
-        match tx.commit().await {
-            Ok(()) => {
-                self.jobs_enqueued();
-                Ok(Placed::Done(PlaceOrderOutcome::Created(order)))
+        Ok(allocated
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(order) => PlaceOrderOutcome::Created(order),
+                Err(rejection) => PlaceOrderOutcome::Rejected(rejection),
+            })
+            .collect())
+    }
+}
+
+/// The accepted orders of a group as the column arrays the bulk insert unnests.
+#[derive(Default)]
+struct BulkOrders {
+    ids: Vec<Uuid>,
+    customer_ids: Vec<Uuid>,
+    currencies: Vec<String>,
+    totals: Vec<i64>,
+    tokens: Vec<String>,
+    principals: Vec<String>,
+    keys: Vec<String>,
+    correlation_ids: Vec<Option<String>>,
+    created_at: Vec<DateTime<Utc>>,
+    shipping: Vec<Option<String>>,
+    line_orders: Vec<Uuid>,
+    line_products: Vec<Uuid>,
+    line_numbers: Vec<i32>,
+    line_quantities: Vec<i64>,
+    line_prices: Vec<i64>,
+    timeline_ids: Vec<Uuid>,
+    event_ids: Vec<Uuid>,
+    subjects: Vec<String>,
+    placed_data: Vec<String>,
+    job_ids: Vec<Uuid>,
+    job_kinds: Vec<String>,
+    job_payloads: Vec<String>,
+    job_attempts: Vec<i32>,
+    job_run_at: Vec<DateTime<Utc>>,
+    lock_tokens: Vec<Uuid>,
+    snapshots: Vec<String>,
+}
+
+impl BulkOrders {
+    fn of(accepted: &[(&Checkout, &Order)]) -> Self {
+        let mut rows = BulkOrders::default();
+        for (checkout, order) in accepted {
+            let request = &checkout.request;
+            rows.ids.push(order.id.as_uuid());
+            rows.customer_ids.push(order.customer_id.as_uuid());
+            rows.currencies.push(order.currency.code().to_string());
+            rows.totals.push(order.total.minor());
+            rows.tokens.push(order.payment_token.as_str().to_string());
+            rows.principals.push(request.principal.clone());
+            rows.keys.push(request.idempotency_key.clone());
+            rows.correlation_ids.push(request.correlation_id.clone());
+            rows.created_at.push(request.now);
+            rows.shipping.push(rows::encode_shipping(order.shipping.as_ref()));
+            for (line_no, line) in order.lines.iter().enumerate() {
+                rows.line_orders.push(order.id.as_uuid());
+                rows.line_products.push(line.product_id.as_uuid());
+                rows.line_numbers.push(line_no as i32);
+                rows.line_quantities.push(i64::from(line.quantity.get()));
+                rows.line_prices.push(line.unit_price.minor());
             }
-            Err(error) if is_retryable(&error) => Ok(Placed::Retry(error)),
-            Err(error) => Err(error.into()),
+            rows.timeline_ids.push(Uuid::now_v7());
+            rows.event_ids.push(Uuid::now_v7());
+            rows.subjects.push(order_subject(order.id));
+            rows.placed_data.push(placed_data(order));
+            rows.job_ids.push(Uuid::now_v7());
+            rows.job_kinds.push(request.first_job.kind.to_string());
+            rows.job_payloads.push(request.first_job.payload.to_string());
+            rows.job_attempts.push(request.first_job.max_attempts as i32);
+            rows.job_run_at.push(request.first_job.run_at);
+            rows.lock_tokens.push(checkout.lock_token);
+            rows.snapshots.push(rows::encode_snapshot(order));
         }
+        rows
     }
 }
 
@@ -409,13 +540,6 @@ impl PgStore {
 fn is_retryable(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db)
         if matches!(db.code().as_deref(), Some("40001") | Some("40P01")))
-}
-
-/// Exponential backoff with full jitter before re-running transaction attempt `attempt`.
-async fn backoff(attempt: u32) {
-    let cap_ms = 5u64 << attempt.min(6);
-    let wait = rand::rng().random_range(1..=cap_ms);
-    tokio::time::sleep(Duration::from_millis(wait)).await;
 }
 
 #[async_trait]
@@ -588,26 +712,46 @@ impl Store for PgStore {
         if let Claim::Finished(outcome) = self.claim_key(request, lock_token).await? {
             return Ok(outcome);
         }
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            match self.place_order_tx(request, lock_token).await {
-                Ok(Placed::Retry(error)) if attempt >= MAX_TX_ATTEMPTS => break Err(error.into()),
-                Ok(Placed::Retry(_)) => backoff(attempt).await,
-                Ok(Placed::Done(outcome)) => break Ok(outcome),
-                Err(error) => break Err(error),
-            }
+        let checkout = Checkout {
+            request: request.clone(),
+            lock_token,
         };
-        if !matches!(
-            result,
-            Ok(PlaceOrderOutcome::Created(_)) | Ok(PlaceOrderOutcome::KeyInUse)
-        ) {
-            // Nothing was created: free the key. If this fails the claim simply goes stale.
-            if let Err(error) = self.release_key(request, lock_token).await {
-                tracing::warn!(%error, "could not release an idempotency claim");
-            }
-        }
+        let result = self
+            .checkouts
+            .submit(checkout)
+            .await
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the checkout writers have stopped".into())));
+        self.release_unless_created(request, lock_token, &result).await;
         result
+    }
+
+    async fn place_orders(&self, requests: &[PlaceOrder]) -> Vec<StoreResult<PlaceOrderOutcome>> {
+        let mut answers: Vec<Option<StoreResult<PlaceOrderOutcome>>> = Vec::with_capacity(requests.len());
+        let mut claimed = Vec::new();
+        for request in requests {
+            let lock_token = Uuid::now_v7();
+            answers.push(match self.claim_key(request, lock_token).await {
+                Ok(Claim::Acquired) => {
+                    claimed.push(Checkout {
+                        request: request.clone(),
+                        lock_token,
+                    });
+                    None
+                }
+                Ok(Claim::Finished(outcome)) => Some(Ok(outcome)),
+                Err(error) => Some(Err(error)),
+            });
+        }
+        let written = self.checkouts.write_now(claimed.clone()).await;
+        for (checkout, result) in claimed.iter().zip(&written) {
+            self.release_unless_created(&checkout.request, checkout.lock_token, result)
+                .await;
+        }
+        let mut written = written.into_iter();
+        answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(|| written.next().expect("one answer per claimed checkout")))
+            .collect()
     }
 
     fn job_signal(&self) -> Arc<tokio::sync::Notify> {

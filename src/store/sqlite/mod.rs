@@ -28,9 +28,9 @@ mod ops;
 
 use super::after_sale::{AfterSaleReads, AfterSaleSql};
 use super::audit::{self, AuditReport};
-use super::common::{
-    is_foreign_key_violation, new_order, placed_data, replay_or_refuse, stock_levels, unique_is_conflict,
-};
+use super::batcher::Batcher;
+use super::checkout_batch::{self, Checkout, CheckoutTransaction, Checkouts, GroupFailure};
+use super::common::{is_foreign_key_violation, placed_data, replay_or_refuse, stock_levels, unique_is_conflict};
 use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::reads;
@@ -40,7 +40,6 @@ use super::{
     ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::events::order_subject;
-use crate::domain::order::price_lines;
 use crate::domain::{
     CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderId, Product, ProductId, ProductPatch,
     StockAdjustment,
@@ -66,6 +65,8 @@ pub struct SqliteStore {
     jobs_ready: Arc<tokio::sync::Notify>,
     events: EventsSql<Sqlite>,
     committer: GroupCommit,
+    /// Groups concurrent checkouts into shared transactions ([`checkout_batch`]).
+    checkouts: Batcher<Checkouts<SqliteCheckouts>>,
     after_sale: AfterSaleSql<Sqlite>,
 }
 
@@ -132,9 +133,18 @@ impl SqliteStore {
                 Arc::new(move || local.notify_waiters()),
             )
         };
+        let checkouts = {
+            let (max_batch, writers) = options.checkout_batch.resolve();
+            let writer = Checkouts(SqliteCheckouts {
+                writer: writer.clone(),
+                enqueued: jobs_ready.clone(),
+            });
+            Batcher::start(writer, max_batch, writers)
+        };
         Ok(Self {
             events,
             committer,
+            checkouts,
             after_sale: AfterSaleSql { read: reader.clone() },
             writer,
             reader,
@@ -340,150 +350,38 @@ impl Store for SqliteStore {
             Ok(claim) => claim,
             Err(busy) => return Ok(busy),
         };
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-
-        let earlier: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT fingerprint, response_body FROM idempotency_keys WHERE principal = ? AND key = ?")
-                .bind(&request.principal)
-                .bind(&request.idempotency_key)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some((fingerprint, body)) = earlier {
-            return replay_or_refuse(request, &fingerprint, body.as_deref());
-        }
-
-        let mut levels_sql =
-            QueryBuilder::<Sqlite>::new("SELECT id, price_minor, on_hand - reserved FROM products WHERE id IN (");
-        let mut list = levels_sql.separated(", ");
-        for line in request.cart.lines() {
-            list.push_bind(line.product_id.as_uuid());
-        }
-        levels_sql.push(")");
-        let levels: Vec<(Uuid, i64, i64)> = levels_sql.build_query_as().fetch_all(&mut *tx).await?;
-        let levels = stock_levels(levels)?;
-        let (lines, total) = match price_lines(&request.cart, &levels) {
-            Ok(priced) => priced,
-            Err(rejection) => return Ok(PlaceOrderOutcome::Rejected(rejection)),
+        let checkout = Checkout {
+            request: request.clone(),
+            lock_token: Uuid::nil(),
         };
+        self.checkouts
+            .submit(checkout)
+            .await
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the checkout writer has stopped".into())))
+    }
 
-        let now = request.now;
-        for line in request.cart.lines_in_lock_order() {
-            // Conditional: even if a bug let two writers in, this can never oversell (I1).
-            let reserved = sqlx::query(
-                "UPDATE products SET reserved = reserved + ?1, version = version + 1, updated_at = ?2 \
-                 WHERE id = ?3 AND on_hand - reserved >= ?1",
-            )
-            .bind(i64::from(line.quantity.get()))
-            .bind(now)
-            .bind(line.product_id.as_uuid())
-            .execute(&mut *tx)
-            .await?;
-            if reserved.rows_affected() != 1 {
-                return Err(StoreError::Corrupt(format!(
-                    "stock of {} changed inside the write transaction",
-                    line.product_id
-                )));
-            }
+    async fn place_orders(&self, requests: &[PlaceOrder]) -> Vec<StoreResult<PlaceOrderOutcome>> {
+        let mut answers: Vec<Option<StoreResult<PlaceOrderOutcome>>> = Vec::with_capacity(requests.len());
+        let (mut claims, mut claimed) = (Vec::new(), Vec::new());
+        for request in requests {
+            answers.push(match self.in_flight.claim(request) {
+                Ok(claim) => {
+                    claims.push(claim);
+                    claimed.push(Checkout {
+                        request: request.clone(),
+                        lock_token: Uuid::nil(),
+                    });
+                    None
+                }
+                Err(busy) => Some(Ok(busy)),
+            });
         }
-
-        let order = new_order(request, lines, total);
-        let inserted = sqlx::query(
-            "INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, \
-             payment_token, shipping, idempotency_principal, idempotency_key, correlation_id, created_at, \
-             updated_at, last_event_sequence) VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
-        )
-        .bind(order.id.as_uuid())
-        .bind(order.customer_id.as_uuid())
-        .bind(order.status.as_str())
-        .bind(order.currency.code())
-        .bind(order.total.minor())
-        .bind(order.payment_token.as_str())
-        .bind(rows::encode_shipping(order.shipping.as_ref()))
-        .bind(&request.principal)
-        .bind(&request.idempotency_key)
-        .bind(&request.correlation_id)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await;
-        if let Err(error) = inserted {
-            if is_foreign_key_violation(&error) {
-                return Ok(PlaceOrderOutcome::Rejected(CartRejection::UnknownCustomer(
-                    request.customer_id,
-                )));
-            }
-            return Err(error.into());
-        }
-        for (line_no, line) in order.lines.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(order.id.as_uuid())
-            .bind(line.product_id.as_uuid())
-            .bind(line_no as i64)
-            .bind(i64::from(line.quantity.get()))
-            .bind(line.unit_price.minor())
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
-            "INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
-             VALUES (?, ?, 'order_placed', ?, NULL, ?, ?)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(order.id.as_uuid())
-        .bind(order.status.as_str())
-        .bind(&request.correlation_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO events (id, subject, order_id, event_type, sequence, data, correlation_id, created_at) \
-             VALUES (?, ?, ?, 'order.placed', 1, ?, ?, ?)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(order_subject(order.id))
-        .bind(order.id.as_uuid())
-        .bind(placed_data(&order))
-        .bind(&request.correlation_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let job = &request.first_job;
-        sqlx::query(
-            "INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
-             ready_since, correlation_id, created_at, updated_at) VALUES (?, ?, ?, ?, 'ready', 0, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(job.kind)
-        .bind(order.id.as_uuid())
-        .bind(job.payload.to_string())
-        .bind(i64::from(job.max_attempts))
-        .bind(job.run_at)
-        .bind(job.run_at)
-        .bind(&request.correlation_id)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO idempotency_keys (principal, key, fingerprint, state, order_id, \
-             response_status, response_body, created_at, updated_at) \
-             VALUES (?, ?, ?, 'completed', ?, 202, ?, ?, ?)",
-        )
-        .bind(&request.principal)
-        .bind(&request.idempotency_key)
-        .bind(&request.fingerprint)
-        .bind(order.id.as_uuid())
-        .bind(rows::encode_snapshot(&order))
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        self.jobs_ready.notify_waiters();
-        Ok(PlaceOrderOutcome::Created(order))
+        let mut written = self.checkouts.write_now(claimed).await.into_iter();
+        drop(claims);
+        answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(|| written.next().expect("one answer per claimed checkout")))
+            .collect()
     }
 
     fn job_signal(&self) -> Arc<tokio::sync::Notify> {
@@ -579,6 +477,207 @@ impl Drop for InFlightClaim {
         let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         map.remove(&self.key);
     }
+}
+
+/// One write transaction for a group of checkouts ([`checkout_batch`]) on the single writer:
+/// replays of completed keys answered from their records, the rest priced against the stock the
+/// ones before them left, one conditional stock write per product, then each accepted order's
+/// rows; one commit (one fsync) for all.
+struct SqliteCheckouts {
+    writer: SqlitePool,
+    enqueued: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl CheckoutTransaction for SqliteCheckouts {
+    async fn write_group(&self, group: &[Checkout]) -> Result<Vec<PlaceOrderOutcome>, GroupFailure> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut outcomes: Vec<Option<PlaceOrderOutcome>> = Vec::with_capacity(group.len());
+        for checkout in group {
+            let request = &checkout.request;
+            let earlier: Option<(String, Option<String>)> = sqlx::query_as(
+                "SELECT fingerprint, response_body FROM idempotency_keys WHERE principal = ? AND key = ?",
+            )
+            .bind(&request.principal)
+            .bind(&request.idempotency_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            outcomes.push(match earlier {
+                Some((fingerprint, body)) => {
+                    Some(replay_or_refuse(request, &fingerprint, body.as_deref()).map_err(GroupFailure::Failed)?)
+                }
+                None => None,
+            });
+        }
+        let fresh: Vec<&PlaceOrder> = group
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_none())
+            .map(|(checkout, _)| &checkout.request)
+            .collect();
+        if fresh.is_empty() {
+            return Ok(outcomes.into_iter().flatten().collect());
+        }
+        let product_ids = checkout_batch::products_of(fresh.iter().copied());
+        let mut levels_sql =
+            QueryBuilder::<Sqlite>::new("SELECT id, price_minor, on_hand - reserved FROM products WHERE id IN (");
+        let mut list = levels_sql.separated(", ");
+        for id in &product_ids {
+            list.push_bind(*id);
+        }
+        levels_sql.push(")");
+        let levels: Vec<(Uuid, i64, i64)> = levels_sql.build_query_as().fetch_all(&mut *tx).await?;
+        let levels = stock_levels(levels).map_err(GroupFailure::Failed)?;
+        let allocated = checkout_batch::allocate(fresh.iter().copied(), levels);
+        let accepted: Vec<(&PlaceOrder, &Order)> = fresh
+            .iter()
+            .zip(&allocated)
+            .filter_map(|(request, outcome)| outcome.as_ref().ok().map(|order| (*request, order)))
+            .collect();
+        if !accepted.is_empty() {
+            let now = crate::clock::now();
+            for (product, units) in checkout_batch::reservations(accepted.iter().map(|(_, order)| *order)) {
+                // Conditional: even if a bug let two writers in, this can never oversell (I1).
+                let reserved = sqlx::query(
+                    "UPDATE products SET reserved = reserved + ?1, version = version + 1, updated_at = ?2 \
+                     WHERE id = ?3 AND on_hand - reserved >= ?1",
+                )
+                .bind(units)
+                .bind(now)
+                .bind(product)
+                .execute(&mut *tx)
+                .await?;
+                if reserved.rows_affected() != 1 {
+                    return Err(GroupFailure::Failed(StoreError::Corrupt(format!(
+                        "stock of {product} changed inside the write transaction"
+                    ))));
+                }
+            }
+            for (request, order) in &accepted {
+                match insert_order(&mut tx, request, order).await {
+                    Ok(()) => {}
+                    // An unknown customer: alone, that checkout's answer (nothing committed); in
+                    // a group, each alone.
+                    Err(error) if is_foreign_key_violation(&error) && group.len() == 1 => {
+                        return Ok(vec![PlaceOrderOutcome::Rejected(CartRejection::UnknownCustomer(
+                            request.customer_id,
+                        ))]);
+                    }
+                    Err(error) if is_foreign_key_violation(&error) => return Err(GroupFailure::Split),
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            tx.commit().await?;
+            self.enqueued.notify_waiters();
+        }
+        let mut allocated = allocated.into_iter();
+        Ok(outcomes
+            .into_iter()
+            .map(|earlier| {
+                earlier.unwrap_or_else(|| match allocated.next().expect("one allocation per fresh checkout") {
+                    Ok(order) => PlaceOrderOutcome::Created(order),
+                    Err(rejection) => PlaceOrderOutcome::Rejected(rejection),
+                })
+            })
+            .collect())
+    }
+}
+
+/// An accepted order's rows: the order, its lines, its timeline's first entry, its
+/// `order.placed` event, its first job and its completed idempotency record.
+async fn insert_order(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    request: &PlaceOrder,
+    order: &Order,
+) -> Result<(), sqlx::Error> {
+    let now = request.now;
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, \
+         payment_token, shipping, idempotency_principal, idempotency_key, correlation_id, created_at, \
+         updated_at, last_event_sequence) VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+    )
+    .bind(order.id.as_uuid())
+    .bind(order.customer_id.as_uuid())
+    .bind(order.status.as_str())
+    .bind(order.currency.code())
+    .bind(order.total.minor())
+    .bind(order.payment_token.as_str())
+    .bind(rows::encode_shipping(order.shipping.as_ref()))
+    .bind(&request.principal)
+    .bind(&request.idempotency_key)
+    .bind(&request.correlation_id)
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    for (line_no, line) in order.lines.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(order.id.as_uuid())
+        .bind(line.product_id.as_uuid())
+        .bind(line_no as i64)
+        .bind(i64::from(line.quantity.get()))
+        .bind(line.unit_price.minor())
+        .execute(&mut **tx)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
+         VALUES (?, ?, 'order_placed', ?, NULL, ?, ?)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(order.id.as_uuid())
+    .bind(order.status.as_str())
+    .bind(&request.correlation_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO events (id, subject, order_id, event_type, sequence, data, correlation_id, created_at) \
+         VALUES (?, ?, ?, 'order.placed', 1, ?, ?, ?)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(order_subject(order.id))
+    .bind(order.id.as_uuid())
+    .bind(placed_data(order))
+    .bind(&request.correlation_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    let job = &request.first_job;
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, \
+         ready_since, correlation_id, created_at, updated_at) VALUES (?, ?, ?, ?, 'ready', 0, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(job.kind)
+    .bind(order.id.as_uuid())
+    .bind(job.payload.to_string())
+    .bind(i64::from(job.max_attempts))
+    .bind(job.run_at)
+    .bind(job.run_at)
+    .bind(&request.correlation_id)
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (principal, key, fingerprint, state, order_id, \
+         response_status, response_body, created_at, updated_at) \
+         VALUES (?, ?, ?, 'completed', ?, 202, ?, ?, ?)",
+    )
+    .bind(&request.principal)
+    .bind(&request.idempotency_key)
+    .bind(&request.fingerprint)
+    .bind(order.id.as_uuid())
+    .bind(rows::encode_snapshot(order))
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 super::sandbox::impl_sandbox_books!(SqliteStore, writer, reader);
