@@ -4,6 +4,8 @@
 //! SIGTERM shuts down cleanly, and bad configuration is refused with a clear message.
 
 mod common;
+#[path = "support/server_process.rs"]
+mod server_process;
 
 use common::SendJson;
 
@@ -14,7 +16,7 @@ use common::{Backend, TestDb};
 use serde_json::{Value, json};
 use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 const SECRET: &str = "process-test-secret-process-test-secret";
@@ -26,71 +28,24 @@ on_both_backends!(
 );
 
 fn command(db: &TestDb) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .arg("--database-url")
-        .arg(db.url())
-        .arg("--jwt-secret")
-        .arg(SECRET)
-        .env("ORDERFLOW_LOG", "warn")
-        .kill_on_drop(true);
-    command
+    server_process::command(db.url(), SECRET)
 }
 
-/// A running `orderflow serve` on a free port.
-struct Server {
-    child: Child,
-    url: String,
-}
+/// `orderflow serve` on the test database, as these tests run it.
+struct Server;
 
 impl Server {
-    async fn start(db: &TestDb) -> Server {
-        let mut child = command(db)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--job-lease",
-                "2s",
-                "--job-backoff",
-                "50ms",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start orderflow");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let url = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.expect("read stdout") {
-                if let Some(rest) = line.strip_prefix("orderflow listening on ") {
-                    return rest.split_whitespace().next().expect("url").to_string();
-                }
-            }
-            panic!("orderflow exited before listening")
-        })
-        .await
-        .expect("orderflow did not start listening within 30 s");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Server { child, url }
-    }
-
-    async fn kill9(mut self) {
-        self.child.start_kill().expect("SIGKILL");
-        self.child.wait().await.expect("reap");
+    async fn start(db: &TestDb) -> server_process::Server {
+        server_process::Server::start(db.url(), SECRET, &["--job-lease", "2s", "--job-backoff", "50ms"]).await
     }
 }
 
 async fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
-    command(db).args(args).output().await.expect("run orderflow")
+    server_process::cli(db.url(), SECRET, args).await
 }
 
 async fn token(db: &TestDb, args: &[&str]) -> String {
-    let mut all = vec!["token"];
-    all.extend_from_slice(args);
-    let output = cli(db, &all).await;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
+    server_process::token(db.url(), SECRET, args).await
 }
 
 async fn accepted_orders_survive_sigkill(backend: Backend) {
