@@ -164,7 +164,9 @@ async fn scenario_counts_are_exact(backend: Backend) {
     assert_eq!(step("orderflow_step_failed_total", "charge_payment"), 3.0);
     assert_eq!(step("orderflow_step_dead_total", "charge_payment"), 1.0);
     assert_eq!(step("orderflow_step_duration_seconds_count", "charge_payment"), 7.0);
-    for kind in ["commit_inventory", "fulfil_order", "send_receipt", "send_confirmation"] {
+    // Payment commits the stock in its own transaction: no commit_inventory step any more.
+    assert_eq!(step("orderflow_step_enqueued_total", "commit_inventory"), 0.0);
+    for kind in ["fulfil_order", "send_receipt", "send_confirmation"] {
         assert_eq!(step("orderflow_step_enqueued_total", kind), 3.0, "{kind}");
         assert_eq!(step("orderflow_step_succeeded_total", kind), 3.0, "{kind}");
         assert_eq!(step("orderflow_step_failed_total", kind), 0.0, "{kind}");

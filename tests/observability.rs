@@ -27,13 +27,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 const SECRET: &str = "observability-secret-observability-secret";
 const PROVIDER_KEY: &str = "sk_test_observability_provider_key";
 const REGION: &str = "test-region-1";
-const STEPS: [&str; 5] = [
-    "charge_payment",
-    "commit_inventory",
-    "send_receipt",
-    "fulfil_order",
-    "send_confirmation",
-];
+const STEPS: [&str; 4] = ["charge_payment", "send_receipt", "fulfil_order", "send_confirmation"];
 
 /// Lines a child process wrote, collected as they come.
 #[derive(Clone, Default)]

@@ -600,7 +600,8 @@ async fn unpaid_orders_expire_and_release_stock(backend: Backend) {
         0,
         "nothing is old enough yet"
     );
-    assert_eq!(p.stock().await, (100, 3));
+    // The paid order's unit is sold (committed with its payment); the unpaid one's 2 are held.
+    assert_eq!(p.stock().await, (99, 2));
 
     let expired = expire_reservations(p.store.as_ref(), &settings, Duration::ZERO)
         .await
@@ -608,7 +609,7 @@ async fn unpaid_orders_expire_and_release_stock(backend: Backend) {
     assert_eq!(expired, 1, "only the unpaid order expires");
     assert_eq!(p.status(parked).await, OrderStatus::Cancelled);
     assert_eq!(p.status(paid).await, OrderStatus::Paid);
-    assert_eq!(p.stock().await, (100, 1), "the expired reservation was released");
+    assert_eq!(p.stock().await, (99, 0), "the expired reservation was released");
     let events = p.events(parked).await;
     assert!(events.contains(&"cancelled".to_string()), "{events:?}");
     p.drain().await;

@@ -6,11 +6,11 @@
 //! keys derived from the order:
 //!
 //! ```text
-//! charge_payment ─┬─ authorized ─┬─ commit_inventory ── fulfil_order (captures) ── send_confirmation
-//!  (authorize)    │              └─ send_receipt     ▲
-//!                 └─ declined ───── (release stock,  │ --fulfilment external: each
-//!                                    cancel) ──      │ POST /orders/{id}/shipments runs it;
-//!                                    send_cancellation  the first captures, the last fulfils
+//! charge_payment ─┬─ authorized; stock committed ─┬─ fulfil_order (captures) ── send_confirmation
+//!  (authorize)    │                                └─ send_receipt
+//!                 └─ declined ── (release stock, cancel) ── send_cancellation
+//! --fulfilment external: no fulfil_order at payment; each POST /orders/{id}/shipments runs it
+//!                        (the first captures, the last fulfils)
 //! cancel (API) / expiry: pending → release stock, cancel ── send_cancellation
 //!                        paid    → release stock, cancel ── refund_payment (void or refund) ── send_cancellation
 //! POST /orders/{id}/refunds (fulfilled): restock now ── settle_refund (provider refund) → `refunded` when whole
@@ -22,7 +22,8 @@ pub mod steps;
 
 /// Authorize the payment (and capture it at once with `--capture on-payment`).
 pub const CHARGE_PAYMENT: &str = "charge_payment";
-/// Reserved stock becomes sold stock.
+/// Reserved stock becomes sold stock. The payment step does this in its own commit now; the
+/// step runs `commit_inventory` jobs that earlier versions enqueued.
 pub const COMMIT_INVENTORY: &str = "commit_inventory";
 /// Hand the order to fulfilment; it becomes `fulfilled`.
 pub const FULFIL_ORDER: &str = "fulfil_order";

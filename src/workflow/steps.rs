@@ -346,17 +346,30 @@ impl Saga {
                 )));
             }
         };
+        // Paid: the reserved stock becomes sold in the same commit (no outside call needed, so no
+        // step of its own), and the order is ready to ship. With `--fulfilment external` the
+        // order waits for the warehouse's shipments, each of which runs fulfil_order.
+        let mut emit = emit;
+        emit.push(NewEvent::new(EventType::OrderReadyToShip));
+        let mut enqueue = vec![self.job(SEND_RECEIPT, order.id)];
+        if self.settings.fulfilment == FulfilmentMode::Auto {
+            enqueue.insert(0, self.job(FULFIL_ORDER, order.id));
+        }
         let paid = StepEffects {
             order_id: Some(order.id),
             expect_status: vec![OrderStatus::PendingPayment],
             new_status: Some(OrderStatus::Paid),
-            events: vec![(
-                timeline.into(),
-                Some(format!("{} payment intent {}", self.payments.name(), intent.id)),
-            )],
+            events: vec![
+                (
+                    timeline.into(),
+                    Some(format!("{} payment intent {}", self.payments.name(), intent.id)),
+                ),
+                ("inventory_committed".into(), None),
+            ],
             payment: Some(payment(state, Some(&intent), None)),
+            inventory: Some(InventoryAction::Commit),
             emit,
-            enqueue: vec![self.job(COMMIT_INVENTORY, order.id), self.job(SEND_RECEIPT, order.id)],
+            enqueue,
             ..Default::default()
         };
         match self.complete(job, paid).await? {
@@ -386,6 +399,8 @@ impl Saga {
         }
     }
 
+    /// Commits the reserved stock of a paid order. Payment now does this in its own commit;
+    /// the step stays for `commit_inventory` jobs enqueued by earlier versions.
     async fn commit_inventory(&self, job: &ClaimedJob) -> Result<(), StepError> {
         let id = job
             .order_id

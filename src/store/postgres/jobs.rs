@@ -36,13 +36,19 @@ impl JobStore for PgStore {
         // predates the reset — and up to `limit` ready jobs are claimed in run_at order straight
         // off the `jobs_ready` partial index. (One query with `ready OR expired` cannot use the
         // index and sorted the whole backlog on every claim.)
+        //
+        // The claim commits without waiting for the WAL flush (`synchronous_commit` off for this
+        // transaction only): a claim lost in a database crash only makes its job ready again, and
+        // the job's completion — a flushed commit later in the WAL — can never survive without it.
+        // That takes one of the two flushes per job off the pipeline.
         let rows: Vec<ClaimedRow> = sqlx::query_as(
-            "WITH expired AS ( \
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), \
+             expired AS ( \
                 UPDATE jobs SET state = 'ready', lease_token = NULL, lease_expires_at = NULL, updated_at = $3 \
                 WHERE kind = $4 AND state = 'running' AND lease_expires_at < $3) \
              UPDATE jobs SET state = 'running', lease_token = $1, lease_expires_at = $2, attempts = attempts + 1, \
-             updated_at = $3 WHERE id IN (SELECT id FROM jobs WHERE kind = $4 AND state = 'ready' AND run_at <= $3 \
-             ORDER BY run_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
+             updated_at = $3 FROM relaxed WHERE id IN (SELECT id FROM jobs WHERE kind = $4 AND state = 'ready' \
+             AND run_at <= $3 ORDER BY run_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
              RETURNING id, kind, order_id, payload, attempts, max_attempts, correlation_id",
         )
         .bind(token)
