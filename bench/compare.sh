@@ -149,18 +149,7 @@ row() { # what, orderflow, baseline, goal
     r=$(ratio "$2" "$3")
     rows+=("$1|$(one "$2")|$(one "$3")|${r}x|>= ${4}x|$(verdict "$r" "$4")")
 }
-# p50/p90/p99/max of a pgbench per-transaction log (field 3: latency in microseconds).
-pgbench_latency() {
-    cat "$@" | awk '{ print $3 }' | sort -n | awk '
-        { v[NR] = $1 }
-        END {
-            if (NR == 0) { print "no transactions logged"; exit 1 }
-            p50 = v[int(NR * 0.50 + 0.999999)]; p90 = v[int(NR * 0.90 + 0.999999)]
-            p99 = v[int(NR * 0.99 + 0.999999)]
-            printf "latency: p50 %.2f ms, p90 %.2f ms, p99 %.2f ms, max %.2f ms (n = %d)\n",
-                p50 / 1000, p90 / 1000, p99 / 1000, v[NR] / 1000, NR
-        }'
-}
+pgbench_latency() { bench/pgbench-latency.sh "$@"; }
 
 # ---- The raw baselines, run once and shared by the sections that compare with them ----
 raw_pg_tps=

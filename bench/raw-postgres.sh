@@ -45,16 +45,7 @@ echo "== pgbench: ${clients} clients, ${threads} threads, ${duration}s, ${custom
     -D customers="$customers" -D products="$products" \
     -l --log-prefix=tx -f "$script" "$db")
 
-# Per-transaction log: field 3 is the transaction's latency in microseconds.
-cat "$logs"/tx.* | awk '{ print $3 }' | sort -n | awk '
-    { v[NR] = $1 }
-    END {
-        if (NR == 0) { print "no transactions logged"; exit 1 }
-        p50 = v[int(NR * 0.50 + 0.999999)]; p90 = v[int(NR * 0.90 + 0.999999)]
-        p99 = v[int(NR * 0.99 + 0.999999)]
-        printf "latency: p50 %.2f ms, p90 %.2f ms, p99 %.2f ms, max %.2f ms (n = %d)\n",
-            p50 / 1000, p90 / 1000, p99 / 1000, v[NR] / 1000, NR
-    }'
+"$here/pgbench-latency.sh" "$logs"/tx.*
 
 psql -X -At -c "SELECT 'orders stored: ' || count(*) FROM orders" "$db"
 echo "== orderflow audit of the raw run"
