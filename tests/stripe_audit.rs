@@ -378,8 +378,6 @@ async fn stripe_books_are_reconciled(backend: Backend) {
         violation(&INTENT_STATE, second, 0, 1),
     ];
     expected.sort();
-    assert_eq!(shop.violations().await, expected);
-
     // While their capture step is queued the difference may be that step's own doing (a crash
     // after Stripe captured, before our commit): not flagged. Once the step is dead, it is.
     assert_eq!(shop.violations().await, []);
@@ -438,6 +436,9 @@ async fn audit_command_reads_stripe_books(backend: Backend) {
 
     // Broken: an authorization captured behind our back, and money for an order we never charged.
     shop.capture_at_stripe(&shop.intent(first).await).await;
+    // (Flagged once its own capture step has run and parked: while it is queued, the difference
+    // may be that step's doing.)
+    shop.run(FULFIL_ORDER).await;
     let stranger = OrderId::new();
     shop.plant_intent(&stranger.to_string()).await;
     let broken = shop.audit_cli(&shop.ls.base_url(), false).await;
