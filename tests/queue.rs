@@ -20,6 +20,7 @@ on_both_backends!(
     concurrency_is_bounded_and_failures_are_isolated,
     heartbeats_keep_long_steps_leased,
     idle_workers_wake_on_enqueue,
+    a_wake_up_while_every_slot_is_busy_does_not_stall_the_backlog,
     finished_jobs_are_pruned,
 );
 
@@ -219,6 +220,36 @@ async fn idle_workers_wake_on_enqueue(backend: Backend) {
         })
         .await;
     }
+    stop.send(true).unwrap();
+    workers.await.unwrap();
+}
+
+/// A wake-up that arrives while every slot is busy must not send the worker to sleep until the
+/// next poll: the backlog runs on as soon as a slot frees.
+async fn a_wake_up_while_every_slot_is_busy_does_not_stall_the_backlog(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let probe = probe(&store, Duration::from_millis(300));
+    // One slot, and a poll interval far longer than the test.
+    let runner = runner_with(
+        store.clone(),
+        probe.clone(),
+        settings(1, Duration::from_secs(10), Duration::from_secs(600)),
+    );
+    enqueue(store.as_ref(), (0..3).map(|n| json!({ "n": n })).collect()).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workers = tokio::spawn(runner.run(stopped));
+    wait_until("the first job runs", Duration::from_secs(10), async || {
+        probe.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    store.job_signal().notify_waiters();
+    wait_until(
+        "the backlog ran without waiting for a poll",
+        Duration::from_secs(10),
+        async || count(store.as_ref(), "succeeded").await == 3,
+    )
+    .await;
     stop.send(true).unwrap();
     workers.await.unwrap();
 }
