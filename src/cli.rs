@@ -131,6 +131,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             poll_interval: args.job_poll,
             concurrency: args.job_concurrency as usize,
             retention: args.job_retention,
+            max_lease_expiries: args.max_lease_expiries,
         };
         let mut runner = Runner::new(store.clone(), queue);
         runner.set_metrics(monitoring.metrics.clone());

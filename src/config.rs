@@ -389,6 +389,10 @@ pub struct ServeArgs {
     /// How long a claimed job stays invisible to other workers without a heartbeat.
     #[arg(long, env = "ORDERFLOW_JOB_LEASE", global = true, default_value = "30s", value_parser = parse_duration)]
     pub job_lease: Duration,
+    /// Runs of one job that may die with their worker (its lease runs out) before it is
+    /// dead-lettered as a poison job. A crash does not spend one of `--max-attempts`.
+    #[arg(long, env = "ORDERFLOW_MAX_LEASE_EXPIRIES", global = true, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_lease_expiries: u32,
     /// Jobs of one step kind running at once in this process.
     #[arg(long, env = "ORDERFLOW_JOB_CONCURRENCY", global = true, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub job_concurrency: u32,

@@ -29,6 +29,7 @@ on_both_backends!(
     cancel_before_payment_releases_stock,
     cancel_after_payment_refunds_and_releases,
     expired_lease_is_taken_over_and_late_completion_refused,
+    a_job_whose_workers_keep_dying_is_dead_lettered_as_poison,
     concurrent_runners_never_repeat_effects,
     audit_catches_pipeline_violations,
     unpaid_orders_expire_and_release_stock,
@@ -426,7 +427,11 @@ async fn expired_lease_is_taken_over_and_late_completion_refused(backend: Backen
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(taken.lease.job_id, stalled.lease.job_id);
-    assert_eq!(taken.attempt, 2);
+    assert_eq!(
+        (taken.attempt, taken.lease_expiries),
+        (1, 1),
+        "the run that died gave its attempt back: a crash is not a failure"
+    );
 
     // The stalled worker wakes up: its completion and its failure are both refused.
     let effects = StepEffects {
@@ -460,6 +465,59 @@ async fn expired_lease_is_taken_over_and_late_completion_refused(backend: Backen
             .unwrap(),
         CompleteOutcome::Completed
     );
+}
+
+async fn a_job_whose_workers_keep_dying_is_dead_lettered_as_poison(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_visa", 1).await;
+    // Nine runs of the payment died with their worker already; the tests' runner allows ten.
+    tamper(
+        &p,
+        backend,
+        "UPDATE jobs SET lease_expiries = 9 WHERE kind = 'charge_payment'",
+    )
+    .await;
+    let lease = Duration::from_millis(100);
+    let dying = p
+        .store
+        .claim_jobs(CHARGE_PAYMENT, 1, lease, clock::now())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (dying.attempt, dying.lease_expiries),
+        (1, 9),
+        "the crashes spent no attempt"
+    );
+    // The tenth run dies too: its lease runs out (waiting for the clock, not for background work).
+    tokio::time::sleep(lease * 2).await;
+    p.drain().await;
+
+    let dead = p
+        .store
+        .list_jobs(&JobFilter {
+            state: Some("dead".into()),
+            kind: Some(CHARGE_PAYMENT.into()),
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(dead.len(), 1, "the poison job is parked");
+    let error = dead[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("lease expired 10 times"), "{error}");
+    assert_eq!(dead[0].attempts, 1, "only the claim that found it poisoned counted");
+    assert!(
+        p.sandbox
+            .books()
+            .intents_for(&order.to_string())
+            .await
+            .unwrap()
+            .is_empty(),
+        "a poison job is not run again"
+    );
+    assert_eq!(p.status(order).await, OrderStatus::PendingPayment);
 }
 
 async fn concurrent_runners_never_repeat_effects(backend: Backend) {

@@ -66,6 +66,7 @@ fn settings(concurrency: usize, lease: Duration, poll: Duration) -> QueueSetting
         poll_interval: poll,
         concurrency,
         retention: Duration::from_secs(3600),
+        max_lease_expiries: 10,
     }
 }
 

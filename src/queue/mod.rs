@@ -54,6 +54,9 @@ pub struct QueueSettings {
     pub concurrency: usize,
     /// Succeeded jobs older than this are deleted.
     pub retention: Duration,
+    /// Runs of one job that may die with their worker (the lease ran out) before it is
+    /// dead-lettered as a poison job. Such runs do not spend attempts.
+    pub max_lease_expiries: u32,
 }
 
 impl Default for QueueSettings {
@@ -65,6 +68,7 @@ impl Default for QueueSettings {
             poll_interval: Duration::from_secs(5),
             concurrency: 8,
             retention: Duration::from_secs(7 * 24 * 3600),
+            max_lease_expiries: 10,
         }
     }
 }
@@ -78,6 +82,12 @@ pub fn backoff(settings: &QueueSettings, attempt: u32) -> Duration {
         .min(settings.backoff_max);
     let millis = cap.as_millis().max(1) as u64;
     Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+}
+
+/// How many free slots a busy worker loop waits for before it claims again: half of them (at
+/// least one), so a backlog is claimed a window at a time rather than a job at a time.
+fn claim_window(concurrency: usize) -> usize {
+    (concurrency / 2).max(1)
 }
 
 /// Runs registered steps against the store's queue.
@@ -130,10 +140,14 @@ impl Runner {
             span.record("correlation_id", correlation.as_str());
         }
         crate::telemetry::continue_job_trace(&span, &job.payload);
-        let (result, elapsed) = if job.attempt > job.max_attempts {
-            // Its earlier runs all died without a word (their leases ran out): stop here.
-            let abandoned = format!("abandoned by {} workers whose leases ran out", job.attempt - 1);
-            (Err(StepError::Fatal(abandoned)), Duration::ZERO)
+        let (result, elapsed) = if job.lease_expiries >= self.settings.max_lease_expiries {
+            // A crash costs no attempt, but a job whose runs keep dying with their worker is
+            // probably what kills it: stop running it.
+            let poison = format!(
+                "lease expired {} times: every worker running it died (--max-lease-expiries {})",
+                job.lease_expiries, self.settings.max_lease_expiries
+            );
+            (Err(StepError::Fatal(poison)), Duration::ZERO)
         } else {
             let started = std::time::Instant::now();
             let heartbeat = self.heartbeat(&job, &span);
@@ -312,9 +326,12 @@ impl Runner {
                     }
                 }
             };
-            // Idle only when there was room and nothing to take: with every slot busy, the next
-            // look is when a slot frees (not the next poll, which would stall a full backlog).
-            let idle = free > 0 && claimed.is_empty();
+            // A full claim (or no room to claim) means more jobs are probably waiting: the next
+            // look is when a window of slots is free — half of them, so a backlog is claimed a
+            // window at a time rather than one claim transaction per finished job (and not at the
+            // next poll, which would stall a full backlog). Otherwise the queue is empty for now:
+            // wait for a wake-up (or the poll).
+            let backlog = claimed.len() == free;
             for job in claimed {
                 let permit = slots.clone().acquire_owned().await.expect("semaphore never closes");
                 let (runner, step) = (self.clone(), step.clone());
@@ -324,12 +341,17 @@ impl Runner {
                 });
             }
             while running.try_join_next().is_some() {}
-            if idle || slots.available_permits() == 0 {
+            if backlog {
+                let window = claim_window(self.settings.concurrency) as u32;
+                tokio::select! {
+                    _ = slots.acquire_many(window) => {}
+                    _ = shutdown.changed() => {}
+                }
+            } else {
                 tokio::select! {
                     _ = &mut woken => {}
                     _ = tokio::time::sleep(self.settings.poll_interval) => {}
                     _ = shutdown.changed() => {}
-                    _ = slots.clone().acquire_owned(), if !idle => {}
                 }
             }
         }

@@ -33,6 +33,9 @@ pub struct ClaimedJob {
     /// 1 for the first try.
     pub attempt: u32,
     pub max_attempts: u32,
+    /// How many earlier runs died without a word (their worker crashed and the lease ran out).
+    /// Those runs did not spend attempts.
+    pub lease_expiries: u32,
     pub correlation_id: Option<String>,
 }
 

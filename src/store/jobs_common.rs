@@ -53,7 +53,8 @@ where
     sql
 }
 
-/// The UPDATE that moves dead jobs back to ready with fresh attempts (history kept).
+/// The UPDATE that moves dead jobs back to ready with fresh attempts and lease expiries (history
+/// kept).
 pub fn replay_query<'a, DB>(selector: &ReplaySelector, now: DateTime<Utc>) -> sqlx::QueryBuilder<'a, DB>
 where
     DB: sqlx::Database,
@@ -62,7 +63,8 @@ where
     DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let mut sql = sqlx::QueryBuilder::new(
-        "UPDATE jobs SET state = 'ready', attempts = 0, lease_token = NULL, lease_expires_at = NULL, run_at = ",
+        "UPDATE jobs SET state = 'ready', attempts = 0, lease_expiries = 0, lease_token = NULL, \
+         lease_expires_at = NULL, run_at = ",
     );
     sql.push_bind(now)
         .push(", ready_since = ")
@@ -172,6 +174,7 @@ pub struct ClaimedRow {
     payload: String,
     attempts: i32,
     max_attempts: i32,
+    lease_expiries: i32,
     correlation_id: Option<String>,
 }
 
@@ -185,6 +188,7 @@ impl ClaimedRow {
                 .map_err(|e| StoreError::Corrupt(format!("jobs.payload: {e}")))?,
             attempt: self.attempts.max(0) as u32,
             max_attempts: self.max_attempts.max(0) as u32,
+            lease_expiries: self.lease_expiries.max(0) as u32,
             correlation_id: self.correlation_id,
         })
     }

@@ -126,6 +126,20 @@ impl TestDb {
         }
     }
 
+    /// One number read directly from the test database (`SELECT count(*) …`), outside the store.
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self {
+            TestDb::Sqlite { url, .. } => {
+                let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+            TestDb::Postgres { url, .. } => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+
     pub async fn connect(&self) -> Arc<dyn Store> {
         self.connect_with(&connect_options()).await
     }
@@ -146,6 +160,7 @@ pub fn fast_queue_settings() -> orderflow::queue::QueueSettings {
         poll_interval: Duration::from_millis(50),
         concurrency: 8,
         retention: Duration::from_secs(3600),
+        max_lease_expiries: 10,
     }
 }
 

@@ -32,7 +32,8 @@ impl JobStore for PgStore {
         let token = Uuid::now_v7();
         let until = now + lease;
         // Two plain, index-ordered statements in one round trip: jobs whose lease ran out (their
-        // worker died) go back to ready — visible to the next claim, as this statement's snapshot
+        // worker died) go back to ready, with the attempt that died given back and the expiry
+        // counted instead (a crash is not a failure) — visible to the next claim, as this statement's snapshot
         // predates the reset — and up to `limit` ready jobs are claimed in run_at order straight
         // off the `jobs_ready` partial index. (One query with `ready OR expired` cannot use the
         // index and sorted the whole backlog on every claim.)
@@ -44,12 +45,13 @@ impl JobStore for PgStore {
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), \
              expired AS ( \
-                UPDATE jobs SET state = 'ready', lease_token = NULL, lease_expires_at = NULL, updated_at = $3 \
+                UPDATE jobs SET state = 'ready', lease_token = NULL, lease_expires_at = NULL, updated_at = $3, \
+                attempts = attempts - 1, lease_expiries = lease_expiries + 1 \
                 WHERE kind = $4 AND state = 'running' AND lease_expires_at < $3) \
              UPDATE jobs SET state = 'running', lease_token = $1, lease_expires_at = $2, attempts = attempts + 1, \
              updated_at = $3 FROM relaxed WHERE id IN (SELECT id FROM jobs WHERE kind = $4 AND state = 'ready' \
              AND run_at <= $3 ORDER BY run_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, kind, order_id, payload, attempts, max_attempts, correlation_id",
+             RETURNING id, kind, order_id, payload, attempts, max_attempts, lease_expiries, correlation_id",
         )
         .bind(token)
         .bind(until)

@@ -30,10 +30,12 @@ impl JobStore for SqliteStore {
         let token = Uuid::now_v7();
         let until = now + lease;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        // Jobs whose lease ran out (their worker died) go back to ready first; then ready jobs are
+        // Jobs whose lease ran out (their worker died) go back to ready first, with the attempt that
+        // died given back and the expiry counted instead (a crash is not a failure); then ready jobs are
         // claimed in run_at order straight off the `jobs_ready` partial index.
         sqlx::query(
-            "UPDATE jobs SET state = 'ready', lease_token = NULL, lease_expires_at = NULL, updated_at = ?1 \
+            "UPDATE jobs SET state = 'ready', lease_token = NULL, lease_expires_at = NULL, updated_at = ?1, \
+             attempts = attempts - 1, lease_expiries = lease_expiries + 1 \
              WHERE kind = ?2 AND state = 'running' AND lease_expires_at < ?1",
         )
         .bind(now)
@@ -44,7 +46,7 @@ impl JobStore for SqliteStore {
             "UPDATE jobs SET state = 'running', lease_token = ?1, lease_expires_at = ?2, attempts = attempts + 1, \
              updated_at = ?3 WHERE id IN (SELECT id FROM jobs WHERE kind = ?4 AND state = 'ready' AND run_at <= ?3 \
              ORDER BY run_at LIMIT ?5) \
-             RETURNING id, kind, order_id, payload, attempts, max_attempts, correlation_id",
+             RETURNING id, kind, order_id, payload, attempts, max_attempts, lease_expiries, correlation_id",
         )
         .bind(token)
         .bind(until)
