@@ -333,6 +333,16 @@ impl PaymentRecord {
     }
 }
 
+/// What a step reads before it acts: the order (with its lines), its customer's address, and
+/// its payment record — in one query, not one per table.
+#[derive(Clone, Debug)]
+pub struct StepOrder {
+    pub order: crate::domain::Order,
+    /// The customer's e-mail address and first name; `None` if the customer row is gone.
+    pub recipient: Option<(String, String)>,
+    pub payment: Option<PaymentRecord>,
+}
+
 /// A message recorded for an order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct NotificationRecord {
@@ -430,6 +440,9 @@ pub trait JobStore: Send + Sync {
     /// means running jobs until this is false.
     async fn has_pending_work(&self) -> StoreResult<bool>;
     async fn payment(&self, order: OrderId) -> StoreResult<Option<PaymentRecord>>;
+    /// The order as a step needs it ([`StepOrder`]): two queries (the order joined with its
+    /// customer and payment, then its lines), where reading each part alone took five.
+    async fn step_order(&self, order: OrderId) -> StoreResult<Option<StepOrder>>;
     /// Every order's payment record, a page at a time in order-id order: up to `limit` records of
     /// orders after `after` (from the first when `None`). The reconciliation with the provider's
     /// books (`workflow::reconcile`) pages through them so its memory stays bounded.

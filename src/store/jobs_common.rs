@@ -91,7 +91,10 @@ pub mod reads {
 
     use crate::domain::OrderId;
     use crate::store::StoreResult;
-    use crate::store::jobs::{EXPIRED_SQL, NOTIFICATIONS_SQL, NotificationRecord, PAYMENT_SQL, PaymentRecord};
+    use crate::store::jobs::{
+        EXPIRED_SQL, NOTIFICATIONS_SQL, NotificationRecord, PAYMENT_SQL, PaymentRecord, StepOrder,
+    };
+    use crate::store::rows::{OrderItemRow, OrderRow};
 
     pub async fn has_pending_work<DB>(pool: &sqlx::Pool<DB>) -> StoreResult<bool>
     where
@@ -119,6 +122,87 @@ pub mod reads {
             .bind(order.as_uuid())
             .fetch_optional(pool)
             .await?)
+    }
+
+    /// [`JobStore::step_order`](crate::store::jobs::JobStore::step_order), for both backends.
+    pub async fn step_order<DB>(pool: &sqlx::Pool<DB>, order: OrderId) -> StoreResult<Option<StepOrder>>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        StepOrderRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+        OrderItemRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+    {
+        let row: Option<StepOrderRow> = sqlx::query_as(STEP_ORDER_SQL)
+            .bind(order.as_uuid())
+            .fetch_optional(pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let items: Vec<OrderItemRow> = sqlx::query_as(
+            "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items WHERE order_id = $1 \
+             ORDER BY line_no",
+        )
+        .bind(order.as_uuid())
+        .fetch_all(pool)
+        .await?;
+        row.into_step_order(&items).map(Some)
+    }
+
+    const STEP_ORDER_SQL: &str = "SELECT o.id, o.customer_id, o.status, o.currency, o.total_minor, o.payment_token, \
+         o.shipping, o.correlation_id, o.created_at, o.updated_at, c.email AS customer_email, \
+         c.first_name AS customer_first_name, p.provider AS pay_provider, p.idempotency_key AS pay_idempotency_key, \
+         p.state AS pay_state, p.provider_ref AS pay_provider_ref, p.amount_minor AS pay_amount_minor, \
+         p.captured_minor AS pay_captured_minor, p.refunded_minor AS pay_refunded_minor, p.currency AS pay_currency, \
+         p.detail AS pay_detail, p.client_secret AS pay_client_secret, p.updated_at AS pay_updated_at \
+         FROM orders o LEFT JOIN customers c ON c.id = o.customer_id LEFT JOIN payments p ON p.order_id = o.id \
+         WHERE o.id = $1";
+
+    /// A row of [`STEP_ORDER_SQL`]: the order's columns, then its customer's and its payment's
+    /// (NULL when there is none).
+    #[derive(sqlx::FromRow)]
+    pub struct StepOrderRow {
+        #[sqlx(flatten)]
+        order: OrderRow,
+        customer_email: Option<String>,
+        customer_first_name: Option<String>,
+        pay_provider: Option<String>,
+        pay_idempotency_key: Option<String>,
+        pay_state: Option<String>,
+        pay_provider_ref: Option<String>,
+        pay_amount_minor: Option<i64>,
+        pay_captured_minor: Option<i64>,
+        pay_refunded_minor: Option<i64>,
+        pay_currency: Option<String>,
+        pay_detail: Option<String>,
+        pay_client_secret: Option<String>,
+        pay_updated_at: Option<DateTime<Utc>>,
+    }
+
+    impl StepOrderRow {
+        fn into_step_order(self, items: &[OrderItemRow]) -> StoreResult<StepOrder> {
+            let payment = match (self.pay_provider, self.pay_state, self.pay_updated_at) {
+                (Some(provider), Some(state), Some(updated_at)) => Some(PaymentRecord {
+                    provider,
+                    idempotency_key: self.pay_idempotency_key.unwrap_or_default(),
+                    state,
+                    provider_ref: self.pay_provider_ref,
+                    amount_minor: self.pay_amount_minor.unwrap_or_default(),
+                    captured_minor: self.pay_captured_minor.unwrap_or_default(),
+                    refunded_minor: self.pay_refunded_minor.unwrap_or_default(),
+                    currency: self.pay_currency.unwrap_or_default(),
+                    detail: self.pay_detail,
+                    client_secret: self.pay_client_secret,
+                    updated_at,
+                }),
+                _ => None,
+            };
+            Ok(StepOrder {
+                order: self.order.into_order(items)?,
+                recipient: self.customer_email.zip(self.customer_first_name),
+                payment,
+            })
+        }
     }
 
     pub async fn notifications<DB>(pool: &sqlx::Pool<DB>, order: OrderId) -> StoreResult<Vec<NotificationRecord>>

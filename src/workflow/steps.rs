@@ -26,7 +26,7 @@ use crate::monitoring::metrics::{CancelReason, Metrics};
 use crate::queue::{Runner, Step, StepError};
 use crate::store::jobs::{
     ClaimedJob, CompleteOutcome, InventoryAction, NotificationSent, NotificationSlot, PaymentChange, PaymentState,
-    RefundSettlement, Refusal, StepEffects,
+    RefundSettlement, Refusal, StepEffects, StepOrder,
 };
 use crate::store::{NewJob, Store, StoreError};
 
@@ -148,14 +148,16 @@ impl Saga {
         step_job(&self.settings, kind, order)
     }
 
-    async fn order(&self, job: &ClaimedJob) -> Result<Order, StepError> {
+    /// The job's order with its customer's address and its payment record (one read).
+    async fn order(&self, job: &ClaimedJob) -> Result<StepOrder, StepError> {
         let id = job
             .order_id
             .ok_or_else(|| StepError::Fatal("job has no order".into()))?;
-        let details = self.store.get_order(id).await.map_err(retry)?;
-        Ok(details
-            .ok_or_else(|| StepError::Fatal(format!("order {id} does not exist")))?
-            .order)
+        self.store
+            .step_order(id)
+            .await
+            .map_err(retry)?
+            .ok_or_else(|| StepError::Fatal(format!("order {id} does not exist")))
     }
 
     async fn complete(&self, job: &ClaimedJob, effects: StepEffects) -> Result<CompleteOutcome, StepError> {
@@ -210,7 +212,11 @@ impl Saga {
 
     /// Authorizes the order's payment (capturing it at once with `--capture on-payment`).
     async fn charge_payment(&self, job: &ClaimedJob) -> Result<(), StepError> {
-        let order = self.order(job).await?;
+        let StepOrder {
+            order,
+            payment: recorded,
+            ..
+        } = self.order(job).await?;
         if order.status != OrderStatus::PendingPayment {
             // Cancelled or expired before we got here: nothing to take.
             return self.nothing_to_do(job).await;
@@ -243,7 +249,7 @@ impl Saga {
         };
         // A payment waiting for the customer (3-D Secure) is resumed by asking the provider where
         // its intent stands: replaying the authorization would only replay its first answer.
-        let waiting = match self.store.payment(order.id).await.map_err(retry)? {
+        let waiting = match recorded {
             Some(record) if record.state() == Some(PaymentState::RequiresAction) => record.provider_ref,
             _ => None,
         };
@@ -429,7 +435,7 @@ impl Saga {
     /// The goods leave: an authorized payment is captured (the first shipment), and the order is
     /// fulfilled once every unit has shipped (at once with `--fulfilment auto`).
     async fn fulfil_order(&self, job: &ClaimedJob) -> Result<(), StepError> {
-        let order = self.order(job).await?;
+        let StepOrder { order, payment, .. } = self.order(job).await?;
         if order.status != OrderStatus::Paid {
             return self.nothing_to_do(job).await;
         }
@@ -456,7 +462,6 @@ impl Saga {
             effects.emit.push(NewEvent::new(EventType::OrderFulfilled));
             effects.enqueue.push(self.job(SEND_CONFIRMATION, order.id));
         }
-        let payment = self.store.payment(order.id).await.map_err(retry)?;
         if let Some(payment) = payment.filter(|p| p.state() == Some(PaymentState::Authorized)) {
             let intent_id = payment
                 .provider_ref
@@ -509,7 +514,7 @@ impl Saga {
     /// then adds it to the payment's refunded amount; a refund that makes it whole makes the
     /// order `refunded`.
     async fn settle_refund(&self, job: &ClaimedJob) -> Result<(), StepError> {
-        let order = self.order(job).await?;
+        let StepOrder { order, payment, .. } = self.order(job).await?;
         let refund_id = job
             .payload
             .get("refund_id")
@@ -524,12 +529,7 @@ impl Saga {
         if refund.state != RefundState::Pending {
             return self.nothing_to_do(job).await;
         }
-        let payment = self
-            .store
-            .payment(order.id)
-            .await
-            .map_err(retry)?
-            .ok_or_else(|| StepError::Fatal("the order has no payment to refund".into()))?;
+        let payment = payment.ok_or_else(|| StepError::Fatal("the order has no payment to refund".into()))?;
         let request = RefundRequest {
             idempotency_key: settle_refund_key(refund.id),
             intent_id: intent_of(&payment)?,
@@ -580,13 +580,12 @@ impl Saga {
 
     /// The cancellation's compensation: void an authorization, refund a capture, in full.
     async fn refund_payment(&self, job: &ClaimedJob) -> Result<(), StepError> {
-        let order = self.order(job).await?;
+        let StepOrder { order, payment, .. } = self.order(job).await?;
         if matches!(order.status, OrderStatus::Fulfilled | OrderStatus::Refunded) {
             return Err(StepError::Fatal(
                 "a fulfilled order cannot be refunded by cancellation".into(),
             ));
         }
-        let payment = self.store.payment(order.id).await.map_err(retry)?;
         let mut effects = StepEffects {
             order_id: Some(order.id),
             new_status: Some(OrderStatus::Cancelled),
@@ -655,14 +654,9 @@ impl Saga {
     }
 
     async fn send(&self, job: &ClaimedJob, kind: &str) -> Result<(), StepError> {
-        let order = self.order(job).await?;
-        let customer = self
-            .store
-            .get_customer(order.customer_id)
-            .await
-            .map_err(retry)?
-            .ok_or_else(|| StepError::Fatal("the order's customer does not exist".into()))?;
-        let recipient = customer.email.as_str().to_string();
+        let StepOrder { order, recipient, .. } = self.order(job).await?;
+        let (recipient, first_name) =
+            recipient.ok_or_else(|| StepError::Fatal("the order's customer does not exist".into()))?;
         if self
             .store
             .prepare_notification(order.id, kind, &recipient, clock::now())
@@ -672,13 +666,7 @@ impl Saga {
         {
             return self.nothing_to_do(job).await;
         }
-        let message = compose(
-            kind,
-            &order,
-            &customer.first_name,
-            &recipient,
-            job.correlation_id.clone(),
-        );
+        let message = compose(kind, &order, &first_name, &recipient, job.correlation_id.clone());
         self.notifier
             .send(&message)
             .await

@@ -14,7 +14,7 @@ use super::PgStore;
 use crate::domain::OrderId;
 use crate::store::jobs::{
     ClaimedJob, CompleteOutcome, FailOutcome, JobFilter, JobLease, JobRecord, JobStore, NotificationRecord,
-    NotificationSlot, PaymentRecord, QueueStats, ReplaySelector, StepEffects,
+    NotificationSlot, PaymentRecord, QueueStats, ReplaySelector, StepEffects, StepOrder,
 };
 use crate::store::jobs::{PAYMENTS_AFTER_SQL, PAYMENTS_FIRST_SQL, PaymentRow};
 use crate::store::jobs_common::{self, ClaimedRow, JobRow, StatsRow};
@@ -195,6 +195,10 @@ impl JobStore for PgStore {
 
     async fn payment(&self, order: OrderId) -> StoreResult<Option<PaymentRecord>> {
         jobs_common::reads::payment(&self.pool, order).await
+    }
+
+    async fn step_order(&self, order: OrderId) -> StoreResult<Option<StepOrder>> {
+        jobs_common::reads::step_order(&self.pool, order).await
     }
 
     async fn payments_after(&self, after: Option<OrderId>, limit: u32) -> StoreResult<Vec<(OrderId, PaymentRecord)>> {
