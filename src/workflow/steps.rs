@@ -152,7 +152,7 @@ impl Saga {
         let id = job
             .order_id
             .ok_or_else(|| StepError::Fatal("job has no order".into()))?;
-        let details = self.store.get_order(id).await.map_err(retry)?;
+        let details = self.store.get_order(id).await.map_err(StepError::from)?;
         Ok(details
             .ok_or_else(|| StepError::Fatal(format!("order {id} does not exist")))?
             .order)
@@ -169,7 +169,7 @@ impl Saga {
         );
         match tracing::Instrument::instrument(self.store.complete_job(Some(&job.lease), &effects, clock::now()), span)
             .await
-            .map_err(retry)?
+            .map_err(StepError::from)?
         {
             CompleteOutcome::LeaseLost => Err(StepError::LeaseLost),
             CompleteOutcome::Completed => {
@@ -243,7 +243,7 @@ impl Saga {
         };
         // A payment waiting for the customer (3-D Secure) is resumed by asking the provider where
         // its intent stands: replaying the authorization would only replay its first answer.
-        let waiting = match self.store.payment(order.id).await.map_err(retry)? {
+        let waiting = match self.store.payment(order.id).await.map_err(StepError::from)? {
             Some(record) if record.state() == Some(PaymentState::RequiresAction) => record.provider_ref,
             _ => None,
         };
@@ -436,7 +436,12 @@ impl Saga {
         let all_shipped = match self.settings.fulfilment {
             FulfilmentMode::Auto => true,
             FulfilmentMode::External => {
-                let shipments = self.store.after_sale().shipments(order.id).await.map_err(retry)?;
+                let shipments = self
+                    .store
+                    .after_sale()
+                    .shipments(order.id)
+                    .await
+                    .map_err(StepError::from)?;
                 fulfilment::remaining(
                     fulfilment::ordered(&order.lines),
                     shipments.iter().flat_map(|s| s.items.iter().copied()),
@@ -456,7 +461,7 @@ impl Saga {
             effects.emit.push(NewEvent::new(EventType::OrderFulfilled));
             effects.enqueue.push(self.job(SEND_CONFIRMATION, order.id));
         }
-        let payment = self.store.payment(order.id).await.map_err(retry)?;
+        let payment = self.store.payment(order.id).await.map_err(StepError::from)?;
         if let Some(payment) = payment.filter(|p| p.state() == Some(PaymentState::Authorized)) {
             let intent_id = payment
                 .provider_ref
@@ -516,7 +521,12 @@ impl Saga {
             .and_then(|id| id.as_str())
             .and_then(|id| id.parse::<uuid::Uuid>().ok())
             .ok_or_else(|| StepError::Fatal("job has no refund_id".into()))?;
-        let refunds = self.store.after_sale().refunds(order.id).await.map_err(retry)?;
+        let refunds = self
+            .store
+            .after_sale()
+            .refunds(order.id)
+            .await
+            .map_err(StepError::from)?;
         let refund = refunds
             .into_iter()
             .find(|r| r.id == refund_id)
@@ -528,7 +538,7 @@ impl Saga {
             .store
             .payment(order.id)
             .await
-            .map_err(retry)?
+            .map_err(StepError::from)?
             .ok_or_else(|| StepError::Fatal("the order has no payment to refund".into()))?;
         let request = RefundRequest {
             idempotency_key: settle_refund_key(refund.id),
@@ -586,7 +596,7 @@ impl Saga {
                 "a fulfilled order cannot be refunded by cancellation".into(),
             ));
         }
-        let payment = self.store.payment(order.id).await.map_err(retry)?;
+        let payment = self.store.payment(order.id).await.map_err(StepError::from)?;
         let mut effects = StepEffects {
             order_id: Some(order.id),
             new_status: Some(OrderStatus::Cancelled),
@@ -660,14 +670,14 @@ impl Saga {
             .store
             .get_customer(order.customer_id)
             .await
-            .map_err(retry)?
+            .map_err(StepError::from)?
             .ok_or_else(|| StepError::Fatal("the order's customer does not exist".into()))?;
         let recipient = customer.email.as_str().to_string();
         if self
             .store
             .prepare_notification(order.id, kind, &recipient, clock::now())
             .await
-            .map_err(retry)?
+            .map_err(StepError::from)?
             == NotificationSlot::AlreadySent
         {
             return self.nothing_to_do(job).await;
@@ -729,10 +739,6 @@ fn compose(kind: &str, order: &Order, first_name: &str, to: &str, correlation_id
         message_id: format!("<{}.{}@orderflow>", kind.trim_start_matches("send_"), order.id),
         correlation_id,
     }
-}
-
-fn retry(error: StoreError) -> StepError {
-    StepError::Retry(error.to_string())
 }
 
 struct SagaStep {
