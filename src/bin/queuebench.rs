@@ -111,7 +111,7 @@ impl Step for NoopStep {
             }
             Ok(CompleteOutcome::LeaseLost) => Err(StepError::LeaseLost),
             Ok(other) => Err(StepError::Fatal(format!("unexpected outcome {other:?}"))),
-            Err(error) => Err(StepError::Retry(error.to_string())),
+            Err(error) => Err(StepError::from(error)),
         }
     }
 }

@@ -1,4 +1,10 @@
 //! Liveness (the process answers) and readiness (its database answers) probes.
+//!
+//! Readiness answers within [`READY_TIMEOUT`] even while the database is away: a connection
+//! attempt to a stopped server waits for the whole acquire timeout, and a probe that hangs is
+//! read as a dead process rather than an unready one.
+
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -10,7 +16,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use crate::store::Backend;
+use crate::store::{Backend, StoreError};
+
+/// Longest the readiness probe waits for the database before answering 503.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::default().routes(routes!(live)).routes(routes!(ready))
@@ -101,8 +110,12 @@ async fn live() -> impl IntoResponse {
 )]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let backend = state.store.backend();
-    let alarms = match state.store.alarm_states().await {
-        Ok(records) => records
+    let (alarm_states, ping) = tokio::join!(
+        tokio::time::timeout(READY_TIMEOUT, state.store.alarm_states()),
+        tokio::time::timeout(READY_TIMEOUT, state.store.ping()),
+    );
+    let alarms = match alarm_states {
+        Ok(Ok(records)) => records
             .into_iter()
             .filter(|record| record.firing)
             .map(|record| {
@@ -114,9 +127,15 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
                 }
             })
             .collect(),
-        Err(_) => Vec::new(),
+        Ok(Err(_)) | Err(_) => Vec::new(),
     };
-    let (code, status) = match state.store.ping().await {
+    let ping = ping.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "no answer within {} ms",
+            READY_TIMEOUT.as_millis()
+        )))
+    });
+    let (code, status) = match ping {
         Ok(()) => (StatusCode::OK, Status::Ok),
         Err(error) => {
             tracing::warn!(%error, "readiness check failed");

@@ -132,7 +132,7 @@ impl Step for WebhookStep {
             .store
             .complete_job(Some(&job.lease), &StepEffects::default(), clock::now())
             .await
-            .map_err(|e| StepError::Retry(e.to_string()))?
+            .map_err(StepError::from)?
         {
             CompleteOutcome::LeaseLost => Err(StepError::LeaseLost),
             _ => Ok(()),

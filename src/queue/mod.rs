@@ -16,8 +16,8 @@ use tracing::field::Empty;
 
 use crate::clock;
 use crate::monitoring::metrics::{Metrics, StepOutcome};
-use crate::store::Store;
 use crate::store::jobs::{ClaimedJob, FailOutcome};
+use crate::store::{Store, StoreError, StoreResult};
 
 /// How a step ended, when it did not commit its effects.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,21 @@ pub enum StepError {
     /// The lease was taken over by another worker; it owns the job now.
     #[error("lease lost")]
     LeaseLost,
+    /// The database could not be reached (restart, failover): try again later without spending
+    /// an attempt, since an outage says nothing about the job and must not dead-letter good work.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A store call a step depends on failed: worth trying again, an outage without spending an
+/// attempt.
+impl From<StoreError> for StepError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(_) => StepError::Unavailable(error.to_string()),
+            other => StepError::Retry(other.to_string()),
+        }
+    }
 }
 
 /// One kind of step. Implementations commit their effects and complete the job in one store
@@ -170,18 +185,28 @@ impl Runner {
             Err(StepError::Retry(error)) => {
                 let delay = backoff(&self.settings, job.attempt);
                 let recorded = self.store.fail_job(&job.lease, error, Some(now + delay), now).await;
-                if matches!(recorded, Ok(FailOutcome::Retrying)) {
-                    // Wake the workers when the retry is due, instead of at the next poll.
-                    let signal = self.store.job_signal();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        signal.notify_waiters();
+                self.wake_when_due(&recorded, delay);
+                recorded
+            }
+            Err(StepError::Unavailable(error)) => {
+                let delay = backoff(&self.settings, job.attempt);
+                let recorded = self
+                    .store
+                    .postpone_job(&job.lease, error, now + delay, now)
+                    .await
+                    .map(|kept| {
+                        if kept {
+                            FailOutcome::Retrying
+                        } else {
+                            FailOutcome::LeaseLost
+                        }
                     });
-                }
+                self.wake_when_due(&recorded, delay);
                 recorded
             }
             Err(StepError::Fatal(error)) => self.store.fail_job(&job.lease, error, None, now).await,
         };
+        let postponed = matches!(result, Err(StepError::Unavailable(_)));
         let error = result.err().map(|e| e.to_string()).unwrap_or_default();
         let outcome = match recorded {
             Ok(FailOutcome::Retrying) => StepOutcome::Retrying,
@@ -190,6 +215,9 @@ impl Runner {
         };
         self.metrics.step_finished(&job.kind, outcome, elapsed);
         match recorded {
+            Ok(FailOutcome::Retrying) if postponed => {
+                tracing::warn!(parent: &span, %error, "database unavailable; step postponed without spending an attempt")
+            }
             Ok(FailOutcome::Retrying) => {
                 tracing::warn!(parent: &span, %error, "step failed; will retry")
             }
@@ -198,9 +226,23 @@ impl Runner {
                 tracing::warn!(parent: &span, %error, "step failed after its lease was lost")
             }
             // The lease runs out and the job is claimed again: nothing is lost.
+            Err(store_error @ StoreError::Unavailable(_)) => {
+                tracing::warn!(parent: &span, %error, %store_error, "could not record a step failure")
+            }
             Err(store_error) => {
                 tracing::error!(parent: &span, %error, %store_error, "could not record a step failure")
             }
+        }
+    }
+
+    /// Wakes the workers when a job given back for later is due, instead of at the next poll.
+    fn wake_when_due(&self, recorded: &StoreResult<FailOutcome>, delay: Duration) {
+        if matches!(recorded, Ok(FailOutcome::Retrying)) {
+            let signal = self.store.job_signal();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                signal.notify_waiters();
+            });
         }
     }
 

@@ -14,6 +14,12 @@
 //!
 //! Every answer is sent only after its group committed, so a 202 still means the order is
 //! durable.
+//!
+//! Losing the database ([`super::outage`]) answers 503, never 500. A group whose connection broke
+//! before COMMIT wrote nothing, so it is run once more on a fresh connection (the usual case: a
+//! pooled connection the server closed when it restarted). A connection lost *during* COMMIT
+//! leaves the outcome unknown: that is not re-run but answered 503, and the client's retry with
+//! the same Idempotency-Key replays the order (it committed) or places it (it did not).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,6 +29,7 @@ use uuid::Uuid;
 
 use super::batcher::GroupWriter;
 use super::common::new_order;
+use super::outage;
 use super::{PlaceOrder, PlaceOrderOutcome, StoreError, StoreResult};
 use crate::domain::order::{StockLevel, price_lines};
 use crate::domain::{CartRejection, Order, ProductId};
@@ -44,13 +51,37 @@ pub(super) enum GroupFailure {
     Split,
     /// The whole transaction may simply be run again (serialization failure, deadlock).
     Retry(sqlx::Error),
+    /// The connection broke before COMMIT: nothing was written; run again on a fresh connection.
+    ConnectionLost(sqlx::Error),
     /// Failed for every checkout in it.
     Failed(StoreError),
 }
 
+/// A statement before COMMIT failed.
 impl From<sqlx::Error> for GroupFailure {
     fn from(error: sqlx::Error) -> Self {
+        if outage::connection_lost(&error) {
+            GroupFailure::ConnectionLost(error)
+        } else {
+            GroupFailure::Failed(error.into())
+        }
+    }
+}
+
+impl GroupFailure {
+    /// COMMIT itself failed. A connection lost now leaves the outcome unknown, so it is never
+    /// [`GroupFailure::ConnectionLost`] (if it did commit, a re-run would collide with its own
+    /// orders): it fails, a lost connection as [`StoreError::Unavailable`] (503) like any outage.
+    pub(super) fn at_commit(error: sqlx::Error) -> Self {
         GroupFailure::Failed(error.into())
+    }
+
+    /// The database is unavailable: [`StoreError::Unavailable`] for every checkout in the group.
+    fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            GroupFailure::ConnectionLost(_) | GroupFailure::Failed(StoreError::Unavailable(_))
+        )
     }
 }
 
@@ -98,6 +129,15 @@ impl<T: CheckoutTransaction> GroupWriter for Checkouts<T> {
         match self.retrying(&group).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             Err(failure) if group.len() == 1 => vec![Err(alone(failure))],
+            // The database is gone for all of them: writing each alone would only wait for it
+            // once per checkout.
+            Err(failure) if failure.is_outage() => {
+                let why = alone(failure).to_string();
+                group
+                    .iter()
+                    .map(|_| Err(StoreError::Unavailable(why.clone())))
+                    .collect()
+            }
             Err(_) => {
                 let mut answers = Vec::with_capacity(group.len());
                 for checkout in &group {
@@ -114,11 +154,15 @@ impl<T: CheckoutTransaction> GroupWriter for Checkouts<T> {
 
 impl<T: CheckoutTransaction> Checkouts<T> {
     async fn retrying(&self, group: &[Checkout]) -> Result<Vec<PlaceOrderOutcome>, GroupFailure> {
-        let mut attempt = 0;
+        let (mut attempt, mut reconnected) = (0, false);
         loop {
             attempt += 1;
             match self.0.write_group(group).await {
                 Err(GroupFailure::Retry(_)) if attempt < MAX_TX_ATTEMPTS => backoff(attempt).await,
+                Err(GroupFailure::ConnectionLost(error)) if !reconnected => {
+                    tracing::warn!(%error, "checkout transaction lost its connection before COMMIT; running it again");
+                    reconnected = true;
+                }
                 other => return other,
             }
         }
@@ -128,7 +172,7 @@ impl<T: CheckoutTransaction> Checkouts<T> {
 fn alone(failure: GroupFailure) -> StoreError {
     match failure {
         GroupFailure::Failed(error) => error,
-        GroupFailure::Retry(error) => error.into(),
+        GroupFailure::Retry(error) | GroupFailure::ConnectionLost(error) => error.into(),
         GroupFailure::Split => StoreError::Corrupt("a checkout alone asked to be split".into()),
     }
 }

@@ -170,7 +170,7 @@ macro_rules! commit_batch_for {
                 let mut tx = match self.pool.begin_with(self.begin).await {
                     Ok(tx) => tx,
                     Err(error) => {
-                        let message = StoreError::from(error).to_string();
+                        let message = error.to_string();
                         let answers = group
                             .iter()
                             .map(|_| Err(StoreError::Unavailable(message.clone())))
@@ -229,9 +229,7 @@ macro_rules! commit_batch_for {
                     drop(tx);
                     Ok(())
                 } else {
-                    tx.commit()
-                        .await
-                        .map_err(|error| StoreError::from(error).to_string())
+                    tx.commit().await.map_err(|error| error.to_string())
                 };
                 let mut woke = false;
                 let answers = group

@@ -407,6 +407,16 @@ pub trait JobStore: Send + Sync {
         retry_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> StoreResult<FailOutcome>;
+    /// Gives a claimed job back to the queue, due at `run_at`, without spending the attempt it
+    /// was claimed for: its step could not reach the database, which says nothing about the job.
+    /// False when the lease was lost.
+    async fn postpone_job(
+        &self,
+        lease: &JobLease,
+        error: &str,
+        run_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
     /// Commits a step: its effects and its job's completion, in one transaction. Without a lease
     /// (an API action such as cancel), only the effects are committed.
     async fn complete_job(

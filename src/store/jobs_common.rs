@@ -350,6 +350,12 @@ pub struct Failure {
     pub outcome: FailOutcome,
 }
 
+/// [`JobStore::postpone_job`](super::jobs::JobStore::postpone_job): back to ready, the attempt
+/// given back. Binds: run_at, error, now, job id, lease token.
+pub(crate) const POSTPONE_SQL: &str = "UPDATE jobs SET state = 'ready', run_at = $1, attempts = attempts - 1, \
+     last_error = $2, lease_token = NULL, lease_expires_at = NULL, updated_at = $3 \
+     WHERE id = $4 AND lease_token = $5 AND state = 'running'";
+
 /// Appends the error to the history and decides between retry and dead-letter.
 pub fn record_failure(
     attempts: i32,

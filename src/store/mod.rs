@@ -17,6 +17,7 @@ pub mod group_commit;
 pub mod jobs;
 mod jobs_common;
 pub mod ops;
+mod outage;
 mod postgres;
 mod reads;
 mod rows;
@@ -49,7 +50,8 @@ pub enum StoreError {
     /// A uniqueness rule was broken (duplicate e-mail, duplicate SKU). The payload names it.
     #[error("conflict: {0}")]
     Conflict(&'static str),
-    /// The database could not be reached or no connection became free in time; retry later.
+    /// The database could not be reached, went away (restart, failover, cut connection) or no
+    /// connection became free in time; retry later ([`outage`]).
     #[error("database unavailable: {0}")]
     Unavailable(String),
     /// A row that cannot be turned back into a domain value: a bug or a hand-edited database.
@@ -61,11 +63,10 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                StoreError::Unavailable(error.to_string())
-            }
-            other => StoreError::Database(other),
+        if outage::is_unavailable(&error) {
+            StoreError::Unavailable(error.to_string())
+        } else {
+            StoreError::Database(error)
         }
     }
 }

@@ -156,7 +156,7 @@ impl Saga {
         self.store
             .step_order(id)
             .await
-            .map_err(retry)?
+            .map_err(StepError::from)?
             .ok_or_else(|| StepError::Fatal(format!("order {id} does not exist")))
     }
 
@@ -171,7 +171,7 @@ impl Saga {
         );
         match tracing::Instrument::instrument(self.store.complete_job(Some(&job.lease), &effects, clock::now()), span)
             .await
-            .map_err(retry)?
+            .map_err(StepError::from)?
         {
             CompleteOutcome::LeaseLost => Err(StepError::LeaseLost),
             CompleteOutcome::Completed => {
@@ -442,7 +442,12 @@ impl Saga {
         let all_shipped = match self.settings.fulfilment {
             FulfilmentMode::Auto => true,
             FulfilmentMode::External => {
-                let shipments = self.store.after_sale().shipments(order.id).await.map_err(retry)?;
+                let shipments = self
+                    .store
+                    .after_sale()
+                    .shipments(order.id)
+                    .await
+                    .map_err(StepError::from)?;
                 fulfilment::remaining(
                     fulfilment::ordered(&order.lines),
                     shipments.iter().flat_map(|s| s.items.iter().copied()),
@@ -521,7 +526,12 @@ impl Saga {
             .and_then(|id| id.as_str())
             .and_then(|id| id.parse::<uuid::Uuid>().ok())
             .ok_or_else(|| StepError::Fatal("job has no refund_id".into()))?;
-        let refunds = self.store.after_sale().refunds(order.id).await.map_err(retry)?;
+        let refunds = self
+            .store
+            .after_sale()
+            .refunds(order.id)
+            .await
+            .map_err(StepError::from)?;
         let refund = refunds
             .into_iter()
             .find(|r| r.id == refund_id)
@@ -661,7 +671,7 @@ impl Saga {
             .store
             .prepare_notification(order.id, kind, &recipient, clock::now())
             .await
-            .map_err(retry)?
+            .map_err(StepError::from)?
             == NotificationSlot::AlreadySent
         {
             return self.nothing_to_do(job).await;
@@ -717,10 +727,6 @@ fn compose(kind: &str, order: &Order, first_name: &str, to: &str, correlation_id
         message_id: format!("<{}.{}@orderflow>", kind.trim_start_matches("send_"), order.id),
         correlation_id,
     }
-}
-
-fn retry(error: StoreError) -> StepError {
-    StepError::Retry(error.to_string())
 }
 
 struct SagaStep {

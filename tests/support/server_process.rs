@@ -1,5 +1,6 @@
 //! The real `orderflow` binary as a test peer: `orderflow serve` started on a free port (its URL
 //! read from the line it prints when listening), and the CLI run against the same database.
+#![allow(dead_code)]
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -31,11 +32,34 @@ pub struct Server {
 impl Server {
     /// Starts `orderflow serve --listen 127.0.0.1:0 <args>` and waits until it listens.
     pub async fn start(db_url: &str, secret: &str, args: &[&str]) -> Server {
+        Self::spawn(db_url, secret, args, Stdio::inherit()).await
+    }
+
+    /// Like [`Server::start`], keeping the server's log (its stderr) for the test to read
+    /// instead of showing it.
+    pub async fn start_keeping_log(
+        db_url: &str,
+        secret: &str,
+        args: &[&str],
+    ) -> (Server, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let mut server = Self::spawn(db_url, secret, args, Stdio::piped()).await;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut lines = BufReader::new(server.child.stderr.take().expect("stderr")).lines();
+        let kept = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        (server, log)
+    }
+
+    async fn spawn(db_url: &str, secret: &str, args: &[&str], stderr: Stdio) -> Server {
         let mut child = command(db_url, secret)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start orderflow");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();

@@ -89,41 +89,60 @@ fn spawn_job_waker(pool: PgPool) -> tokio::sync::mpsc::Sender<()> {
 }
 
 /// Forwards NOTIFYs on [`JOBS_CHANNEL`] to the in-process signal until the store is dropped.
+///
+/// When the database goes away (restart, failover) the listener is rebuilt from scratch — a new
+/// connection and a new LISTEN — with backoff until it answers again, and the workers are woken
+/// on every loss and every reconnection, since a notification sent meanwhile was missed. A failed
+/// `PgListener` is never reused: after some errors (a reset connection) it keeps its dead socket.
 fn spawn_job_listener(pool: PgPool, signal: std::sync::Weak<tokio::sync::Notify>) {
+    let wake = move || match signal.upgrade() {
+        Some(signal) => {
+            signal.notify_waiters();
+            true
+        }
+        None => false,
+    };
     tokio::spawn(async move {
-        let mut listener = loop {
-            match sqlx::postgres::PgListener::connect_with(&pool).await {
-                Ok(mut listener) => match listener.listen(JOBS_CHANNEL).await {
-                    Ok(()) => break listener,
-                    Err(error) => {
-                        tracing::warn!(%error, "LISTEN failed; job workers fall back to polling")
+        let mut failures = 0u32;
+        loop {
+            let listening = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                listener.listen(JOBS_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            let error = match listening.await {
+                Ok(mut listener) => {
+                    if failures > 0 {
+                        tracing::info!("job listener listening again");
                     }
-                },
-                Err(error) => tracing::debug!(%error, "job listener could not connect"),
-            }
-            if signal.strong_count() == 0 || pool.is_closed() {
+                    failures = 0;
+                    if !wake() {
+                        return;
+                    }
+                    loop {
+                        match listener.try_recv().await {
+                            Ok(Some(_)) if wake() => {}
+                            // The connection dropped; a notification may have been missed.
+                            Ok(None) if wake() => break None,
+                            Ok(_) => return,
+                            Err(error) => break Some(error),
+                        }
+                    }
+                }
+                Err(error) => Some(error),
+            };
+            if pool.is_closed() || !wake() {
                 return;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        };
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(_)) => match signal.upgrade() {
-                    Some(signal) => signal.notify_waiters(),
-                    None => return,
-                },
-                // The connection dropped; sqlx reconnects on the next call. Wake workers in case
-                // something was missed.
-                Ok(None) => match signal.upgrade() {
-                    Some(signal) => signal.notify_waiters(),
-                    None => return,
-                },
-                Err(_) if signal.strong_count() == 0 || pool.is_closed() => return,
-                Err(error) => {
-                    tracing::debug!(%error, "job listener error");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+            failures += 1;
+            match error {
+                Some(error) if failures == 1 => {
+                    tracing::warn!(%error, "job listener lost the database; workers poll until it is back")
                 }
+                Some(error) => tracing::debug!(%error, "job listener still cannot LISTEN"),
+                None => tracing::warn!("job listener lost its connection; listening again"),
             }
+            tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
         }
     });
 }
@@ -141,6 +160,7 @@ impl PgStore {
         // slot of the pool that requests wait on (`--db-max-connections` means what it says).
         let listener_pool = PgPoolOptions::new()
             .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect.clone().application_name("orderflow-listener"));
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
@@ -282,6 +302,13 @@ impl PgStore {
 
     /// Gives the key back after a request that created nothing (and whose key no other request
     /// took over), so the client may retry it.
+    ///
+    /// After an outage (the claim or the checkout answered [`StoreError::Unavailable`]) the
+    /// database is likely still away: the release is retried in the background until it lands
+    /// or the claim would have gone stale anyway, so the client's retry is refused as in use no
+    /// longer than the outage lasts — without making this 503 wait for it. Releasing is safe even
+    /// when the outcome is unknown (a connection lost during COMMIT): a committed checkout's key
+    /// is `completed`, which the release leaves alone.
     async fn release_unless_created(
         &self,
         request: &PlaceOrder,
@@ -294,24 +321,63 @@ impl PgStore {
         ) {
             return;
         }
-        // If this fails the claim simply goes stale.
-        if let Err(error) = self.release_key(request, lock_token).await {
-            tracing::warn!(%error, "could not release an idempotency claim");
-        }
+        self.release(request, lock_token, matches!(result, Err(StoreError::Unavailable(_))))
+            .await;
     }
 
-    async fn release_key(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<()> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND lock_token = $3 \
-             AND state = 'in_flight'",
-        )
-        .bind(&request.principal)
-        .bind(&request.idempotency_key)
-        .bind(lock_token)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    /// [`Self::claim_key`]; when the database went away under it, the claim may have been
+    /// committed even so (its connection lost on the way back), so it is released as after a
+    /// checkout that failed for the outage.
+    async fn claim(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Claim> {
+        let claimed = self.claim_key(request, lock_token).await;
+        if let Err(StoreError::Unavailable(_)) = &claimed {
+            self.release(request, lock_token, true).await;
+        }
+        claimed
     }
+
+    /// Deletes our in-flight claim: now, once; or after an outage in the background, until it
+    /// lands (see [`Self::release_unless_created`]).
+    async fn release(&self, request: &PlaceOrder, lock_token: Uuid, after_outage: bool) {
+        let (pool, principal, key) = (
+            self.pool.clone(),
+            request.principal.clone(),
+            request.idempotency_key.clone(),
+        );
+        let release = async move {
+            let give_up = tokio::time::Instant::now() + IN_FLIGHT_STALE_AFTER.to_std().unwrap_or_default();
+            let mut wait = Duration::from_millis(100);
+            loop {
+                match release_key(&pool, &principal, &key, lock_token).await {
+                    Ok(()) => return,
+                    Err(StoreError::Unavailable(_)) if after_outage && tokio::time::Instant::now() + wait < give_up => {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                    // The claim simply goes stale.
+                    Err(error) => return tracing::warn!(%error, "could not release an idempotency claim"),
+                }
+            }
+        };
+        if after_outage {
+            tokio::spawn(release);
+        } else {
+            release.await;
+        }
+    }
+}
+
+async fn release_key(pool: &PgPool, principal: &str, key: &str, lock_token: Uuid) -> StoreResult<()> {
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND lock_token = $3 \
+         AND state = 'in_flight'",
+    )
+    .bind(principal)
+    .bind(key)
+    .bind(lock_token)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Phase 2 of placing orders: one transaction for a group of claimed checkouts
@@ -327,6 +393,22 @@ struct PgCheckouts {
 #[async_trait]
 impl CheckoutTransaction for PgCheckouts {
     async fn write_group(&self, group: &[Checkout]) -> Result<Vec<PlaceOrderOutcome>, GroupFailure> {
+        let mut connection = self.pool.acquire().await?;
+        let written = self.write_group_on(&mut connection, group).await;
+        if matches!(written, Err(GroupFailure::ConnectionLost(_))) {
+            // Broken: never back into the pool, so the re-run gets a fresh one.
+            connection.close_on_drop();
+        }
+        written
+    }
+}
+
+impl PgCheckouts {
+    async fn write_group_on(
+        &self,
+        connection: &mut sqlx::pool::PoolConnection<Postgres>,
+        group: &[Checkout],
+    ) -> Result<Vec<PlaceOrderOutcome>, GroupFailure> {
         let retryable = |error: sqlx::Error| {
             if is_retryable(&error) {
                 GroupFailure::Retry(error)
@@ -334,7 +416,7 @@ impl CheckoutTransaction for PgCheckouts {
                 GroupFailure::from(error)
             }
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = sqlx::Acquire::begin(&mut **connection).await?;
         let product_ids = checkout_batch::products_of(group.iter().map(|c| &c.request));
         let levels = sqlx::query_as::<_, (Uuid, i64, i64)>(
             "SELECT id, price_minor, on_hand - reserved FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
@@ -454,7 +536,13 @@ impl CheckoutTransaction for PgCheckouts {
                     "locked stock changed inside the transaction".into(),
                 )));
             }
-            tx.commit().await.map_err(retryable)?;
+            tx.commit().await.map_err(|error| {
+                if is_retryable(&error) {
+                    GroupFailure::Retry(error)
+                } else {
+                    GroupFailure::at_commit(error)
+                }
+            })?;
             (self.enqueued)();
         }
         Ok(allocated
@@ -709,7 +797,7 @@ impl Store for PgStore {
 
     async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome> {
         let lock_token = Uuid::now_v7();
-        if let Claim::Finished(outcome) = self.claim_key(request, lock_token).await? {
+        if let Claim::Finished(outcome) = self.claim(request, lock_token).await? {
             return Ok(outcome);
         }
         let checkout = Checkout {
@@ -730,7 +818,7 @@ impl Store for PgStore {
         let mut claimed = Vec::new();
         for request in requests {
             let lock_token = Uuid::now_v7();
-            answers.push(match self.claim_key(request, lock_token).await {
+            answers.push(match self.claim(request, lock_token).await {
                 Ok(Claim::Acquired) => {
                     claimed.push(Checkout {
                         request: request.clone(),

@@ -107,6 +107,24 @@ impl JobStore for SqliteStore {
         Ok(failure.outcome)
     }
 
+    async fn postpone_job(
+        &self,
+        lease: &JobLease,
+        error: &str,
+        run_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let postponed = sqlx::query(jobs_common::POSTPONE_SQL)
+            .bind(run_at)
+            .bind(error)
+            .bind(now)
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .execute(&self.writer)
+            .await?;
+        Ok(postponed.rows_affected() == 1)
+    }
+
     async fn complete_job(
         &self,
         lease: Option<&JobLease>,

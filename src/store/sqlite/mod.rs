@@ -567,7 +567,7 @@ impl CheckoutTransaction for SqliteCheckouts {
                     Err(error) => return Err(error.into()),
                 }
             }
-            tx.commit().await?;
+            tx.commit().await.map_err(GroupFailure::at_commit)?;
             self.enqueued.notify_waiters();
         }
         let mut allocated = allocated.into_iter();

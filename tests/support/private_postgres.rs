@@ -1,0 +1,210 @@
+//! A PostgreSQL cluster of the test's own — `initdb` into a temp dir, `pg_ctl` on a free port —
+//! for tests that stop, crash and restart the database (the shared server on 5432 must never be
+//! touched). PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres`
+//! user and every command runs as it (`runuser`). The cluster is stopped and its directory removed
+//! on drop.
+//!
+//! The binaries come from `ORDERFLOW_TEST_PG_BIN` (default `/usr/lib/postgresql/15/bin`); a test
+//! that cannot find or start them fails, naming them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// How `pg_ctl stop` (or `restart`) ends the running server.
+#[derive(Clone, Copy, Debug)]
+pub enum StopMode {
+    /// Disconnects every session ("terminating connection due to administrator command") and
+    /// shuts down cleanly.
+    Fast,
+    /// Kills every process at once, like a crash: the next start runs crash recovery.
+    Immediate,
+}
+
+impl StopMode {
+    fn flag(self) -> &'static str {
+        match self {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        }
+    }
+}
+
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    /// Removed on drop; holds the data directory, the socket and the log.
+    dir: tempfile::TempDir,
+    /// As root: the user the server runs as.
+    run_as: Option<&'static str>,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    /// `initdb` and start a cluster (trust authentication, user `postgres`) on a free port.
+    pub fn start() -> Self {
+        let bin = PathBuf::from(
+            std::env::var("ORDERFLOW_TEST_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string()),
+        );
+        assert!(
+            bin.join("initdb").exists() && bin.join("pg_ctl").exists(),
+            "PostgreSQL's initdb and pg_ctl are not in {} (install postgresql-15, or point \
+             ORDERFLOW_TEST_PG_BIN at the directory that has them)",
+            bin.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("orderflow-private-pg-")
+            .tempdir()
+            .expect("temp dir");
+        let run_as = is_root().then_some("postgres");
+        if let Some(user) = run_as {
+            let chowned = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(dir.path())
+                .status()
+                .expect("run chown");
+            assert!(chowned.success(), "could not give {} to {user}", dir.path().display());
+        }
+        let cluster = PrivatePostgres {
+            bin,
+            dir,
+            run_as,
+            port: free_port(),
+        };
+        let data = cluster.data_dir();
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                path(&data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        cluster.start_server();
+        cluster
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the stopped server and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            path(self.dir.path())
+        );
+        let (data, log) = (self.data_dir(), self.dir.path().join("server.log"));
+        self.pg_ctl(&[
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            path(&data),
+            "-l",
+            path(&log),
+            "-o",
+            &options,
+        ]);
+    }
+
+    /// Stops the server and waits until it is down.
+    pub fn stop(&self, mode: StopMode) {
+        let data = self.data_dir();
+        self.pg_ctl(&["stop", "-w", "-t", "60", "-D", path(&data), "-m", mode.flag()]);
+    }
+
+    /// `pg_ctl restart`: stops it and starts it again (with the same options) at once.
+    pub fn restart(&self, mode: StopMode) {
+        let (data, log) = (self.data_dir(), self.dir.path().join("server.log"));
+        self.pg_ctl(&[
+            "restart",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            path(&data),
+            "-l",
+            path(&log),
+            "-m",
+            mode.flag(),
+        ]);
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        self.run("pg_ctl", args);
+    }
+
+    /// One of the PostgreSQL programs, run as the cluster's owner.
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        match self.run_as {
+            Some(user) => {
+                let mut command = Command::new("runuser");
+                command.args(["-u", user, "--"]).arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|error| panic!("could not run {program} from {} ({error})", self.bin.display()));
+        assert!(
+            output.status.success(),
+            "{program} {} failed: {}{}\nserver log:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data_dir();
+        if data.join("postmaster.pid").exists() {
+            let _ = self
+                .command("pg_ctl")
+                .args(["stop", "-w", "-m", "immediate", "-D"])
+                .arg(&data)
+                .output();
+        }
+    }
+}
+
+fn path(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 temp path")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
