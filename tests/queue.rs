@@ -244,7 +244,7 @@ async fn a_wake_up_while_every_slot_is_busy_does_not_stall_the_backlog(backend: 
         probe.running.load(Ordering::SeqCst) == 1
     })
     .await;
-    store.job_signal().notify_waiters();
+    store.job_signal().wake_all();
     wait_until(
         "the backlog ran without waiting for a poll",
         Duration::from_secs(10),

@@ -158,7 +158,7 @@ async fn stamp_loop(
     let committed = store.job_signal();
     let mut failures = 0u32;
     while !stopped(&stop) {
-        let wake = committed.notified();
+        let wake = committed.any().notified();
         match store.events().stamp_events(settings.batch, clock::now()).await {
             Ok(0) => {
                 failures = 0;

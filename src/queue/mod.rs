@@ -185,7 +185,7 @@ impl Runner {
             Err(StepError::Retry(error)) => {
                 let delay = backoff(&self.settings, job.attempt);
                 let recorded = self.store.fail_job(&job.lease, error, Some(now + delay), now).await;
-                self.wake_when_due(&recorded, delay);
+                self.wake_when_due(&job.kind, &recorded, delay);
                 recorded
             }
             Err(StepError::Unavailable(error)) => {
@@ -201,7 +201,7 @@ impl Runner {
                             FailOutcome::LeaseLost
                         }
                     });
-                self.wake_when_due(&recorded, delay);
+                self.wake_when_due(&job.kind, &recorded, delay);
                 recorded
             }
             Err(StepError::Fatal(error)) => self.store.fail_job(&job.lease, error, None, now).await,
@@ -236,9 +236,9 @@ impl Runner {
     }
 
     /// Wakes the workers when a job given back for later is due, instead of at the next poll.
-    fn wake_when_due(&self, recorded: &StoreResult<FailOutcome>, delay: Duration) {
+    fn wake_when_due(&self, kind: &str, recorded: &StoreResult<FailOutcome>, delay: Duration) {
         if matches!(recorded, Ok(FailOutcome::Retrying)) {
-            let signal = self.store.job_signal();
+            let signal = self.store.job_signal().kind(kind);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 signal.notify_waiters();
@@ -342,7 +342,8 @@ impl Runner {
             return;
         };
         let slots = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
-        let signal = self.store.job_signal();
+        // This kind's own wake-up: commits that enqueued other kinds do not make it claim.
+        let signal = self.store.job_signal().kind(kind);
         let mut running = JoinSet::new();
         loop {
             // Register for the wake-up before looking, so one sent while we look is not missed.

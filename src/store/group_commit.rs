@@ -65,13 +65,13 @@ impl GroupCommitSettings {
 impl GroupCommit {
     /// Starts `settings.committers` committers writing through `pool` (`begin`: the statement
     /// that opens a write transaction; `lock_order_row`: the dialect's row lock). `enqueued` is
-    /// called after a commit that enqueued jobs (to wake workers).
+    /// called after a commit that enqueued jobs, with their kinds (to wake those workers).
     pub(super) fn start<DB>(
         pool: sqlx::Pool<DB>,
         begin: &'static str,
         lock_order_row: &'static str,
         (max_batch, committers): (usize, usize),
-        enqueued: Arc<dyn Fn() + Send + Sync>,
+        enqueued: Arc<dyn Fn(&[&'static str]) + Send + Sync>,
     ) -> Self
     where
         DB: sqlx::Database,
@@ -130,7 +130,7 @@ impl GroupCommit {
 /// The batcher's writer: a group of completions through the backend's [`Batch`].
 pub(super) struct Completions {
     batch: Arc<dyn CommitBatch>,
-    enqueued: Arc<dyn Fn() + Send + Sync>,
+    enqueued: Arc<dyn Fn(&[&'static str]) + Send + Sync>,
 }
 
 #[async_trait::async_trait]
@@ -139,9 +139,9 @@ impl GroupWriter for Completions {
     type Answer = StoreResult<CompleteOutcome>;
 
     async fn write(&self, group: Vec<Pending>) -> Vec<Self::Answer> {
-        let (answers, woke) = self.batch.write(group).await;
-        if woke {
-            (self.enqueued)();
+        let (answers, enqueued) = self.batch.write(group).await;
+        if !enqueued.is_empty() {
+            (self.enqueued)(&enqueued);
         }
         answers
     }
@@ -158,15 +158,15 @@ pub(super) struct Batch<DB: sqlx::Database> {
 #[async_trait::async_trait]
 pub(super) trait CommitBatch: Send + Sync + 'static {
     /// Applies every completion, each in its own savepoint (a group of one: none), commits, and
-    /// answers each. Also returns whether a committed completion enqueued jobs.
-    async fn write(&self, batch: Vec<Pending>) -> (Vec<StoreResult<CompleteOutcome>>, bool);
+    /// answers each. Also returns the kinds of the jobs the committed completions enqueued.
+    async fn write(&self, batch: Vec<Pending>) -> (Vec<StoreResult<CompleteOutcome>>, Vec<&'static str>);
 }
 
 macro_rules! commit_batch_for {
     ($db:ty) => {
         #[async_trait::async_trait]
         impl CommitBatch for Batch<$db> {
-            async fn write(&self, group: Vec<Pending>) -> (Vec<StoreResult<CompleteOutcome>>, bool) {
+            async fn write(&self, group: Vec<Pending>) -> (Vec<StoreResult<CompleteOutcome>>, Vec<&'static str>) {
                 let mut tx = match self.pool.begin_with(self.begin).await {
                     Ok(tx) => tx,
                     Err(error) => {
@@ -175,7 +175,7 @@ macro_rules! commit_batch_for {
                             .iter()
                             .map(|_| Err(StoreError::Unavailable(message.clone())))
                             .collect();
-                        return (answers, false);
+                        return (answers, Vec::new());
                     }
                 };
                 let alone = group.len() == 1;
@@ -231,20 +231,20 @@ macro_rules! commit_batch_for {
                 } else {
                     tx.commit().await.map_err(|error| error.to_string())
                 };
-                let mut woke = false;
+                let mut enqueued: Vec<&'static str> = Vec::new();
                 let answers = group
                     .iter()
                     .zip(answers)
                     .map(|(pending, answer)| match (&committed, answer) {
                         (Ok(()), Ok(CompleteOutcome::Completed)) => {
-                            woke |= !pending.effects.enqueue.is_empty();
+                            enqueued.extend(pending.effects.enqueue.iter().map(|job| job.kind));
                             Ok(CompleteOutcome::Completed)
                         }
                         (Err(why), Ok(CompleteOutcome::Completed)) => Err(StoreError::Unavailable(why.clone())),
                         (_, other) => other,
                     })
                     .collect();
-                (answers, woke)
+                (answers, enqueued)
             }
         }
     };

@@ -22,6 +22,7 @@ mod postgres;
 mod reads;
 mod rows;
 pub mod sandbox;
+pub mod signal;
 mod sqlite;
 
 use std::path::Path;
@@ -254,7 +255,7 @@ pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send +
     async fn get_order(&self, id: OrderId) -> StoreResult<Option<OrderDetails>>;
     /// Wakes job workers in this process when jobs become ready (in-process for SQLite; fed by
     /// LISTEN/NOTIFY across processes for PostgreSQL).
-    fn job_signal(&self) -> Arc<tokio::sync::Notify>;
+    fn job_signal(&self) -> Arc<signal::JobSignal>;
 
     /// The jobs of an order, oldest first.
     async fn jobs_for_order(&self, id: OrderId) -> StoreResult<Vec<JobSummary>>;

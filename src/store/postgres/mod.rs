@@ -31,6 +31,7 @@ use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::reads;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
+use super::signal::{self, JobSignal};
 use super::{
     AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder, PlaceOrderOutcome,
     ProductQuery, Store, StoreError, StoreResult,
@@ -48,10 +49,8 @@ const IN_FLIGHT_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(15);
 
 pub struct PgStore {
     pool: PgPool,
-    /// Wakes this process's job workers; fed by our own enqueues and by LISTEN across processes.
-    jobs_ready: Arc<tokio::sync::Notify>,
-    /// Asks the waker task to NOTIFY other processes (see [`spawn_job_waker`]).
-    wake_others: tokio::sync::mpsc::Sender<()>,
+    /// Wakes job workers of the kinds our commits enqueued, here and in other processes.
+    wakeups: Wakeups,
     events: EventsSql<Postgres>,
     committer: GroupCommit,
     /// Groups concurrent checkouts into shared transactions ([`checkout_batch`]).
@@ -69,12 +68,25 @@ const JOBS_CHANNEL: &str = "orderflow_jobs";
 /// flush), which cost about 30% of the checkout rate (docs/BENCHMARKS.md). A wake-up lost in a
 /// crash only delays other processes' workers until their poll; this process's own workers are
 /// woken in-process anyway.
-fn spawn_job_waker(pool: PgPool) -> tokio::sync::mpsc::Sender<()> {
-    let (wake, mut wakes) = tokio::sync::mpsc::channel::<()>(1);
+fn spawn_job_waker(pool: PgPool) -> Arc<OtherProcesses> {
+    let (trigger, mut triggered) = tokio::sync::mpsc::channel::<()>(1);
+    let others = Arc::new(OtherProcesses {
+        pending: std::sync::Mutex::new(PendingWakeups::default()),
+        trigger,
+    });
+    let waker = others.clone();
     tokio::spawn(async move {
-        while wakes.recv().await.is_some() {
-            if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+        while triggered.recv().await.is_some() {
+            let pending = std::mem::take(&mut *waker.pending.lock().expect("wake-up lock"));
+            // An empty payload wakes every kind.
+            let payload = if pending.all {
+                String::new()
+            } else {
+                signal::payload(pending.kinds.iter().map(String::as_str))
+            };
+            if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(JOBS_CHANNEL)
+                .bind(payload)
                 .execute(&pool)
                 .await
             {
@@ -85,7 +97,46 @@ fn spawn_job_waker(pool: PgPool) -> tokio::sync::mpsc::Sender<()> {
             }
         }
     });
-    wake
+    others
+}
+
+/// The wake-ups waiting for the waker task to NOTIFY other processes.
+struct OtherProcesses {
+    pending: std::sync::Mutex<PendingWakeups>,
+    /// Full means a NOTIFY is already due: what was added to `pending` rides along with it.
+    trigger: tokio::sync::mpsc::Sender<()>,
+}
+
+#[derive(Default)]
+struct PendingWakeups {
+    /// Every kind (a replay): sent as an empty payload.
+    all: bool,
+    kinds: std::collections::BTreeSet<String>,
+}
+
+/// Wakes the workers of the kinds a commit enqueued: in this process at once, in the others by
+/// a coalesced NOTIFY after the commit.
+#[derive(Clone)]
+struct Wakeups {
+    local: Arc<JobSignal>,
+    others: Arc<OtherProcesses>,
+}
+
+impl Wakeups {
+    fn enqueued(&self, kinds: &[&str]) {
+        self.local.wake(kinds.iter().copied());
+        let mut pending = self.others.pending.lock().expect("wake-up lock");
+        pending.kinds.extend(kinds.iter().map(|kind| kind.to_string()));
+        drop(pending);
+        let _ = self.others.trigger.try_send(());
+    }
+
+    /// Jobs of unknown kinds became ready (a replay): every worker looks.
+    fn all(&self) {
+        self.local.wake_all();
+        self.others.pending.lock().expect("wake-up lock").all = true;
+        let _ = self.others.trigger.try_send(());
+    }
 }
 
 /// Forwards NOTIFYs on [`JOBS_CHANNEL`] to the in-process signal until the store is dropped.
@@ -94,10 +145,15 @@ fn spawn_job_waker(pool: PgPool) -> tokio::sync::mpsc::Sender<()> {
 /// connection and a new LISTEN — with backoff until it answers again, and the workers are woken
 /// on every loss and every reconnection, since a notification sent meanwhile was missed. A failed
 /// `PgListener` is never reused: after some errors (a reset connection) it keeps its dead socket.
-fn spawn_job_listener(pool: PgPool, signal: std::sync::Weak<tokio::sync::Notify>) {
-    let wake = move || match signal.upgrade() {
+fn spawn_job_listener(pool: PgPool, signal: std::sync::Weak<JobSignal>) {
+    // Wakes the kinds a notification names (every kind for `None`: a notification may have been
+    // missed); false once the store is gone.
+    let wake = move |payload: Option<&str>| match signal.upgrade() {
         Some(signal) => {
-            signal.notify_waiters();
+            match payload {
+                Some(payload) => signal.wake_payload(payload),
+                None => signal.wake_all(),
+            }
             true
         }
         None => false,
@@ -116,14 +172,14 @@ fn spawn_job_listener(pool: PgPool, signal: std::sync::Weak<tokio::sync::Notify>
                         tracing::info!("job listener listening again");
                     }
                     failures = 0;
-                    if !wake() {
+                    if !wake(None) {
                         return;
                     }
                     loop {
                         match listener.try_recv().await {
-                            Ok(Some(_)) if wake() => {}
+                            Ok(Some(notification)) if wake(Some(notification.payload())) => {}
                             // The connection dropped; a notification may have been missed.
-                            Ok(None) if wake() => break None,
+                            Ok(None) if wake(None) => break None,
                             Ok(_) => return,
                             Err(error) => break Some(error),
                         }
@@ -131,7 +187,7 @@ fn spawn_job_listener(pool: PgPool, signal: std::sync::Weak<tokio::sync::Notify>
                 }
                 Err(error) => Some(error),
             };
-            if pool.is_closed() || !wake() {
+            if pool.is_closed() || !wake(None) {
                 return;
             }
             failures += 1;
@@ -172,31 +228,27 @@ impl PgStore {
             .run(&pool)
             .await
             .context("applying PostgreSQL migrations")?;
-        let jobs_ready = Arc::new(tokio::sync::Notify::new());
-        spawn_job_listener(listener_pool, Arc::downgrade(&jobs_ready));
-        let wake_others = spawn_job_waker(pool.clone());
+        let local = JobSignal::new();
+        spawn_job_listener(listener_pool, Arc::downgrade(&local));
+        let wakeups = Wakeups {
+            local,
+            others: spawn_job_waker(pool.clone()),
+        };
         let committer = {
-            let (local, others) = (jobs_ready.clone(), wake_others.clone());
+            let wakeups = wakeups.clone();
             GroupCommit::start(
                 pool.clone(),
                 "BEGIN",
                 "FOR UPDATE",
                 options.group_commit.resolve(false, options.max_connections),
-                Arc::new(move || {
-                    local.notify_waiters();
-                    let _ = others.try_send(());
-                }),
+                Arc::new(move |kinds| wakeups.enqueued(kinds)),
             )
         };
         let checkouts = {
-            let (local, others) = (jobs_ready.clone(), wake_others.clone());
             let (max_batch, writers) = options.checkout_batch.resolve();
             let writer = Checkouts(PgCheckouts {
                 pool: pool.clone(),
-                enqueued: Arc::new(move || {
-                    local.notify_waiters();
-                    let _ = others.try_send(());
-                }),
+                wakeups: wakeups.clone(),
             });
             Batcher::start(writer, max_batch, writers)
         };
@@ -211,17 +263,15 @@ impl PgStore {
             committer,
             checkouts,
             pool,
-            jobs_ready,
-            wake_others,
+            wakeups,
             events,
         })
     }
 
-    /// Wakes job workers here and (coalesced, after commit) in other processes.
+    /// Wakes every job worker here and (coalesced, after commit) in other processes: jobs of
+    /// any kind became ready (a replay).
     fn jobs_enqueued(&self) {
-        self.jobs_ready.notify_waiters();
-        // Full means a wake-up is already pending: this one rides along with it.
-        let _ = self.wake_others.try_send(());
+        self.wakeups.all();
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -387,7 +437,7 @@ async fn release_key(pool: &PgPool, principal: &str, key: &str, lock_token: Uuid
 /// events, first jobs and completed idempotency records. A group of one is a single checkout.
 struct PgCheckouts {
     pool: PgPool,
-    enqueued: Arc<dyn Fn() + Send + Sync>,
+    wakeups: Wakeups,
 }
 
 #[async_trait]
@@ -543,7 +593,8 @@ impl PgCheckouts {
                     GroupFailure::at_commit(error)
                 }
             })?;
-            (self.enqueued)();
+            let kinds: Vec<&str> = group.iter().map(|checkout| checkout.request.first_job.kind).collect();
+            self.wakeups.enqueued(&kinds);
         }
         Ok(allocated
             .into_iter()
@@ -842,8 +893,8 @@ impl Store for PgStore {
             .collect()
     }
 
-    fn job_signal(&self) -> Arc<tokio::sync::Notify> {
-        self.jobs_ready.clone()
+    fn job_signal(&self) -> Arc<JobSignal> {
+        self.wakeups.local.clone()
     }
 
     async fn get_product(&self, id: ProductId) -> StoreResult<Option<Product>> {

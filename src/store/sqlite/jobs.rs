@@ -185,7 +185,7 @@ impl JobStore for SqliteStore {
         let replayed = sql.build().execute(&mut *tx).await?.rows_affected();
         tx.commit().await?;
         if replayed > 0 {
-            self.jobs_ready.notify_waiters();
+            self.jobs_ready.wake_all();
         }
         Ok(replayed)
     }

@@ -35,6 +35,7 @@ use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::reads;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
+use super::signal::JobSignal;
 use super::{
     AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder, PlaceOrderOutcome,
     ProductQuery, Store, StoreError, StoreResult,
@@ -62,7 +63,7 @@ pub struct SqliteStore {
     reader: SqlitePool,
     in_flight: InFlight,
     /// Wakes this process's job workers after jobs are enqueued or replayed.
-    jobs_ready: Arc<tokio::sync::Notify>,
+    jobs_ready: Arc<JobSignal>,
     events: EventsSql<Sqlite>,
     committer: GroupCommit,
     /// Groups concurrent checkouts into shared transactions ([`checkout_batch`]).
@@ -122,7 +123,7 @@ impl SqliteStore {
             begin: "BEGIN IMMEDIATE",
             lock_rows: "",
         };
-        let jobs_ready = Arc::new(tokio::sync::Notify::new());
+        let jobs_ready = JobSignal::new();
         let committer = {
             let local = jobs_ready.clone();
             GroupCommit::start(
@@ -130,7 +131,7 @@ impl SqliteStore {
                 "BEGIN IMMEDIATE",
                 "",
                 options.group_commit.resolve(true, 1),
-                Arc::new(move || local.notify_waiters()),
+                Arc::new(move |kinds| local.wake(kinds.iter().copied())),
             )
         };
         let checkouts = {
@@ -384,7 +385,7 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    fn job_signal(&self) -> Arc<tokio::sync::Notify> {
+    fn job_signal(&self) -> Arc<JobSignal> {
         self.jobs_ready.clone()
     }
 
@@ -485,7 +486,7 @@ impl Drop for InFlightClaim {
 /// rows; one commit (one fsync) for all.
 struct SqliteCheckouts {
     writer: SqlitePool,
-    enqueued: Arc<tokio::sync::Notify>,
+    enqueued: Arc<JobSignal>,
 }
 
 #[async_trait]
@@ -568,7 +569,8 @@ impl CheckoutTransaction for SqliteCheckouts {
                 }
             }
             tx.commit().await.map_err(GroupFailure::at_commit)?;
-            self.enqueued.notify_waiters();
+            self.enqueued
+                .wake(group.iter().map(|checkout| checkout.request.first_job.kind));
         }
         let mut allocated = allocated.into_iter();
         Ok(outcomes

@@ -37,7 +37,7 @@ impl OpsStore for SqliteStore {
         let changed = ops::transition(&mut tx, transition).await?;
         tx.commit().await?;
         if changed && !transition.deliveries.is_empty() {
-            self.jobs_ready.notify_waiters();
+            self.jobs_ready.wake_all();
         }
         Ok(changed)
     }
