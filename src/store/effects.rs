@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::jobs::{CompleteOutcome, JobLease, Refusal, StepEffects};
 use super::jobs_common::{inventory_plan, next_status};
 use super::rows::{ORDER_COLUMNS, OrderItemRow, OrderRow};
+
 use super::{StoreError, StoreResult};
 use super::{after_sale, events};
 use crate::domain::OrderStatus;
@@ -35,7 +36,7 @@ where
     for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
     for<'q> Option<Uuid>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
-    OrderRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+    LockedOrderRow: for<'r> sqlx::FromRow<'r, DB::Row>,
     OrderItemRow: for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     let mut correlation_id: Option<String> = None;
@@ -56,16 +57,22 @@ where
     }
     if let Some(order_id) = effects.order_id {
         let order = order_id.as_uuid();
-        let current: Option<(String, String, Option<String>)> = sqlx::query_as(&format!(
-            "SELECT status, inventory_state, correlation_id FROM orders WHERE id = $1 {lock_order_row}"
+        // The whole row, locked: its status decides, and it is the snapshot events are rendered
+        // from (with the status this transaction gives it), so it is read once.
+        let locked: Option<LockedOrderRow> = sqlx::query_as(&format!(
+            "SELECT {ORDER_COLUMNS}, inventory_state FROM orders WHERE id = $1 {lock_order_row}"
         ))
         .bind(order)
         .fetch_optional(&mut **tx)
         .await?;
-        let (status, inventory_state, order_correlation) =
-            current.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
-        let status: OrderStatus = status.parse().map_err(StoreError::Corrupt)?;
-        correlation_id = correlation_id.or(order_correlation);
+        let LockedOrderRow {
+            order: row,
+            inventory_state,
+        } = locked.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
+        let status: OrderStatus = row.status().parse().map_err(StoreError::Corrupt)?;
+        correlation_id = correlation_id.or(row.correlation_id().map(str::to_string));
+        // The order's lines, read when the stock moves or events are rendered (once for both).
+        let mut lines: Option<Vec<OrderItemRow>> = None;
         // Requests that carry their own idempotency answer before the status is looked at: a
         // retried shipment replays even after the order has moved on.
         if let Some(draft) = &effects.shipment {
@@ -107,14 +114,14 @@ where
             .transpose()?
             .flatten()
         {
-            let lines: Vec<(Uuid, i64)> = sqlx::query_as(
-                "SELECT product_id, CAST(quantity AS BIGINT) FROM order_items WHERE order_id = $1 ORDER BY product_id",
-            )
-            .bind(order)
-            .fetch_all(&mut **tx)
-            .await?;
+            let items = order_items(tx, order, &mut lines).await?;
             // Product rows in id order: the global lock order.
-            for (product, quantity) in lines {
+            let mut by_product: Vec<(Uuid, i64)> = items
+                .iter()
+                .map(|item| (item.product_id, i64::from(item.quantity)))
+                .collect();
+            by_product.sort_unstable();
+            for (product, quantity) in by_product {
                 sqlx::query(
                     "UPDATE products SET on_hand = on_hand + $1, reserved = reserved + $2, version = version + 1, \
                      updated_at = $3 WHERE id = $4",
@@ -200,34 +207,41 @@ where
             .await?;
         }
         if !effects.emit.is_empty() {
-            let row: OrderRow = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
-                .bind(order)
-                .fetch_one(&mut **tx)
-                .await?;
-            let items: Vec<OrderItemRow> = sqlx::query_as(
-                "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items WHERE order_id = $1 \
-                 ORDER BY line_no",
-            )
-            .bind(order)
-            .fetch_all(&mut **tx)
-            .await?;
-            let payment: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
-                "SELECT state, provider, amount_minor, captured_minor, refunded_minor FROM payments WHERE order_id = $1",
-            )
-            .bind(order)
-            .fetch_optional(&mut **tx)
-            .await?;
-            let payment =
-                payment.map(
-                    |(state, provider, authorized_minor, captured_minor, refunded_minor)| PaymentFacts {
-                        state,
-                        provider,
-                        authorized_minor,
-                        captured_minor,
-                        refunded_minor,
-                    },
-                );
-            let snapshot = row.into_order(&items)?;
+            // The payment as this transaction left it: the change it wrote, or the stored row
+            // (which a refund's settlement may have just moved).
+            let payment = match (&effects.payment, &effects.refund_settled) {
+                (Some(change), None) => Some(PaymentFacts {
+                    state: change.state.as_str().to_string(),
+                    provider: change.provider.clone(),
+                    authorized_minor: change.amount_minor,
+                    captured_minor: change.captured_minor,
+                    refunded_minor: change.refunded_minor,
+                }),
+                _ => {
+                    let stored: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
+                        "SELECT state, provider, amount_minor, captured_minor, refunded_minor FROM payments \
+                         WHERE order_id = $1",
+                    )
+                    .bind(order)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                    stored.map(
+                        |(state, provider, authorized_minor, captured_minor, refunded_minor)| PaymentFacts {
+                            state,
+                            provider,
+                            authorized_minor,
+                            captured_minor,
+                            refunded_minor,
+                        },
+                    )
+                }
+            };
+            let items = order_items(tx, order, &mut lines).await?;
+            let mut snapshot = row.into_order(items)?;
+            if final_status != status {
+                snapshot.status = final_status;
+                snapshot.updated_at = now;
+            }
             let rendered = events::render(&snapshot, payment.as_ref(), &effects.emit);
             events::append(
                 tx,
@@ -257,4 +271,38 @@ where
         .await?;
     }
     Ok(CompleteOutcome::Completed)
+}
+
+/// An order row read with its lock, and its inventory state.
+#[derive(sqlx::FromRow)]
+pub(super) struct LockedOrderRow {
+    #[sqlx(flatten)]
+    order: OrderRow,
+    inventory_state: String,
+}
+
+/// The order's lines in line order, read on first use within the transaction.
+async fn order_items<'l, DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    order: Uuid,
+    lines: &'l mut Option<Vec<OrderItemRow>>,
+) -> StoreResult<&'l [OrderItemRow]>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    OrderItemRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    if lines.is_none() {
+        let items: Vec<OrderItemRow> = sqlx::query_as(
+            "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items WHERE order_id = $1 \
+             ORDER BY line_no",
+        )
+        .bind(order)
+        .fetch_all(&mut **tx)
+        .await?;
+        *lines = Some(items);
+    }
+    Ok(lines.as_deref().unwrap_or_default())
 }

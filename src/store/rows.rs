@@ -91,8 +91,8 @@ pub struct OrderRow {
 #[derive(sqlx::FromRow)]
 pub struct OrderItemRow {
     pub order_id: Uuid,
-    product_id: Uuid,
-    quantity: i32,
+    pub product_id: Uuid,
+    pub quantity: i32,
     unit_price_minor: i64,
 }
 
@@ -105,6 +105,14 @@ pub struct OrderEventRow {
 }
 
 impl OrderRow {
+    pub fn status(&self) -> &str {
+        &self.status
+    }
+
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
     /// Assembles the order from its row and its item rows (items of other orders are ignored).
     pub fn into_order(self, items: &[OrderItemRow]) -> StoreResult<Order> {
         let lines = items
