@@ -126,6 +126,20 @@ impl TestDb {
         }
     }
 
+    /// Runs a `SELECT count(*) …` (or any one-integer query) directly on the test database.
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self {
+            TestDb::Sqlite { url, .. } => {
+                let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+            TestDb::Postgres { url, .. } => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+
     pub async fn connect(&self) -> Arc<dyn Store> {
         self.connect_with(&connect_options()).await
     }
