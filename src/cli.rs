@@ -32,6 +32,7 @@ use crate::store::sandbox::SandboxBooks;
 use crate::store::{self, Store, redact_url};
 use crate::workflow::SEND_CANCELLATION;
 use crate::workflow::checkout::CheckoutSettings;
+use crate::workflow::idempotency::IdempotencySettings;
 use crate::workflow::steps::{Saga, SagaSettings, expire_reservations};
 use crate::{http, seed, telemetry};
 
@@ -156,6 +157,11 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         tasks.spawn(alarms::run(
             store.clone(),
             (*monitoring.alarms).clone(),
+            stop_rx.clone(),
+        ));
+        tasks.spawn(crate::workflow::idempotency::run(
+            store.clone(),
+            IdempotencySettings::with_retention(args.idempotency_retention),
             stop_rx.clone(),
         ));
         tasks.spawn(expire_reservations_periodically(

@@ -408,6 +408,11 @@ pub struct ServeArgs {
     /// How long finished jobs are kept.
     #[arg(long, env = "ORDERFLOW_JOB_RETENTION", global = true, default_value = "7d", value_parser = parse_duration)]
     pub job_retention: Duration,
+    /// How long a checkout's Idempotency-Key is remembered after its answer: a retry within it
+    /// replays the first answer, a request after it places a new order. Must cover the longest
+    /// client retry window; at least 1h.
+    #[arg(long, env = "ORDERFLOW_IDEMPOTENCY_RETENTION", global = true, default_value = "24h", value_parser = parse_idempotency_retention)]
+    pub idempotency_retention: Duration,
     /// Orders unpaid this long after checkout are cancelled and their stock released.
     #[arg(long, env = "ORDERFLOW_RESERVATION_TTL", global = true, default_value = "30m", value_parser = parse_duration)]
     pub reservation_ttl: Duration,
@@ -859,6 +864,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     parse_ttl(text)
 }
 
+/// `--idempotency-retention`: a duration no shorter than
+/// [`MIN_RETENTION`](crate::workflow::idempotency::MIN_RETENTION).
+fn parse_idempotency_retention(text: &str) -> Result<Duration, String> {
+    use crate::workflow::idempotency::MIN_RETENTION;
+    let retention = parse_duration(text)?;
+    if retention < MIN_RETENTION {
+        return Err(format!(
+            "must be at least {}h: a key forgotten sooner may be forgotten while its client still retries, \
+             and that retry would place a second order",
+            MIN_RETENTION.as_secs() / 3600
+        ));
+    }
+    Ok(retention)
+}
+
 /// A delay that may be zero (`0`, `0s`): the first entry of a retry schedule is "at once".
 fn parse_delay(text: &str) -> Result<Duration, String> {
     match text.trim() {
@@ -946,6 +966,22 @@ mod tests {
                 .metrics_access(),
             crate::monitoring::MetricsAccess::Restricted { scrape_token: Some(_) }
         ));
+    }
+
+    #[test]
+    fn idempotency_retention_has_a_floor() {
+        let retention = |args: &[&str]| Cli::try_parse_from([&["orderflow"], args].concat()).map(|cli| cli.serve);
+        assert_eq!(
+            retention(&[]).unwrap().idempotency_retention,
+            Duration::from_secs(86_400)
+        );
+        let two_days = retention(&["serve", "--idempotency-retention", "2d"]).unwrap();
+        assert_eq!(two_days.idempotency_retention, Duration::from_secs(2 * 86_400));
+        let error = retention(&["--idempotency-retention", "10m"]).unwrap_err().to_string();
+        assert!(
+            error.contains("--idempotency-retention") && error.contains("at least 1h"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ on_both_backends!(
     auth_rules,
     idempotency_replay_reuse_and_scope,
     idempotency_key_in_flight_gets_409,
+    idempotency_key_past_retention_places_a_new_order,
     concurrent_single_unit_orders_never_oversell,
     concurrent_mixed_carts_no_deadlock_no_oversell,
     concurrent_identical_requests_make_one_order,
@@ -912,6 +913,47 @@ async fn idempotency_replay_reuse_and_scope(backend: Backend) {
         .await;
     assert_eq!(restock.status(), 200);
     assert_eq!(app.place_order(&token, "after-restock", &big).await.status(), 202);
+    app.assert_audit_clean().await;
+}
+
+/// API.md: checkout keys are remembered for `--idempotency-retention`. Within it a retry replays
+/// (202, `Idempotent-Replayed: true`); once the pruner has forgotten the key, the same request is a
+/// new checkout (202, a new order), and the audit stays clean.
+async fn idempotency_key_past_retention_places_a_new_order(backend: Backend) {
+    use orderflow::workflow::idempotency::{IdempotencySettings, forget_expired};
+    let app = TestApp::spawn(backend).await;
+    let product = app.product("3.00", 10).await;
+    let (_, token) = app.customer().await;
+    let body = json!({"items": [{"product_id": product, "quantity": 1}]});
+    let first = app.place_order(&token, "kept-a-day", &body).await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+
+    let settings = IdempotencySettings::with_retention(Duration::from_secs(24 * 3600));
+    let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let in_hours = |hours: i64| orderflow::clock::now() + chrono::Duration::hours(hours);
+    let forgotten = forget_expired(app.store.as_ref(), &settings, in_hours(23), &mut stop).await;
+    assert_eq!(forgotten.unwrap(), 0, "within the retention the key is kept");
+    let replay = app.place_order(&token, "kept-a-day", &body).await;
+    assert_eq!(replay.status(), 202);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.json::<Value>().await.unwrap()["order_id"], first["order_id"]);
+
+    let forgotten = forget_expired(app.store.as_ref(), &settings, in_hours(25), &mut stop).await;
+    assert_eq!(forgotten.unwrap(), 1);
+    let late = app.place_order(&token, "kept-a-day", &body).await;
+    assert_eq!(late.status(), 202);
+    assert!(late.headers().get("idempotent-replayed").is_none());
+    let late: Value = late.json().await.unwrap();
+    assert_ne!(late["order_id"], first["order_id"], "a new order");
+    assert_eq!(app.available(&product).await, 8);
+    let earlier = app
+        .get(
+            &format!("/orders/{}", first["order_id"].as_str().unwrap()),
+            Some(&app.admin),
+        )
+        .await;
+    assert_eq!(earlier.status(), 200, "the first order is kept");
     app.assert_audit_clean().await;
 }
 

@@ -24,6 +24,8 @@ on_both_backends!(
     customer_conflicts_are_classified,
     audit_catches_each_broken_invariant,
     migrations_are_safe_to_rerun_concurrently,
+    old_idempotency_keys_are_forgotten_in_bounded_batches,
+    audit_sees_keys_forgotten_by_halves,
 );
 
 async fn product(store: &dyn Store, price: i64, stock: i64) -> ProductId {
@@ -432,6 +434,108 @@ async fn migrations_are_safe_to_rerun_concurrently(backend: Backend) {
     }
     let store = db.connect().await;
     assert!(store.is_empty().await.unwrap());
+}
+
+/// Keys past the retention are forgotten a bounded batch per call, oldest first, their orders
+/// kept whole; newer keys still replay; a forgotten key places a new order.
+async fn old_idempotency_keys_are_forgotten_in_bounded_batches(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let item = product(store.as_ref(), 100, 20).await;
+    let buyer = customer(store.as_ref()).await;
+    let now = orderflow::clock::now();
+    let mut old = Vec::new();
+    for n in 0..5 {
+        let mut placed = request(buyer, &format!("old-{n}"), &[(item, 1)]);
+        placed.now = now - chrono::Duration::hours(48) + chrono::Duration::seconds(n);
+        let PlaceOrderOutcome::Created(order) = store.place_order(&placed).await.unwrap() else {
+            panic!("not created")
+        };
+        old.push(order);
+    }
+    let fresh = request(buyer, "fresh", &[(item, 1)]);
+    let PlaceOrderOutcome::Created(fresh_order) = store.place_order(&fresh).await.unwrap() else {
+        panic!("not created")
+    };
+    let remembered = "SELECT count(*) FROM idempotency_keys";
+    let keyless = "SELECT count(*) FROM orders WHERE idempotency_key IS NULL";
+    assert_eq!((db.count(remembered).await, db.count(keyless).await), (6, 0));
+
+    let before = now - chrono::Duration::hours(24);
+    let mut batches = Vec::new();
+    loop {
+        let forgotten = store.forget_idempotency_keys(before, 2).await.unwrap();
+        batches.push(forgotten);
+        // After each call, the records and the orders' keys went together.
+        assert_eq!(db.count(remembered).await + db.count(keyless).await, 6);
+        if forgotten == 0 {
+            break;
+        }
+    }
+    assert_eq!(batches, [2, 2, 1, 0], "at most a batch per call, until none is left");
+    assert_eq!(db.count(remembered).await, 1, "the fresh key is kept");
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 6, "no order was deleted");
+    for order in &old {
+        assert_eq!(&store.get_order(order.id).await.unwrap().unwrap().order, order);
+    }
+    assert!(store.audit().await.unwrap().is_clean());
+
+    // The fresh key still replays its order; a forgotten one is a new checkout.
+    assert_eq!(
+        store.place_order(&request(buyer, "fresh", &[(item, 1)])).await.unwrap(),
+        PlaceOrderOutcome::Replayed(fresh_order)
+    );
+    let again = request(buyer, "old-0", &[(item, 1)]);
+    let PlaceOrderOutcome::Created(second) = store.place_order(&again).await.unwrap() else {
+        panic!("a forgotten key places a new order")
+    };
+    assert_ne!(second.id, old[0].id);
+    assert_eq!(
+        store.place_order(&request(buyer, "old-0", &[(item, 1)])).await.unwrap(),
+        PlaceOrderOutcome::Replayed(second),
+        "and is remembered again from then on"
+    );
+    assert_eq!(available(store.as_ref(), item).await, 20 - 7);
+    assert!(store.audit().await.unwrap().is_clean());
+}
+
+/// The I3 checks after the pruner's two halves were split (a record deleted without its order's
+/// key cleared, or the reverse) and when the database's own guard is gone (two orders under one
+/// remembered key).
+async fn audit_sees_keys_forgotten_by_halves(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let item = product(store.as_ref(), 100, 10).await;
+    let buyer = customer(store.as_ref()).await;
+    store.place_order(&request(buyer, "a", &[(item, 1)])).await.unwrap();
+    store.place_order(&request(buyer, "b", &[(item, 1)])).await.unwrap();
+    let caught = |check: &'static str| {
+        let store = store.clone();
+        async move {
+            let report = store.audit().await.unwrap();
+            assert!(
+                report.violations.iter().any(|v| v.check == check),
+                "{check} not caught:\n{report}"
+            );
+        }
+    };
+    db.tamper("UPDATE orders SET idempotency_key = NULL WHERE idempotency_key = 'a'")
+        .await;
+    caught("key_records_match_orders").await;
+    db.tamper("UPDATE orders SET idempotency_key = 'a' WHERE idempotency_key IS NULL")
+        .await;
+    assert!(store.audit().await.unwrap().is_clean());
+    db.tamper("DELETE FROM idempotency_keys WHERE key = 'b'").await;
+    caught("key_records_match_orders").await;
+
+    // Without the unique constraint (SQLite's cannot be dropped), two orders under one key are
+    // the audit's to find.
+    if backend == Backend::Postgres {
+        db.tamper("ALTER TABLE orders DROP CONSTRAINT orders_idempotency_principal_idempotency_key_key")
+            .await;
+        db.tamper("UPDATE orders SET idempotency_key = 'a'").await;
+        caught("one_order_per_key").await;
+    }
 }
 
 mod postgres_only {

@@ -248,8 +248,9 @@ impl IntoParams for IdempotencyKey {
             true,
             "A unique value per attempt (e.g. a UUID), sent again unchanged when retrying that attempt. The same \
              key with the same body replays the first answer (`Idempotent-Replayed: true`); with a different body \
-             → 422 `idempotency_key_reused`. Checkouts (POST /orders): scoped to the caller, kept at least 24 \
-             hours, and 409 `idempotency_key_in_use` while the first request is still running. Shipments and \
+             → 422 `idempotency_key_reused`. Checkouts (POST /orders): scoped to the caller, remembered for the \
+             server's `--idempotency-retention` (default 24 hours; a request after that is new and places a new \
+             order), and 409 `idempotency_key_in_use` while the first request is still running. Shipments and \
              refunds: scoped to the order, kept with the shipment or refund (for good).",
             ObjectBuilder::new()
                 .schema_type(Type::String)

@@ -1256,7 +1256,7 @@ events_sql_bounds! {
 }
 
 /// `($start, $start+1), ($start+2, …)…`: `rows` tuples of `width` numbered parameters.
-fn tuples(start: usize, width: usize, rows: usize) -> String {
+pub(super) fn tuples(start: usize, width: usize, rows: usize) -> String {
     (0..rows)
         .map(|row| {
             let first = start + row * width;

@@ -14,6 +14,7 @@ mod common;
 mod effects;
 pub mod events;
 pub mod group_commit;
+pub mod idempotency;
 pub mod jobs;
 mod jobs_common;
 pub mod ops;
@@ -262,6 +263,12 @@ pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send +
 
     /// Checks the invariants of DESIGN.md against the stored data.
     async fn audit(&self) -> StoreResult<AuditReport>;
+
+    /// Forgets up to `batch` (at most [`idempotency::MAX_BATCH`]) checkout idempotency keys last
+    /// written before `before`, oldest first: their records are deleted and their orders' keys
+    /// cleared in one transaction, so a later request with such a key places a new order. Returns
+    /// how many were forgotten; one call is one bounded transaction (the caller repeats it).
+    async fn forget_idempotency_keys(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
 }
 
 /// Connection settings shared by both backends.

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod checkout;
+pub mod idempotency;
 pub mod reconcile;
 pub mod steps;
 

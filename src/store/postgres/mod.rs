@@ -29,6 +29,7 @@ use super::checkout_batch::{self, Checkout, CheckoutTransaction, Checkouts, Grou
 use super::common::{is_foreign_key_violation, placed_data, replay_or_refuse, stock_levels, unique_is_conflict};
 use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
+use super::idempotency;
 use super::reads;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::signal::{self, JobSignal};
@@ -923,6 +924,10 @@ impl Store for PgStore {
 
     async fn audit(&self) -> StoreResult<AuditReport> {
         audit::run(&self.pool).await
+    }
+
+    async fn forget_idempotency_keys(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        idempotency::forget_keys(&self.pool, "BEGIN", before, batch).await
     }
 }
 
