@@ -84,6 +84,124 @@ where
     sql
 }
 
+/// A job's lease bookkeeping — heartbeat, failure, postponement — written once for both
+/// backends. The dialects differ only in how a write transaction begins (`BEGIN IMMEDIATE` on
+/// SQLite's single writer) and how the job's row is locked (`FOR UPDATE`, nothing on SQLite).
+pub mod leases {
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    use super::{POSTPONE_SQL, record_failure};
+    use crate::store::StoreResult;
+    use crate::store::jobs::{FailOutcome, JobLease};
+
+    /// [`JobStore::extend_lease`](crate::store::jobs::JobStore::extend_lease).
+    pub async fn extend<DB>(
+        pool: &sqlx::Pool<DB>,
+        begin: &str,
+        lease: &JobLease,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'r> (Uuid,): sqlx::FromRow<'r, DB::Row>,
+    {
+        let mut tx = pool.begin_with(begin.to_string()).await?;
+        let updated: Option<(Uuid,)> = sqlx::query_as(
+            "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running' \
+             RETURNING id",
+        )
+        .bind(until)
+        .bind(lease.job_id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(updated.is_some())
+    }
+
+    /// [`JobStore::fail_job`](crate::store::jobs::JobStore::fail_job): the failure appended to the
+    /// job's history, then retried at `retry_at` or dead.
+    pub async fn fail<DB>(
+        pool: &sqlx::Pool<DB>,
+        (begin, lock_row): (&str, &str),
+        lease: &JobLease,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<FailOutcome>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'r> (i32, i32, String): sqlx::FromRow<'r, DB::Row>,
+    {
+        let mut tx = pool.begin_with(begin.to_string()).await?;
+        let current: Option<(i32, i32, String)> = sqlx::query_as(&format!(
+            "SELECT attempts, max_attempts, error_history FROM jobs WHERE id = $1 AND lease_token = $2 \
+             AND state = 'running' {lock_row}"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((attempts, max_attempts, history)) = current else {
+            return Ok(FailOutcome::LeaseLost);
+        };
+        let failure = record_failure(attempts, max_attempts, &history, error, retry_at, now);
+        sqlx::query(
+            "UPDATE jobs SET state = $1, run_at = $2, last_error = $3, error_history = $4, lease_token = NULL, \
+             lease_expires_at = NULL, updated_at = $5 WHERE id = $6",
+        )
+        .bind(failure.state)
+        .bind(failure.run_at)
+        .bind(error.to_string())
+        .bind(failure.history)
+        .bind(now)
+        .bind(lease.job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(failure.outcome)
+    }
+
+    /// [`JobStore::postpone_job`](crate::store::jobs::JobStore::postpone_job).
+    pub async fn postpone<DB>(
+        pool: &sqlx::Pool<DB>,
+        lease: &JobLease,
+        error: &str,
+        run_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'r> (Uuid,): sqlx::FromRow<'r, DB::Row>,
+    {
+        let postponed: Option<(Uuid,)> = sqlx::query_as(POSTPONE_SQL)
+            .bind(run_at)
+            .bind(error.to_string())
+            .bind(now)
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .fetch_optional(pool)
+            .await?;
+        Ok(postponed.is_some())
+    }
+}
+
 /// The pipeline's read-only queries, the same SQL on both backends (run against their read pool).
 pub mod reads {
     use chrono::{DateTime, Utc};
@@ -354,7 +472,7 @@ pub struct Failure {
 /// given back. Binds: run_at, error, now, job id, lease token.
 pub(crate) const POSTPONE_SQL: &str = "UPDATE jobs SET state = 'ready', run_at = $1, attempts = attempts - 1, \
      last_error = $2, lease_token = NULL, lease_expires_at = NULL, updated_at = $3 \
-     WHERE id = $4 AND lease_token = $5 AND state = 'running'";
+     WHERE id = $4 AND lease_token = $5 AND state = 'running' RETURNING id";
 
 /// Appends the error to the history and decides between retry and dead-letter.
 pub fn record_failure(

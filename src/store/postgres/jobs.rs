@@ -64,17 +64,7 @@ impl JobStore for PgStore {
     }
 
     async fn extend_lease(&self, lease: &JobLease, until: DateTime<Utc>) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running'",
-        )
-        .bind(until)
-        .bind(lease.job_id)
-        .bind(lease.token)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(updated.rows_affected() == 1)
+        jobs_common::leases::extend(&self.pool, "BEGIN", lease, until).await
     }
 
     async fn fail_job(
@@ -84,33 +74,7 @@ impl JobStore for PgStore {
         retry_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> StoreResult<FailOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let current: Option<(i32, i32, String)> = sqlx::query_as(
-            "SELECT attempts, max_attempts, error_history FROM jobs WHERE id = $1 AND lease_token = $2 AND state = 'running' \
-             FOR UPDATE",
-        )
-        .bind(lease.job_id)
-        .bind(lease.token)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((attempts, max_attempts, history)) = current else {
-            return Ok(FailOutcome::LeaseLost);
-        };
-        let failure = jobs_common::record_failure(attempts, max_attempts, &history, error, retry_at, now);
-        sqlx::query(
-            "UPDATE jobs SET state = $1, run_at = $2, last_error = $3, error_history = $4, lease_token = NULL, \
-             lease_expires_at = NULL, updated_at = $5 WHERE id = $6",
-        )
-        .bind(failure.state)
-        .bind(failure.run_at)
-        .bind(error)
-        .bind(&failure.history)
-        .bind(now)
-        .bind(lease.job_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(failure.outcome)
+        jobs_common::leases::fail(&self.pool, ("BEGIN", "FOR UPDATE"), lease, error, retry_at, now).await
     }
 
     async fn postpone_job(
@@ -120,15 +84,7 @@ impl JobStore for PgStore {
         run_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        let postponed = sqlx::query(jobs_common::POSTPONE_SQL)
-            .bind(run_at)
-            .bind(error)
-            .bind(now)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .execute(&self.pool)
-            .await?;
-        Ok(postponed.rows_affected() == 1)
+        jobs_common::leases::postpone(&self.pool, lease, error, run_at, now).await
     }
 
     async fn complete_job(

@@ -60,16 +60,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn extend_lease(&self, lease: &JobLease, until: DateTime<Utc>) -> StoreResult<bool> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let updated =
-            sqlx::query("UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND lease_token = ? AND state = 'running'")
-                .bind(until)
-                .bind(lease.job_id)
-                .bind(lease.token)
-                .execute(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        Ok(updated.rows_affected() == 1)
+        jobs_common::leases::extend(&self.writer, "BEGIN IMMEDIATE", lease, until).await
     }
 
     async fn fail_job(
@@ -79,32 +70,7 @@ impl JobStore for SqliteStore {
         retry_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> StoreResult<FailOutcome> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let current: Option<(i32, i32, String)> = sqlx::query_as(
-            "SELECT attempts, max_attempts, error_history FROM jobs WHERE id = ? AND lease_token = ? AND state = 'running'",
-        )
-        .bind(lease.job_id)
-        .bind(lease.token)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((attempts, max_attempts, history)) = current else {
-            return Ok(FailOutcome::LeaseLost);
-        };
-        let failure = jobs_common::record_failure(attempts, max_attempts, &history, error, retry_at, now);
-        sqlx::query(
-            "UPDATE jobs SET state = ?, run_at = ?, last_error = ?, error_history = ?, lease_token = NULL, \
-             lease_expires_at = NULL, updated_at = ? WHERE id = ?",
-        )
-        .bind(failure.state)
-        .bind(failure.run_at)
-        .bind(error)
-        .bind(&failure.history)
-        .bind(now)
-        .bind(lease.job_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(failure.outcome)
+        jobs_common::leases::fail(&self.writer, ("BEGIN IMMEDIATE", ""), lease, error, retry_at, now).await
     }
 
     async fn postpone_job(
@@ -114,15 +80,7 @@ impl JobStore for SqliteStore {
         run_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        let postponed = sqlx::query(jobs_common::POSTPONE_SQL)
-            .bind(run_at)
-            .bind(error)
-            .bind(now)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .execute(&self.writer)
-            .await?;
-        Ok(postponed.rows_affected() == 1)
+        jobs_common::leases::postpone(&self.writer, lease, error, run_at, now).await
     }
 
     async fn complete_job(
