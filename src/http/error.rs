@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::domain::{FieldError, FieldErrors, ProductId};
-use crate::store::StoreError;
+use crate::store::{StoreError, WriteRefusal};
 
 /// The body of every error answer (`application/problem+json`, RFC 9457), as the API schema
 /// publishes it. [`ApiError`]'s `IntoResponse` renders it; a test below keeps the two in step.
@@ -24,7 +24,7 @@ pub struct Problem {
     /// What went wrong with this request, and often how to fix it.
     detail: String,
     /// Stable machine-readable code, e.g. `validation_failed`, `insufficient_stock`,
-    /// `idempotency_key_reused`, `rate_limited`.
+    /// `idempotency_key_reused`, `rate_limited`, `storage_full`.
     #[schema(examples("validation_failed"))]
     code: String,
     /// Every bad field (validation) or the field a refusal is about.
@@ -245,6 +245,27 @@ impl ApiError {
         }
     }
 
+    /// 503 `storage_full` or `database_read_only` with `Retry-After`: the database answers reads
+    /// but takes no writes until an operator frees space or makes it writable again.
+    pub fn writes_refused(reason: WriteRefusal) -> Self {
+        let (code, detail) = match reason {
+            WriteRefusal::StorageFull => (
+                "storage_full",
+                "the database's storage is full, so nothing can be written now (reads still work); retry \
+                 later (a POST /orders retried with the same Idempotency-Key places the order once)",
+            ),
+            WriteRefusal::ReadOnly => (
+                "database_read_only",
+                "the database is read-only, so nothing can be written now (reads still work); retry later \
+                 (a POST /orders retried with the same Idempotency-Key places the order once)",
+            ),
+        };
+        Self {
+            code,
+            ..Self::unavailable(detail)
+        }
+    }
+
     /// 503 `timed_out`: the handler ran past its time limit.
     pub fn timed_out(limit: std::time::Duration) -> Self {
         Self {
@@ -318,6 +339,10 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(%cause, "database unavailable");
                 ApiError::unavailable("the service is busy; retry shortly")
             }
+            StoreError::WritesRefused(reason, cause) => {
+                tracing::warn!(%cause, %reason, "database takes no writes");
+                ApiError::writes_refused(reason)
+            }
             StoreError::Conflict(field) => {
                 ApiError::conflict("already_exists", format!("a record with this {field} already exists"))
                     .with_field(format!("/{field}"), "already in use")
@@ -379,6 +404,7 @@ mod tests {
         let problems = [
             ApiError::invalid_field("/name", "is required"),
             ApiError::unavailable("busy"),
+            ApiError::writes_refused(WriteRefusal::StorageFull),
             ApiError::unprocessable("unknown_product", "Unknown product", "no")
                 .with_extra(json!({ "product_ids": [id] })),
             ApiError::unprocessable("insufficient_stock", "Insufficient stock", "no").with_extra(json!({

@@ -3,6 +3,12 @@
 //! Readiness answers within [`READY_TIMEOUT`] even while the database is away: a connection
 //! attempt to a stopped server waits for the whole acquire timeout, and a probe that hangs is
 //! read as a dead process rather than an unready one.
+//!
+//! Readiness checks reads. A database that answers but takes no writes (its disk full, or
+//! read-only) keeps the instance ready: reads still work there, every instance shares the same
+//! database (or, embedded, there is only one), so taking it out of rotation would only turn
+//! working reads into failures; writes answer 503 `storage_full` / `database_read_only` and the
+//! condition ends by itself when an operator frees space (docs/operations.md).
 
 use std::time::Duration;
 

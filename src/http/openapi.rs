@@ -327,9 +327,11 @@ fn shared_responses() -> Map<String, Value> {
     responses.insert(
         "ServiceUnavailable".into(),
         problem_response(
-            "`overloaded` (too many requests in flight), `timed_out` (the handler ran past its deadline) or \
-             `service_unavailable` (no database connection free in time): shed quickly rather than queued. Retry \
-             after the given delay.",
+            "`overloaded` (too many requests in flight), `timed_out` (the handler ran past its deadline), \
+             `service_unavailable` (no database connection free in time, or the database went away), \
+             `storage_full` (the database's disk is full: writes refused, reads still work) or \
+             `database_read_only` (the database is read-only: writes refused, reads still work): shed quickly \
+             rather than queued. Retry after the given delay.",
             json!({ "Retry-After": retry_after() }),
         ),
     );

@@ -31,8 +31,9 @@ pub enum StepError {
     /// The lease was taken over by another worker; it owns the job now.
     #[error("lease lost")]
     LeaseLost,
-    /// The database could not be reached (restart, failover): try again later without spending
-    /// an attempt, since an outage says nothing about the job and must not dead-letter good work.
+    /// The database could not be reached (restart, failover) or takes no writes (disk full,
+    /// read-only): try again later without spending an attempt, since an outage says nothing
+    /// about the job and must not dead-letter good work.
     #[error("{0}")]
     Unavailable(String),
 }
@@ -41,9 +42,10 @@ pub enum StepError {
 /// attempt.
 impl From<StoreError> for StepError {
     fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Unavailable(_) => StepError::Unavailable(error.to_string()),
-            other => StepError::Retry(other.to_string()),
+        if error.is_outage() {
+            StepError::Unavailable(error.to_string())
+        } else {
+            StepError::Retry(error.to_string())
         }
     }
 }
@@ -226,7 +228,7 @@ impl Runner {
                 tracing::warn!(parent: &span, %error, "step failed after its lease was lost")
             }
             // The lease runs out and the job is claimed again: nothing is lost.
-            Err(store_error @ StoreError::Unavailable(_)) => {
+            Err(store_error) if store_error.is_outage() => {
                 tracing::warn!(parent: &span, %error, %store_error, "could not record a step failure")
             }
             Err(store_error) => {
@@ -405,6 +407,25 @@ impl Runner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step whose write meets a full disk or a read-only database is postponed like any
+    /// outage (no attempt spent); other store failures are retried as failures.
+    #[test]
+    fn outages_postpone_and_failures_retry() {
+        use crate::store::WriteRefusal;
+        for refusal in [WriteRefusal::StorageFull, WriteRefusal::ReadOnly] {
+            let error = StoreError::WritesRefused(refusal, "database or disk is full".into());
+            assert!(matches!(StepError::from(error), StepError::Unavailable(_)), "{refusal}");
+        }
+        assert!(matches!(
+            StepError::from(StoreError::Unavailable("restarting".into())),
+            StepError::Unavailable(_)
+        ));
+        assert!(matches!(
+            StepError::from(StoreError::Corrupt("bad row".into())),
+            StepError::Retry(_)
+        ));
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -76,12 +76,14 @@ impl GroupFailure {
         GroupFailure::Failed(error.into())
     }
 
-    /// The database is unavailable: [`StoreError::Unavailable`] for every checkout in the group.
+    /// The database is unavailable or refuses writes ([`StoreError::is_outage`]): the same
+    /// answer for every checkout in the group.
     fn is_outage(&self) -> bool {
-        matches!(
-            self,
-            GroupFailure::ConnectionLost(_) | GroupFailure::Failed(StoreError::Unavailable(_))
-        )
+        match self {
+            GroupFailure::ConnectionLost(_) => true,
+            GroupFailure::Failed(error) => error.is_outage(),
+            GroupFailure::Split | GroupFailure::Retry(_) => false,
+        }
     }
 }
 
@@ -132,11 +134,8 @@ impl<T: CheckoutTransaction> GroupWriter for Checkouts<T> {
             // The database is gone for all of them: writing each alone would only wait for it
             // once per checkout.
             Err(failure) if failure.is_outage() => {
-                let why = alone(failure).to_string();
-                group
-                    .iter()
-                    .map(|_| Err(StoreError::Unavailable(why.clone())))
-                    .collect()
+                let why = alone(failure);
+                group.iter().map(|_| Err(why.outage_copy())).collect()
             }
             Err(_) => {
                 let mut answers = Vec::with_capacity(group.len());

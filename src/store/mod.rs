@@ -41,6 +41,7 @@ use crate::domain::{
 
 pub use audit::{AuditReport, Violation};
 pub use checkout_batch::CheckoutBatchSettings;
+pub use outage::WriteRefusal;
 pub use postgres::PgStore;
 pub use sqlite::{SqliteDurability, SqliteStore};
 
@@ -56,6 +57,11 @@ pub enum StoreError {
     /// connection became free in time; retry later ([`outage`]).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The database answers reads but takes no writes: its disk is full or it is read-only
+    /// ([`outage`]). An outage like [`StoreError::Unavailable`] (retry later), which ends when
+    /// an operator frees space or makes the file system writable again.
+    #[error("database takes no writes ({0}): {1}")]
+    WritesRefused(WriteRefusal, String),
     /// A row that cannot be turned back into a domain value: a bug or a hand-edited database.
     #[error("corrupt data: {0}")]
     Corrupt(String),
@@ -63,9 +69,28 @@ pub enum StoreError {
     Database(sqlx::Error),
 }
 
+impl StoreError {
+    /// The database is away or refuses writes: answer 503, and a worker postpones its job
+    /// without spending an attempt.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::WritesRefused(..))
+    }
+
+    /// The same outage again, for each of several requests that one failure answers.
+    fn outage_copy(&self) -> StoreError {
+        match self {
+            StoreError::WritesRefused(reason, cause) => StoreError::WritesRefused(*reason, cause.clone()),
+            StoreError::Unavailable(cause) => StoreError::Unavailable(cause.clone()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        if outage::is_unavailable(&error) {
+        if let Some(reason) = outage::write_refusal(&error) {
+            StoreError::WritesRefused(reason, error.to_string())
+        } else if outage::is_unavailable(&error) {
             StoreError::Unavailable(error.to_string())
         } else {
             StoreError::Database(error)

@@ -16,16 +16,60 @@
 //! [`connection_lost`] (the connection itself broke: a transaction that had not reached COMMIT
 //! wrote nothing and may be run again at once on a fresh connection, whereas a wait for the pool
 //! that already timed out is not worth repeating).
+//!
+//! A third, [`write_refusal`], names the outages that stop writes only: a full disk (SQLite
+//! `SQLITE_FULL`, PostgreSQL 53100 `disk_full`) or a database that became read-only (SQLite
+//! `SQLITE_READONLY` and its extended codes, PostgreSQL 25006 `read_only_sql_transaction`, as on
+//! a standby after a failover went the wrong way). Reads still work, nothing was written (SQLite
+//! rolls the statement or the transaction back), and the condition lasts until an operator frees
+//! space or makes the file system writable — so the client and the operator are told which it
+//! is (`storage_full`, `database_read_only`) rather than a generic 503, and workers wait for it
+//! without spending attempts, exactly as for any outage.
 
 use sqlx::error::DatabaseError;
 
 /// SQLite primary result codes (the low byte of an extended code).
 const SQLITE_BUSY: i32 = 5;
+const SQLITE_READONLY: i32 = 8;
 const SQLITE_IOERR: i32 = 10;
+const SQLITE_FULL: i32 = 13;
 const SQLITE_CANTOPEN: i32 = 14;
+
+/// Why the database takes no writes now, though it still answers reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteRefusal {
+    /// The disk (or the file system holding the database) is full.
+    StorageFull,
+    /// The database or its file system is read-only.
+    ReadOnly,
+}
+
+impl std::fmt::Display for WriteRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriteRefusal::StorageFull => "storage full",
+            WriteRefusal::ReadOnly => "read-only",
+        })
+    }
+}
+
+/// The database refused a write for lack of space or because it is read-only.
+pub(super) fn write_refusal(error: &sqlx::Error) -> Option<WriteRefusal> {
+    let sqlx::Error::Database(db) = error else {
+        return None;
+    };
+    match code_of(db.as_ref()) {
+        Code::Postgres(sqlstate) => sqlstate_write_refusal(sqlstate),
+        Code::Sqlite(code) => sqlite_write_refusal(code),
+        Code::Other => None,
+    }
+}
 
 /// The database cannot serve this request now; the same request later may well succeed.
 pub(super) fn is_unavailable(error: &sqlx::Error) -> bool {
+    if write_refusal(error).is_some() {
+        return true;
+    }
     match error {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Database(db) => match code_of(db.as_ref()) {
@@ -82,9 +126,28 @@ fn sqlstate_unavailable(sqlstate: &str) -> bool {
     sqlstate_connection_lost(sqlstate) || sqlstate == "57P03" || sqlstate.starts_with("53")
 }
 
+/// 53100 `disk_full`, 25006 `read_only_sql_transaction`.
+fn sqlstate_write_refusal(sqlstate: &str) -> Option<WriteRefusal> {
+    match sqlstate {
+        "53100" => Some(WriteRefusal::StorageFull),
+        "25006" => Some(WriteRefusal::ReadOnly),
+        _ => None,
+    }
+}
+
 /// I/O errors of the file layer, a file that cannot be opened, a lock held past `busy_timeout`.
 fn sqlite_unavailable(code: i32) -> bool {
     matches!(code & 0xff, SQLITE_BUSY | SQLITE_IOERR | SQLITE_CANTOPEN)
+}
+
+/// `SQLITE_FULL`; `SQLITE_READONLY` with its extended codes (`_RECOVERY`, `_CANTLOCK`,
+/// `_ROLLBACK`, `_DBMOVED`, `_CANTINIT`, `_DIRECTORY`).
+fn sqlite_write_refusal(code: i32) -> Option<WriteRefusal> {
+    match code & 0xff {
+        SQLITE_FULL => Some(WriteRefusal::StorageFull),
+        SQLITE_READONLY => Some(WriteRefusal::ReadOnly),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +187,29 @@ mod tests {
         // SQLITE_CONSTRAINT_UNIQUE (2067), SQLITE_CONSTRAINT_FOREIGNKEY (787), SQLITE_ERROR.
         for code in [2067, 787, 1] {
             assert!(!sqlite_unavailable(code), "SQLite code {code}");
+        }
+    }
+
+    #[test]
+    fn a_full_disk_and_a_read_only_database_refuse_writes() {
+        // SQLITE_FULL; SQLITE_READONLY, _RECOVERY (264), _CANTLOCK (520), _ROLLBACK (776),
+        // _DBMOVED (1032), _CANTINIT (1288), _DIRECTORY (1544).
+        assert_eq!(sqlite_write_refusal(13), Some(WriteRefusal::StorageFull));
+        for code in [8, 264, 520, 776, 1032, 1288, 1544] {
+            assert_eq!(
+                sqlite_write_refusal(code),
+                Some(WriteRefusal::ReadOnly),
+                "SQLite code {code}"
+            );
+        }
+        // Busy, I/O errors (778: SQLITE_IOERR_WRITE), constraints: other answers.
+        for code in [5, 10, 778, 14, 2067, 787, 1] {
+            assert_eq!(sqlite_write_refusal(code), None, "SQLite code {code}");
+        }
+        assert_eq!(sqlstate_write_refusal("53100"), Some(WriteRefusal::StorageFull));
+        assert_eq!(sqlstate_write_refusal("25006"), Some(WriteRefusal::ReadOnly));
+        for sqlstate in ["53200", "53300", "57P01", "23505", "40001"] {
+            assert_eq!(sqlstate_write_refusal(sqlstate), None, "{sqlstate}");
         }
     }
 

@@ -354,7 +354,7 @@ impl PgStore {
     /// Gives the key back after a request that created nothing (and whose key no other request
     /// took over), so the client may retry it.
     ///
-    /// After an outage (the claim or the checkout answered [`StoreError::Unavailable`]) the
+    /// After an outage (the claim or the checkout answered [`StoreError::is_outage`]) the
     /// database is likely still away: the release is retried in the background until it lands
     /// or the claim would have gone stale anyway, so the client's retry is refused as in use no
     /// longer than the outage lasts — without making this 503 wait for it. Releasing is safe even
@@ -372,7 +372,7 @@ impl PgStore {
         ) {
             return;
         }
-        self.release(request, lock_token, matches!(result, Err(StoreError::Unavailable(_))))
+        self.release(request, lock_token, matches!(result, Err(error) if error.is_outage()))
             .await;
     }
 
@@ -381,7 +381,7 @@ impl PgStore {
     /// checkout that failed for the outage.
     async fn claim(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Claim> {
         let claimed = self.claim_key(request, lock_token).await;
-        if let Err(StoreError::Unavailable(_)) = &claimed {
+        if matches!(&claimed, Err(error) if error.is_outage()) {
             self.release(request, lock_token, true).await;
         }
         claimed
@@ -401,7 +401,7 @@ impl PgStore {
             loop {
                 match release_key(&pool, &principal, &key, lock_token).await {
                     Ok(()) => return,
-                    Err(StoreError::Unavailable(_)) if after_outage && tokio::time::Instant::now() + wait < give_up => {
+                    Err(error) if error.is_outage() && after_outage && tokio::time::Instant::now() + wait < give_up => {
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(Duration::from_secs(2));
                     }

@@ -91,6 +91,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout.max(Duration::from_secs(10)))
+            .after_release(|conn, _| Box::pin(writer_is_sound(conn)))
             .connect_with(connect.clone())
             .await
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
@@ -421,6 +422,25 @@ impl Store for SqliteStore {
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         idempotency::forget_keys(&self.writer, "BEGIN IMMEDIATE", before, batch).await
     }
+}
+
+/// Whether the writer connection may serve the next transaction, checked each time it goes back
+/// to the pool.
+///
+/// A write that fails for a full disk or an I/O error may make SQLite roll the whole
+/// transaction back by itself. The ROLLBACK sqlx then sends fails ("no transaction is active")
+/// and sqlx goes on counting the transaction as open, so it would refuse every later
+/// `BEGIN IMMEDIATE` on this connection, long after space came back. Such a connection is
+/// closed instead, and the pool opens a fresh one for the next write.
+async fn writer_is_sound(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    // Queued behind the ROLLBACK of the transaction just dropped, so the count is settled.
+    conn.ping().await?;
+    let sound = !conn.is_in_transaction();
+    if !sound {
+        tracing::debug!("the database rolled back a failed write by itself; reopening the writer connection");
+    }
+    Ok(sound)
 }
 
 async fn insert_ledger(
