@@ -24,6 +24,7 @@ on_both_backends!(
     visa_order_is_fulfilled_exactly_once,
     declined_payment_cancels_and_releases_stock,
     ambiguous_timeout_charges_once,
+    cancel_after_an_ambiguous_charge_voids_the_hold,
     flaky_provider_succeeds_after_retries,
     outage_dead_letters_then_replay_fulfils,
     cancel_before_payment_releases_stock,
@@ -238,6 +239,36 @@ async fn ambiguous_timeout_charges_once(backend: Backend) {
         .find(|j| j.kind == CHARGE_PAYMENT)
         .unwrap();
     assert_eq!(charge_job.attempts, 2);
+    p.assert_audit_clean().await;
+}
+
+/// Found by orderflow-chaos: the provider authorized but its answer was lost, then the customer
+/// cancelled before the retry. The retry must still ask the provider (same key) and void the
+/// hold, not finish with "nothing to take" and leave money held on the card.
+async fn cancel_after_an_ambiguous_charge_voids_the_hold(backend: Backend) {
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_timeout", 1).await;
+    assert_eq!(
+        p.runner.run_batch(CHARGE_PAYMENT, 1).await.unwrap(),
+        1,
+        "the first try ran"
+    );
+    let intents = p.sandbox.books().intents_for(&order.to_string()).await.unwrap();
+    assert_eq!(intents.len(), 1, "the provider authorized although the answer was lost");
+    let outcome = cancel_order(
+        p.store.as_ref(),
+        &SagaSettings::default(),
+        order,
+        orderflow::domain::events::CancelReason::CustomerRequest,
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome, CancelOutcome::Cancelled);
+    p.drain().await;
+    assert_eq!(p.status(order).await, OrderStatus::Cancelled);
+    let intents = p.sandbox.books().intents_for(&order.to_string()).await.unwrap();
+    assert_eq!(intents.len(), 1, "the retry found the first intent");
+    assert_eq!(intents[0].status, "canceled", "the hold was voided: {intents:?}");
     p.assert_audit_clean().await;
 }
 

@@ -36,6 +36,9 @@ pub struct ClaimedJob {
     /// How many earlier runs died without a word (their worker crashed and the lease ran out).
     /// Those runs did not spend attempts.
     pub lease_expiries: u32,
+    /// An earlier run of this job failed (its error history is not empty). Unlike `attempt`,
+    /// this survives a replay, which gives the job fresh attempts.
+    pub failed_before: bool,
     pub correlation_id: Option<String>,
 }
 

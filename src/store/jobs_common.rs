@@ -378,6 +378,8 @@ pub struct ClaimedRow {
     max_attempts: i32,
     lease_expiries: i32,
     correlation_id: Option<String>,
+    /// 1 when the job's error history is not empty.
+    failed_before: i32,
 }
 
 impl ClaimedRow {
@@ -391,6 +393,7 @@ impl ClaimedRow {
             attempt: self.attempts.max(0) as u32,
             max_attempts: self.max_attempts.max(0) as u32,
             lease_expiries: self.lease_expiries.max(0) as u32,
+            failed_before: self.failed_before != 0,
             correlation_id: self.correlation_id,
         })
     }

@@ -217,7 +217,14 @@ impl Saga {
             payment: recorded,
             ..
         } = self.order(job).await?;
-        if order.status != OrderStatus::PendingPayment {
+        // An earlier run whose outcome is unknown (a timeout or 5xx, or its worker died mid-call;
+        // perhaps before the job was dead-lettered and replayed) may have authorized at the
+        // provider. If the order was cancelled since, asking again with the same key finds that
+        // intent (or makes one) and the cancelled branches below record and void it, so no hold
+        // is left on the card (found by orderflow-chaos, docs/reliability.md).
+        let earlier_run_unknown = recorded.is_none() && (job.failed_before || job.lease_expiries > 0);
+        let cancelled_after_unknown_run = order.status == OrderStatus::Cancelled && earlier_run_unknown;
+        if order.status != OrderStatus::PendingPayment && !cancelled_after_unknown_run {
             // Cancelled or expired before we got here: nothing to take.
             return self.nothing_to_do(job).await;
         }

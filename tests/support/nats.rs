@@ -7,6 +7,8 @@
 //! [`NatsServer::freeze`] and [`NatsServer::thaw`] a hung server; dropping it kills the server. [`stream_messages`] reads every message a stream holds, in stream order.
 //!
 //! Needs `nats-server` (v2.9 or later): `/usr/sbin/nats-server`, or on `PATH`.
+//!
+//! `src/bin/chaos.rs` (`orderflow-chaos`) includes this file too, for its own server.
 #![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};

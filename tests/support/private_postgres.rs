@@ -6,6 +6,8 @@
 //!
 //! The binaries come from `ORDERFLOW_TEST_PG_BIN` (default `/usr/lib/postgresql/15/bin`); a test
 //! that cannot find or start them fails, naming them.
+//!
+//! `src/bin/chaos.rs` (`orderflow-chaos`) includes this file too, for its own cluster.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

@@ -51,7 +51,8 @@ impl JobStore for PgStore {
              UPDATE jobs SET state = 'running', lease_token = $1, lease_expires_at = $2, attempts = attempts + 1, \
              updated_at = $3 FROM relaxed WHERE id IN (SELECT id FROM jobs WHERE kind = $4 AND state = 'ready' \
              AND run_at <= $3 ORDER BY run_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, kind, order_id, payload, attempts, max_attempts, lease_expiries, correlation_id",
+             RETURNING id, kind, order_id, payload, attempts, max_attempts, lease_expiries, correlation_id, \
+             CASE WHEN error_history <> '[]' THEN 1 ELSE 0 END AS failed_before",
         )
         .bind(token)
         .bind(until)
