@@ -143,12 +143,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = store::connect(&url, &args.global.connect_options()?)
         .await
         .with_context(|| format!("opening the database {}", store::redact_url(&url)))?;
-    let existing: i64 = store
+    let unfinished: i64 = store
         .queue_stats(clock::now())
         .await?
         .iter()
-        .map(|stats| stats.ready + stats.running + stats.dead + stats.succeeded)
+        .map(|stats| stats.ready + stats.running + stats.dead)
         .sum();
+    let finished: i64 = store.succeeded_jobs().await?.iter().map(|(_, n)| n).sum();
+    let existing = unfinished + finished;
     if existing > 0 {
         bail!(
             "{} already holds {existing} job(s): the benchmark needs a fresh database (a scratch PostgreSQL \
@@ -235,7 +237,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let pending = store.has_pending_work().await?;
     let stats = store.queue_stats(clock::now()).await?;
     let noop = stats.iter().find(|stats| stats.kind == NOOP);
-    let (succeeded, dead) = noop.map_or((0, 0), |stats| (stats.succeeded, stats.dead));
+    let dead = noop.map_or(0, |stats| stats.dead);
+    let succeeded = store
+        .succeeded_jobs()
+        .await?
+        .into_iter()
+        .find(|(kind, _)| kind == NOOP)
+        .map_or(0, |(_, n)| n);
     let seconds = elapsed.as_secs_f64();
     let optional = |value: Option<u32>| value.map_or_else(|| "default".to_string(), |n| n.to_string());
     println!(

@@ -68,14 +68,14 @@ struct QueueView {
     oldest_ready_age_seconds: Option<f64>,
 }
 
-impl From<QueueStats> for QueueView {
-    fn from(stats: QueueStats) -> Self {
+impl QueueView {
+    fn new(stats: QueueStats, succeeded: i64) -> Self {
         Self {
             kind: stats.kind,
             ready: stats.ready,
             running: stats.running,
             dead: stats.dead,
-            succeeded: stats.succeeded,
+            succeeded,
             oldest_ready_age_seconds: stats.oldest_ready_age_seconds,
         }
     }
@@ -164,7 +164,9 @@ struct Replayed {
 )]
 async fn queues(State(state): State<AppState>, Admin(_): Admin) -> Result<Response, ApiError> {
     let mut stats = state.store.queue_stats(clock::now()).await?;
-    for kind in ALL_STEPS {
+    let succeeded = state.store.succeeded_jobs().await?;
+    let finished_only = succeeded.iter().map(|(kind, _)| kind.as_str());
+    for kind in ALL_STEPS.into_iter().chain(finished_only) {
         if !stats.iter().any(|s| s.kind == kind) {
             stats.push(QueueStats {
                 kind: kind.to_string(),
@@ -174,7 +176,16 @@ async fn queues(State(state): State<AppState>, Admin(_): Admin) -> Result<Respon
     }
     stats.sort_by(|a, b| a.kind.cmp(&b.kind));
     Ok(private(Json(QueueList {
-        data: stats.into_iter().map(QueueView::from).collect(),
+        data: stats
+            .into_iter()
+            .map(|stats| {
+                let done = succeeded
+                    .iter()
+                    .find(|(kind, _)| *kind == stats.kind)
+                    .map_or(0, |(_, n)| *n);
+                QueueView::new(stats, done)
+            })
+            .collect(),
     })))
 }
 

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::jobs::{CompleteOutcome, JobLease, Refusal, StepEffects};
 use super::jobs_common::{inventory_plan, next_status};
 use super::rows::{ORDER_COLUMNS, OrderItemRow, OrderRow};
+use super::writes::{Write, Writes};
 
 use super::{StoreError, StoreResult};
 use super::{after_sale, events};
@@ -40,6 +41,9 @@ where
     OrderItemRow: for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     let mut correlation_id: Option<String> = None;
+    // Everything below the decisions is described here and sent at the end (one round trip on
+    // PostgreSQL).
+    let mut writes = Writes::default();
     if let Some(lease) = lease {
         let done: Option<(Option<String>,)> = sqlx::query_as(
             "UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires_at = NULL, updated_at = $1 \
@@ -60,7 +64,7 @@ where
         // The whole row, locked: its status decides, and it is the snapshot events are rendered
         // from (with the status this transaction gives it), so it is read once.
         let locked: Option<LockedOrderRow> = sqlx::query_as(&format!(
-            "SELECT {ORDER_COLUMNS}, inventory_state FROM orders WHERE id = $1 {lock_order_row}"
+            "SELECT {ORDER_COLUMNS}, inventory_state, last_event_sequence FROM orders WHERE id = $1 {lock_order_row}"
         ))
         .bind(order)
         .fetch_optional(&mut **tx)
@@ -68,6 +72,7 @@ where
         let LockedOrderRow {
             order: row,
             inventory_state,
+            last_event_sequence,
         } = locked.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
         let status: OrderStatus = row.status().parse().map_err(StoreError::Corrupt)?;
         correlation_id = correlation_id.or(row.correlation_id().map(str::to_string));
@@ -100,111 +105,117 @@ where
             }
         }
         let final_status = next_status(status, new_status)?;
-        if final_status != status {
-            sqlx::query("UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3")
-                .bind(final_status.as_str().to_string())
-                .bind(now)
-                .bind(order)
-                .execute(&mut **tx)
-                .await?;
-        }
-        if let Some(plan) = effects
+        let plan = effects
             .inventory
             .map(|action| inventory_plan(&inventory_state, action))
             .transpose()?
-            .flatten()
-        {
+            .flatten();
+        // The order row is written once, with every column this completion changes.
+        let mut order_update = OrderUpdate::default();
+        if final_status != status {
+            order_update.set("status", final_status.as_str()).set("updated_at", now);
+        }
+        if let Some(plan) = &plan {
+            order_update.set("inventory_state", plan.next_state);
             let items = order_items(tx, order, &mut lines).await?;
-            // Product rows in id order: the global lock order.
-            let mut by_product: Vec<(Uuid, i64)> = items
-                .iter()
-                .map(|item| (item.product_id, i64::from(item.quantity)))
-                .collect();
-            by_product.sort_unstable();
-            for (product, quantity) in by_product {
-                sqlx::query(
-                    "UPDATE products SET on_hand = on_hand + $1, reserved = reserved + $2, version = version + 1, \
-                     updated_at = $3 WHERE id = $4",
-                )
-                .bind(plan.on_hand_sign * quantity)
-                .bind(plan.reserved_sign * quantity)
-                .bind(now)
-                .bind(product)
-                .execute(&mut **tx)
-                .await?;
-                if let Some(kind) = plan.ledger_kind {
-                    sqlx::query(
-                        "INSERT INTO inventory_ledger (id, product_id, order_id, kind, delta, reason, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    )
-                    .bind(Uuid::now_v7())
-                    .bind(product)
-                    .bind(order)
-                    .bind(kind.to_string())
-                    .bind(plan.on_hand_sign * quantity)
-                    .bind(format!("order {order_id}"))
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await?;
-                }
+            // One update per product (lines of one product summed), in id order.
+            let mut by_product: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
+            for item in items {
+                *by_product.entry(item.product_id).or_default() += i64::from(item.quantity);
             }
-            sqlx::query("UPDATE orders SET inventory_state = $1 WHERE id = $2")
-                .bind(plan.next_state.to_string())
-                .bind(order)
-                .execute(&mut **tx)
-                .await?;
+            for (product, quantity) in &by_product {
+                let mut stock = Write::new("UPDATE products SET on_hand = on_hand + ");
+                stock
+                    .bind(plan.on_hand_sign * quantity)
+                    .sql(", reserved = reserved + ")
+                    .bind(plan.reserved_sign * quantity)
+                    .sql(", version = version + 1, updated_at = ")
+                    .bind(now)
+                    .sql(" WHERE id = ")
+                    .bind(*product);
+                writes.push(stock);
+            }
+            if let Some(kind) = plan.ledger_kind {
+                let mut ledger = Write::new(
+                    "INSERT INTO inventory_ledger (id, product_id, order_id, kind, delta, reason, created_at) VALUES ",
+                );
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        ledger.sql(", ");
+                    }
+                    ledger.row([
+                        Uuid::now_v7().into(),
+                        item.product_id.into(),
+                        order.into(),
+                        kind.into(),
+                        (plan.on_hand_sign * i64::from(item.quantity)).into(),
+                        format!("order {order_id}").into(),
+                        now.into(),
+                    ]);
+                }
+                writes.push(ledger);
+            }
         }
         if let Some(payment) = &effects.payment {
-            sqlx::query(
+            let mut upsert = Write::new(
                 "INSERT INTO payments (order_id, provider, idempotency_key, state, provider_ref, amount_minor, \
-                 captured_minor, refunded_minor, currency, detail, client_secret, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) \
-                 ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, \
-                 provider_ref = coalesce(excluded.provider_ref, payments.provider_ref), \
-                 amount_minor = excluded.amount_minor, captured_minor = excluded.captured_minor, \
-                 refunded_minor = excluded.refunded_minor, client_secret = excluded.client_secret, \
-                 detail = excluded.detail, updated_at = excluded.updated_at",
-            )
-            .bind(order)
-            .bind(payment.provider.clone())
-            .bind(payment.idempotency_key.clone())
-            .bind(payment.state.as_str().to_string())
-            .bind(payment.provider_ref.clone())
-            .bind(payment.amount_minor)
-            .bind(payment.captured_minor)
-            .bind(payment.refunded_minor)
-            .bind(payment.currency.clone())
-            .bind(payment.detail.clone())
-            .bind(payment.client_secret.clone())
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+                 captured_minor, refunded_minor, currency, detail, client_secret, created_at, updated_at) VALUES ",
+            );
+            upsert
+                .row([
+                    order.into(),
+                    payment.provider.clone().into(),
+                    payment.idempotency_key.clone().into(),
+                    payment.state.as_str().into(),
+                    payment.provider_ref.clone().into(),
+                    payment.amount_minor.into(),
+                    payment.captured_minor.into(),
+                    payment.refunded_minor.into(),
+                    payment.currency.clone().into(),
+                    payment.detail.clone().into(),
+                    payment.client_secret.clone().into(),
+                    now.into(),
+                    now.into(),
+                ])
+                .sql(
+                    " ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, \
+                     provider_ref = coalesce(excluded.provider_ref, payments.provider_ref), \
+                     amount_minor = excluded.amount_minor, captured_minor = excluded.captured_minor, \
+                     refunded_minor = excluded.refunded_minor, client_secret = excluded.client_secret, \
+                     detail = excluded.detail, updated_at = excluded.updated_at",
+                );
+            writes.push(upsert);
         }
         if let Some(sent) = &effects.notification_sent {
-            sqlx::query(
-                "UPDATE notifications SET state = 'sent', message_id = $1, sent_at = $2 WHERE order_id = $3 AND kind = $4",
-            )
-            .bind(sent.message_id.clone())
-            .bind(now)
-            .bind(order)
-            .bind(sent.kind.clone())
-            .execute(&mut **tx)
-            .await?;
+            let mut slot = Write::new("UPDATE notifications SET state = 'sent', message_id = ");
+            slot.bind(sent.message_id.clone())
+                .sql(", sent_at = ")
+                .bind(now)
+                .sql(" WHERE order_id = ")
+                .bind(order)
+                .sql(" AND kind = ")
+                .bind(sent.kind.clone());
+            writes.push(slot);
         }
-        for (kind, detail) in &effects.events {
-            sqlx::query(
-                "INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(Uuid::now_v7())
-            .bind(order)
-            .bind(kind.clone())
-            .bind(final_status.as_str().to_string())
-            .bind(detail.clone())
-            .bind(correlation_id.clone())
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+        if !effects.events.is_empty() {
+            let mut timeline = Write::new(
+                "INSERT INTO order_events (id, order_id, kind, status, detail, correlation_id, created_at) VALUES ",
+            );
+            for (i, (kind, detail)) in effects.events.iter().enumerate() {
+                if i > 0 {
+                    timeline.sql(", ");
+                }
+                timeline.row([
+                    Uuid::now_v7().into(),
+                    order.into(),
+                    kind.clone().into(),
+                    final_status.as_str().into(),
+                    detail.clone().into(),
+                    correlation_id.clone().into(),
+                    now.into(),
+                ]);
+            }
+            writes.push(timeline);
         }
         if !effects.emit.is_empty() {
             // The payment as this transaction left it: the change it wrote, or the stored row
@@ -218,6 +229,8 @@ where
                     refunded_minor: change.refunded_minor,
                 }),
                 _ => {
+                    // Reads what the writes so far leave: send them first.
+                    writes.send(tx).await?;
                     let stored: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
                         "SELECT state, provider, amount_minor, captured_minor, refunded_minor FROM payments \
                          WHERE order_id = $1",
@@ -243,34 +256,76 @@ where
                 snapshot.updated_at = now;
             }
             let rendered = events::render(&snapshot, payment.as_ref(), &effects.emit);
-            events::append(
-                tx,
-                &order_subject(order_id),
-                Some(order),
-                &rendered,
-                correlation_id.as_deref(),
-                now,
-            )
-            .await?;
+            // The order keeps its event counter on its row, read under the lock above.
+            if !rendered.is_empty() {
+                order_update.set("last_event_sequence", last_event_sequence + rendered.len() as i64);
+                writes.push(events::outbox_write(
+                    &order_subject(order_id),
+                    Some(order),
+                    last_event_sequence,
+                    &rendered,
+                    correlation_id.as_deref(),
+                    now,
+                ));
+            }
+        }
+        if let Some(update) = order_update.write(order) {
+            writes.push(update);
         }
     }
-    for job in &effects.enqueue {
-        sqlx::query(
+    if !effects.enqueue.is_empty() {
+        let mut jobs = Write::new(
             "INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, ready_since, \
-             correlation_id, created_at, updated_at) VALUES ($1, $2, $3, $4, 'ready', 0, $5, $6, $6, $7, $8, $8)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(job.kind.to_string())
-        .bind(effects.order_id.map(|id| id.as_uuid()))
-        .bind(job.payload.to_string())
-        .bind(job.max_attempts as i32)
-        .bind(job.run_at)
-        .bind(correlation_id.clone())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
+             correlation_id, created_at, updated_at) VALUES ",
+        );
+        for (i, job) in effects.enqueue.iter().enumerate() {
+            if i > 0 {
+                jobs.sql(", ");
+            }
+            jobs.row([
+                Uuid::now_v7().into(),
+                job.kind.into(),
+                effects.order_id.map(|id| id.as_uuid()).into(),
+                job.payload.to_string().into(),
+                "ready".into(),
+                0i32.into(),
+                (job.max_attempts as i32).into(),
+                job.run_at.into(),
+                job.run_at.into(),
+                correlation_id.clone().into(),
+                now.into(),
+                now.into(),
+            ]);
+        }
+        writes.push(jobs);
     }
+    writes.send(tx).await?;
     Ok(CompleteOutcome::Completed)
+}
+
+/// The columns of the order row a completion changes, written in one UPDATE (a batch of
+/// [`Writes`] may not write a row twice).
+#[derive(Default)]
+struct OrderUpdate {
+    write: Option<Write>,
+}
+
+impl OrderUpdate {
+    fn set(&mut self, column: &str, value: impl Into<super::writes::Value>) -> &mut Self {
+        let write = match &mut self.write {
+            Some(write) => write.sql(format!(", {column} = ")),
+            None => self.write.insert(Write::new(format!("UPDATE orders SET {column} = "))),
+        };
+        write.bind(value);
+        self
+    }
+
+    /// The UPDATE, when anything changes.
+    fn write(self, order: Uuid) -> Option<Write> {
+        let mut write = self.write?;
+        write.sql(" WHERE id = ").bind(order);
+        Some(write)
+    }
 }
 
 /// An order row read with its lock, and its inventory state.
@@ -279,6 +334,7 @@ pub(super) struct LockedOrderRow {
     #[sqlx(flatten)]
     order: OrderRow,
     inventory_state: String,
+    last_event_sequence: i64,
 }
 
 /// The order's lines in line order, read on first use within the transaction.

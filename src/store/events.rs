@@ -487,6 +487,38 @@ where
     Ok(())
 }
 
+/// The outbox rows of `events` (numbered after `last`, the subject's sequence so far) as one
+/// write of a [`Writes`](super::writes::Writes) batch: [`append`] for a caller that already
+/// holds the counter (a step's completion reads it with the order's row lock).
+pub(super) fn outbox_write(
+    subject: &str,
+    order_id: Option<Uuid>,
+    last: i64,
+    events: &[(EventType, Value)],
+    correlation_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> super::writes::Write {
+    let mut write = super::writes::Write::new(
+        "INSERT INTO events (id, subject, order_id, event_type, sequence, data, correlation_id, created_at) VALUES ",
+    );
+    for (offset, (event_type, data)) in events.iter().enumerate() {
+        if offset > 0 {
+            write.sql(", ");
+        }
+        write.row([
+            Uuid::now_v7().into(),
+            subject.into(),
+            order_id.into(),
+            event_type.as_str().into(),
+            (last + 1 + offset as i64).into(),
+            data.to_string().into(),
+            correlation_id.map(str::to_string).into(),
+            now.into(),
+        ]);
+    }
+    write
+}
+
 /// The data of an order's events beside the order: see [`crate::domain::events::order_data`].
 pub(super) fn render<'a>(
     order: &crate::domain::Order,

@@ -239,7 +239,6 @@ pub struct QueueStats {
     pub ready: i64,
     pub running: i64,
     pub dead: i64,
-    pub succeeded: i64,
     /// Seconds since the oldest ready job became ready (retries do not reset it).
     pub oldest_ready_age_seconds: Option<f64>,
 }
@@ -443,7 +442,10 @@ pub trait JobStore: Send + Sync {
         recipient: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<NotificationSlot>;
+    /// Ready, running and dead jobs per kind (cheap: finished jobs are not counted).
     async fn queue_stats(&self, now: DateTime<Utc>) -> StoreResult<Vec<QueueStats>>;
+    /// Succeeded jobs still kept, per kind (a scan of them: for on-demand reads only).
+    async fn succeeded_jobs(&self) -> StoreResult<Vec<(String, i64)>>;
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Page<JobRecord>>;
     /// Moves dead jobs back to ready with fresh attempts, keeping their error history.
     async fn replay_jobs(&self, selector: &ReplaySelector, now: DateTime<Utc>) -> StoreResult<u64>;

@@ -14,21 +14,33 @@ pub const JOB_COLUMNS: &str = "id, kind, order_id, state, attempts, max_attempts
      run_at, correlation_id, created_at, updated_at";
 
 /// Per kind: counts by state and when the oldest ready job became ready.
+/// The numbers operators watch per kind, from the jobs not yet finished only: succeeded jobs are
+/// kept for `--job-retention` (a week by default, millions of rows under load), and the alarms and
+/// `/metrics` read this every few seconds, so it must not scan them (`jobs_by_state` serves it).
 pub const STATS_SQL: &str = "SELECT kind, \
      CAST(sum(CASE WHEN state = 'ready' THEN 1 ELSE 0 END) AS BIGINT) AS ready, \
      CAST(sum(CASE WHEN state = 'running' THEN 1 ELSE 0 END) AS BIGINT) AS running, \
      CAST(sum(CASE WHEN state = 'dead' THEN 1 ELSE 0 END) AS BIGINT) AS dead, \
-     CAST(sum(CASE WHEN state = 'succeeded' THEN 1 ELSE 0 END) AS BIGINT) AS succeeded, \
      min(CASE WHEN state = 'ready' THEN ready_since END) AS oldest_ready \
-     FROM jobs GROUP BY kind ORDER BY kind";
+     FROM jobs WHERE state IN ('ready', 'running', 'dead') GROUP BY kind ORDER BY kind";
+
+/// Succeeded jobs per kind (still kept): for the admin API only, which is read on demand.
+pub const SUCCEEDED_SQL: &str = "SELECT kind, count(*) FROM jobs WHERE state = 'succeeded' GROUP BY kind ORDER BY kind";
 
 /// Records "sending" unless the message was already sent; returns a row only when it should be
 /// sent (first time, or an earlier attempt died between sending and recording).
 pub const PREPARE_NOTIFICATION_SQLITE: &str = "INSERT INTO notifications (order_id, kind, state, recipient, attempts, created_at) \
      VALUES (?1, ?2, 'sending', ?3, 1, ?4) ON CONFLICT (order_id, kind) DO UPDATE \
      SET attempts = notifications.attempts + 1 WHERE notifications.state = 'sending' RETURNING state";
-pub const PREPARE_NOTIFICATION_POSTGRES: &str = "INSERT INTO notifications (order_id, kind, state, recipient, attempts, created_at) \
-     VALUES ($1, $2, 'sending', $3, 1, $4) ON CONFLICT (order_id, kind) DO UPDATE \
+///
+/// On PostgreSQL it commits without waiting for the WAL flush (`synchronous_commit` off for this
+/// statement's transaction only): the record only counts attempts and says a send may have
+/// happened, and a lost one changes nothing a retry does (a `sending` slot and no slot both
+/// send). The step's completion, a flushed commit later in the WAL, cannot survive without it.
+/// That takes one of the two flushed commits per e-mail off the pipeline.
+pub const PREPARE_NOTIFICATION_POSTGRES: &str = "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+     INSERT INTO notifications (order_id, kind, state, recipient, attempts, created_at) \
+     SELECT $1, $2, 'sending', $3, 1, $4 FROM relaxed ON CONFLICT (order_id, kind) DO UPDATE \
      SET attempts = notifications.attempts + 1 WHERE notifications.state = 'sending' RETURNING state";
 
 /// The SELECT of a job listing; each backend runs it (same SQL, its own placeholders).
@@ -440,7 +452,6 @@ pub struct StatsRow {
     ready: i64,
     running: i64,
     dead: i64,
-    succeeded: i64,
     oldest_ready: Option<DateTime<Utc>>,
 }
 
@@ -451,7 +462,6 @@ impl StatsRow {
             ready: self.ready,
             running: self.running,
             dead: self.dead,
-            succeeded: self.succeeded,
             oldest_ready_age_seconds: self
                 .oldest_ready
                 .map(|since| ((now - since).num_milliseconds().max(0) as f64) / 1000.0),

@@ -25,6 +25,7 @@ mod rows;
 pub mod sandbox;
 pub mod signal;
 mod sqlite;
+mod writes;
 
 use std::path::Path;
 use std::sync::Arc;

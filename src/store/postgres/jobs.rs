@@ -113,15 +113,14 @@ impl JobStore for PgStore {
         recipient: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<NotificationSlot> {
-        let mut tx = self.pool.begin().await?;
+        // One autocommitted statement: one round trip.
         let slot: Option<(String,)> = sqlx::query_as(jobs_common::PREPARE_NOTIFICATION_POSTGRES)
             .bind(order.as_uuid())
             .bind(kind)
             .bind(recipient)
             .bind(now)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.pool)
             .await?;
-        tx.commit().await?;
         Ok(if slot.is_some() {
             NotificationSlot::Send
         } else {
@@ -132,6 +131,10 @@ impl JobStore for PgStore {
     async fn queue_stats(&self, now: DateTime<Utc>) -> StoreResult<Vec<QueueStats>> {
         let rows: Vec<StatsRow> = sqlx::query_as(jobs_common::STATS_SQL).fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(|row| row.into_stats(now)).collect())
+    }
+
+    async fn succeeded_jobs(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(jobs_common::SUCCEEDED_SQL).fetch_all(&self.pool).await?)
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Page<JobRecord>> {

@@ -130,6 +130,12 @@ impl JobStore for SqliteStore {
         Ok(rows.into_iter().map(|row| row.into_stats(now)).collect())
     }
 
+    async fn succeeded_jobs(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(jobs_common::SUCCEEDED_SQL)
+            .fetch_all(&self.reader)
+            .await?)
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Page<JobRecord>> {
         let rows: Vec<JobRow> = jobs_common::list_jobs_query::<Sqlite>(filter)
             .build_query_as()
