@@ -37,8 +37,7 @@ where
     for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
     for<'q> Option<Uuid>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
-    LockedOrderRow: for<'r> sqlx::FromRow<'r, DB::Row>,
-    OrderItemRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+    LockedOrderLine: for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     let mut correlation_id: Option<String> = None;
     // Everything below the decisions is described here and sent at the end (one round trip on
@@ -61,23 +60,30 @@ where
     }
     if let Some(order_id) = effects.order_id {
         let order = order_id.as_uuid();
-        // The whole row, locked: its status decides, and it is the snapshot events are rendered
-        // from (with the status this transaction gives it), so it is read once.
-        let locked: Option<LockedOrderRow> = sqlx::query_as(&format!(
-            "SELECT {ORDER_COLUMNS}, inventory_state, last_event_sequence FROM orders WHERE id = $1 {lock_order_row}"
+        // The whole row, locked, with its lines (which never change after checkout), in one
+        // statement: its status decides, and it is the snapshot events are rendered from (with
+        // the status this transaction gives it), so it is read once.
+        let locked: Vec<LockedOrderLine> = sqlx::query_as(&format!(
+            "SELECT o.*, i.order_id, i.product_id, i.quantity, i.unit_price_minor FROM \
+             (SELECT {ORDER_COLUMNS}, inventory_state, last_event_sequence FROM orders WHERE id = $1 {lock_order_row}) o \
+             JOIN order_items i ON i.order_id = o.id ORDER BY i.line_no"
         ))
         .bind(order)
-        .fetch_optional(&mut **tx)
+        .fetch_all(&mut **tx)
         .await?;
+        let mut locked = locked.into_iter();
+        let first = locked
+            .next()
+            .ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
+        let mut lines = vec![first.item];
+        lines.extend(locked.map(|line| line.item));
         let LockedOrderRow {
             order: row,
             inventory_state,
             last_event_sequence,
-        } = locked.ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
+        } = first.order;
         let status: OrderStatus = row.status().parse().map_err(StoreError::Corrupt)?;
         correlation_id = correlation_id.or(row.correlation_id().map(str::to_string));
-        // The order's lines, read when the stock moves or events are rendered (once for both).
-        let mut lines: Option<Vec<OrderItemRow>> = None;
         // Requests that carry their own idempotency answer before the status is looked at: a
         // retried shipment replays even after the order has moved on.
         if let Some(draft) = &effects.shipment {
@@ -117,7 +123,7 @@ where
         }
         if let Some(plan) = &plan {
             order_update.set("inventory_state", plan.next_state);
-            let items = order_items(tx, order, &mut lines).await?;
+            let items = &lines;
             // One update per product (lines of one product summed), in id order.
             let mut by_product: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
             for item in items {
@@ -249,8 +255,7 @@ where
                     )
                 }
             };
-            let items = order_items(tx, order, &mut lines).await?;
-            let mut snapshot = row.into_order(items)?;
+            let mut snapshot = row.into_order(&lines)?;
             if final_status != status {
                 snapshot.status = final_status;
                 snapshot.updated_at = now;
@@ -328,7 +333,7 @@ impl OrderUpdate {
     }
 }
 
-/// An order row read with its lock, and its inventory state.
+/// An order row read with its lock, and its inventory state and event counter.
 #[derive(sqlx::FromRow)]
 pub(super) struct LockedOrderRow {
     #[sqlx(flatten)]
@@ -337,28 +342,11 @@ pub(super) struct LockedOrderRow {
     last_event_sequence: i64,
 }
 
-/// The order's lines in line order, read on first use within the transaction.
-async fn order_items<'l, DB>(
-    tx: &mut sqlx::Transaction<'_, DB>,
-    order: Uuid,
-    lines: &'l mut Option<Vec<OrderItemRow>>,
-) -> StoreResult<&'l [OrderItemRow]>
-where
-    DB: sqlx::Database,
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    OrderItemRow: for<'r> sqlx::FromRow<'r, DB::Row>,
-{
-    if lines.is_none() {
-        let items: Vec<OrderItemRow> = sqlx::query_as(
-            "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items WHERE order_id = $1 \
-             ORDER BY line_no",
-        )
-        .bind(order)
-        .fetch_all(&mut **tx)
-        .await?;
-        *lines = Some(items);
-    }
-    Ok(lines.as_deref().unwrap_or_default())
+/// One line of the locked order, beside the order's row.
+#[derive(sqlx::FromRow)]
+pub(super) struct LockedOrderLine {
+    #[sqlx(flatten)]
+    order: LockedOrderRow,
+    #[sqlx(flatten)]
+    item: OrderItemRow,
 }

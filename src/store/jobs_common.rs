@@ -261,22 +261,18 @@ pub mod reads {
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
         for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
         for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-        StepOrderRow: for<'r> sqlx::FromRow<'r, DB::Row>,
-        OrderItemRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+        StepOrderLine: for<'r> sqlx::FromRow<'r, DB::Row>,
     {
-        let row: Option<StepOrderRow> = sqlx::query_as(STEP_ORDER_SQL)
+        // One statement: the order with its customer and payment, once per line (few).
+        let rows: Vec<StepOrderLine> = sqlx::query_as(STEP_ORDER_SQL)
             .bind(order.as_uuid())
-            .fetch_optional(pool)
+            .fetch_all(pool)
             .await?;
-        let Some(row) = row else { return Ok(None) };
-        let items: Vec<OrderItemRow> = sqlx::query_as(
-            "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items WHERE order_id = $1 \
-             ORDER BY line_no",
-        )
-        .bind(order.as_uuid())
-        .fetch_all(pool)
-        .await?;
-        row.into_step_order(&items).map(Some)
+        let mut rows = rows.into_iter();
+        let Some(first) = rows.next() else { return Ok(None) };
+        let mut items = vec![first.item];
+        items.extend(rows.map(|line| line.item));
+        first.order.into_step_order(&items).map(Some)
     }
 
     const STEP_ORDER_SQL: &str = "SELECT o.id, o.customer_id, o.status, o.currency, o.total_minor, o.payment_token, \
@@ -284,12 +280,21 @@ pub mod reads {
          c.first_name AS customer_first_name, p.provider AS pay_provider, p.idempotency_key AS pay_idempotency_key, \
          p.state AS pay_state, p.provider_ref AS pay_provider_ref, p.amount_minor AS pay_amount_minor, \
          p.captured_minor AS pay_captured_minor, p.refunded_minor AS pay_refunded_minor, p.currency AS pay_currency, \
-         p.detail AS pay_detail, p.client_secret AS pay_client_secret, p.updated_at AS pay_updated_at \
-         FROM orders o LEFT JOIN customers c ON c.id = o.customer_id LEFT JOIN payments p ON p.order_id = o.id \
-         WHERE o.id = $1";
+         p.detail AS pay_detail, p.client_secret AS pay_client_secret, p.updated_at AS pay_updated_at, \
+         i.order_id, i.product_id, i.quantity, i.unit_price_minor \
+         FROM orders o JOIN order_items i ON i.order_id = o.id LEFT JOIN customers c ON c.id = o.customer_id \
+         LEFT JOIN payments p ON p.order_id = o.id WHERE o.id = $1 ORDER BY i.line_no";
 
-    /// A row of [`STEP_ORDER_SQL`]: the order's columns, then its customer's and its payment's
-    /// (NULL when there is none).
+    /// A row of [`STEP_ORDER_SQL`]: the order, its customer and payment, and one of its lines.
+    #[derive(sqlx::FromRow)]
+    pub struct StepOrderLine {
+        #[sqlx(flatten)]
+        order: StepOrderRow,
+        #[sqlx(flatten)]
+        item: OrderItemRow,
+    }
+
+    /// The order's columns, then its customer's and its payment's (NULL when there is none).
     #[derive(sqlx::FromRow)]
     pub struct StepOrderRow {
         #[sqlx(flatten)]
