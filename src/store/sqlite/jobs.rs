@@ -109,15 +109,21 @@ impl JobStore for SqliteStore {
         recipient: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<NotificationSlot> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let slot: Option<(String,)> = sqlx::query_as(jobs_common::PREPARE_NOTIFICATION_SQLITE)
-            .bind(order.as_uuid())
-            .bind(kind)
-            .bind(recipient)
-            .bind(now)
-            .fetch_optional(&mut *tx)
+        // Not fsynced: see PREPARE_NOTIFICATION_POSTGRES.
+        let (order, kind, recipient) = (order.as_uuid(), kind.to_string(), recipient.to_string());
+        let slot: Option<(String,)> = self
+            .write_unsynced(move |tx| {
+                Box::pin(async move {
+                    sqlx::query_as(jobs_common::PREPARE_NOTIFICATION_SQLITE)
+                        .bind(order)
+                        .bind(kind)
+                        .bind(recipient)
+                        .bind(now)
+                        .fetch_optional(&mut **tx)
+                        .await
+                })
+            })
             .await?;
-        tx.commit().await?;
         Ok(if slot.is_some() {
             NotificationSlot::Send
         } else {

@@ -70,6 +70,8 @@ pub struct SqliteStore {
     /// Groups concurrent checkouts into shared transactions ([`checkout_batch`]).
     checkouts: Batcher<Checkouts<SqliteCheckouts>>,
     after_sale: AfterSaleSql<Sqlite>,
+    /// Commits are fsynced (`--sqlite-durability full`).
+    fsync_commits: bool,
 }
 
 impl SqliteStore {
@@ -153,7 +155,43 @@ impl SqliteStore {
             reader,
             in_flight: InFlight::default(),
             jobs_ready,
+            fsync_commits: options.sqlite_durability == SqliteDurability::Full,
         })
+    }
+
+    /// Runs `write` in its own writer transaction whose commit is not fsynced, for records a
+    /// crash may lose (in WAL mode the next fsynced commit makes it durable too, and nothing
+    /// committed after it can survive without it).
+    async fn write_unsynced<T, F>(&self, write: F) -> StoreResult<T>
+    where
+        F: for<'t> FnOnce(
+            &'t mut sqlx::Transaction<'_, Sqlite>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, sqlx::Error>> + Send + 't>>,
+    {
+        let mut connection = self.writer.acquire().await?;
+        if self.fsync_commits {
+            sqlx::query("PRAGMA synchronous = NORMAL")
+                .execute(&mut *connection)
+                .await?;
+        }
+        let written = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *connection, "BEGIN IMMEDIATE").await?;
+            let value = write(&mut tx).await?;
+            tx.commit().await?;
+            Ok::<T, sqlx::Error>(value)
+        }
+        .await;
+        if self.fsync_commits
+            && sqlx::query("PRAGMA synchronous = FULL")
+                .execute(&mut *connection)
+                .await
+                .is_err()
+        {
+            // Never back into the pool with commits that skip the fsync.
+            connection.close_on_drop();
+        }
+        Ok(written?)
     }
 
     async fn order_items(&self, order_ids: &[Uuid]) -> StoreResult<Vec<OrderItemRow>> {
@@ -708,3 +746,46 @@ async fn insert_order(
 }
 
 super::sandbox::impl_sandbox_books!(SqliteStore, writer, reader);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn writer_synchronous(store: &SqliteStore) -> i64 {
+        let mut connection = store.writer.acquire().await.unwrap();
+        let (level,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+        level
+    }
+
+    /// An unsynced write leaves the writer fsyncing commits again, whether it succeeded or failed.
+    #[tokio::test]
+    async fn unsynced_writes_restore_full_durability() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("orderflow.db"), &ConnectOptions::default())
+            .await
+            .unwrap();
+        const FULL: i64 = 2;
+        assert_eq!(writer_synchronous(&store).await, FULL);
+        let level: i64 = store
+            .write_unsynced(|tx| {
+                Box::pin(async move {
+                    let (level,): (i64,) = sqlx::query_as("PRAGMA synchronous").fetch_one(&mut **tx).await?;
+                    Ok(level)
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(level, 1, "NORMAL inside the unsynced write");
+        assert_eq!(writer_synchronous(&store).await, FULL);
+        let failed = store
+            .write_unsynced(|tx| {
+                Box::pin(async move { sqlx::query("SELECT * FROM no_such_table").execute(&mut **tx).await })
+            })
+            .await;
+        assert!(failed.is_err());
+        assert_eq!(writer_synchronous(&store).await, FULL);
+    }
+}
