@@ -120,9 +120,9 @@ pub(super) const INTENT_COLUMNS: &str = "id, idempotency_key, payment_method, am
 pub(super) const CREATE_INTENT: &str = "INSERT INTO sandbox_intents (id, idempotency_key, payment_method, amount_minor, \
      currency, order_id, capture_method, status, captured_minor, decline_code, client_secret, calls, created_at, updated_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $12) \
-     ON CONFLICT (idempotency_key) DO UPDATE SET calls = sandbox_intents.calls + 1 RETURNING id, calls";
+     ON CONFLICT (idempotency_key) DO UPDATE SET calls = sandbox_intents.calls + 1 RETURNING ";
 pub(super) const TRANSITION_INTENT: &str = "UPDATE sandbox_intents SET status = $1, \
-     captured_minor = coalesce($2, captured_minor), updated_at = $3 WHERE id = $4 AND status = $5";
+     captured_minor = coalesce($2, captured_minor), updated_at = $3 WHERE id = $4 AND status = $5 RETURNING ";
 pub(super) const AUTHENTICATE_INTENT: &str = "UPDATE sandbox_intents SET status = $1, captured_minor = $2, \
      decline_code = $3, updated_at = $4 WHERE id = $5 AND status = 'requires_action'";
 pub(super) const FIND_INTENT_REFUND: &str =
@@ -164,26 +164,29 @@ macro_rules! impl_sandbox_books {
                 };
                 let secret = (intent.status == "requires_action")
                     .then(|| format!("{id}_secret_{}", uuid::Uuid::now_v7().simple()));
-                let (id, calls): (String, i32) = sqlx::query_as($crate::store::sandbox::CREATE_INTENT)
-                    .bind(&id)
-                    .bind(&intent.idempotency_key)
-                    .bind(&intent.payment_method)
-                    .bind(intent.amount_minor)
-                    .bind(&intent.currency)
-                    .bind(&intent.order_id)
-                    .bind(intent.capture_method)
-                    .bind(intent.status)
-                    .bind(captured)
-                    .bind(&intent.decline_code)
-                    .bind(secret)
-                    .bind(now)
-                    .fetch_one(&self.$writer)
-                    .await?;
-                let found = self
-                    .intent(&id)
-                    .await?
-                    .ok_or_else(|| $crate::store::StoreError::Corrupt(format!("sandbox intent {id} vanished")))?;
-                Ok((found, calls == 1))
+                // The intent as stored (new, or the first call's with its count), in the same
+                // statement.
+                let found: $crate::store::sandbox::SandboxIntent = sqlx::query_as(&format!(
+                    "{}{}",
+                    $crate::store::sandbox::CREATE_INTENT,
+                    $crate::store::sandbox::INTENT_COLUMNS
+                ))
+                .bind(&id)
+                .bind(&intent.idempotency_key)
+                .bind(&intent.payment_method)
+                .bind(intent.amount_minor)
+                .bind(&intent.currency)
+                .bind(&intent.order_id)
+                .bind(intent.capture_method)
+                .bind(intent.status)
+                .bind(captured)
+                .bind(&intent.decline_code)
+                .bind(secret)
+                .bind(now)
+                .fetch_one(&self.$writer)
+                .await?;
+                let first = found.calls == 1;
+                Ok((found, first))
             }
 
             async fn intent(
@@ -206,15 +209,23 @@ macro_rules! impl_sandbox_books {
                 to: &str,
                 captured_minor: Option<i64>,
             ) -> $crate::store::StoreResult<Option<$crate::store::sandbox::SandboxIntent>> {
-                sqlx::query($crate::store::sandbox::TRANSITION_INTENT)
-                    .bind(to)
-                    .bind(captured_minor)
-                    .bind($crate::clock::now())
-                    .bind(id)
-                    .bind(from)
-                    .execute(&self.$writer)
-                    .await?;
-                self.intent(id).await
+                let moved: Option<$crate::store::sandbox::SandboxIntent> = sqlx::query_as(&format!(
+                    "{}{}",
+                    $crate::store::sandbox::TRANSITION_INTENT,
+                    $crate::store::sandbox::INTENT_COLUMNS
+                ))
+                .bind(to)
+                .bind(captured_minor)
+                .bind($crate::clock::now())
+                .bind(id)
+                .bind(from)
+                .fetch_optional(&self.$writer)
+                .await?;
+                match moved {
+                    Some(intent) => Ok(Some(intent)),
+                    // Not in `from` (or unknown): as it is.
+                    None => self.intent(id).await,
+                }
             }
 
             async fn authenticate_intent(
