@@ -83,7 +83,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         load_signing_keys(&auth).await?;
     }
     let monitoring = Monitoring {
-        metrics: Metrics::new(),
+        metrics: Metrics::for_region(global.telemetry_settings().region.as_deref()),
         alarms: Arc::new(args.monitoring.alarm_settings()?),
         access: Arc::new(args.monitoring.metrics_access()),
     };
@@ -101,6 +101,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     let checkout = CheckoutSettings {
         currency: global.currency,
         payment_max_attempts: args.max_attempts,
+        region: global.telemetry_settings().region,
     };
     let saga_settings = SagaSettings {
         max_attempts: args.max_attempts,

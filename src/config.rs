@@ -148,6 +148,14 @@ pub struct GlobalArgs {
     /// file in the data directory.
     #[arg(long, env = "ORDERFLOW_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+    /// A read replica (a PostgreSQL streaming standby) for order listings, the sales report and
+    /// the audit's reads; checkout and the pipeline never read from it. PostgreSQL only. It is
+    /// bypassed while unreachable or lagging (docs/scale-out.md "Read replica").
+    #[arg(long, env = "ORDERFLOW_READ_DATABASE_URL", global = true, hide_env_values = true)]
+    pub read_database_url: Option<String>,
+    /// The replica serves reads only while its replay is at most this far behind the primary.
+    #[arg(long, env = "ORDERFLOW_READ_REPLICA_MAX_LAG", default_value = "5s", value_parser = parse_duration, global = true)]
+    pub read_replica_max_lag: Duration,
     /// Directory for the embedded database and the generated token secret.
     #[arg(long, env = "ORDERFLOW_DATA_DIR", default_value = "orderflow-data", global = true)]
     pub data_dir: PathBuf,
@@ -807,6 +815,14 @@ impl GlobalArgs {
                 max_batch: self.checkout_batch.map(|n| n as usize),
                 writers: self.checkout_writers.map(|n| n as usize),
             },
+            read_replica: self
+                .read_database_url
+                .as_ref()
+                .filter(|url| !url.trim().is_empty())
+                .map(|url| crate::store::ReadReplicaSettings {
+                    url: url.clone(),
+                    max_lag: self.read_replica_max_lag,
+                }),
         })
     }
 

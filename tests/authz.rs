@@ -151,6 +151,7 @@ const TABLE: &[Row] = &[
     row("POST", "/admin/jobs/replay", none, ADMIN_ONLY_200),
     row("POST", "/admin/jobs/{id}/replay", none, ADMIN_ONLY_200),
     row("GET", "/admin/orders", none, ADMIN_ONLY_200),
+    row("GET", "/admin/reports/sales", none, ADMIN_ONLY_200),
     row(
         "POST",
         "/admin/webhook-endpoints",

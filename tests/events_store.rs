@@ -47,6 +47,7 @@ async fn place(store: &dyn Store, product: ProductId, customer: CustomerId) -> O
         shipping: None,
         currency: Currency::USD,
         correlation_id: Some("corr-1".into()),
+        region: None,
         first_job: NewJob {
             kind: "charge_payment",
             payload: json!({ "order_id": order_id }),

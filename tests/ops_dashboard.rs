@@ -204,6 +204,39 @@ async fn dashboard_in_headless_chromium_shows_live_numbers_and_replays_a_dead_jo
             |v| *v == "1",
         )
         .await;
+    // The sales chart: one bar per hour of the report, the fulfilled order's in the current
+    // hour (the parked one is not paid, so not a sale), drawn from the same report the API gives.
+    let report = admin_json(&app, "/admin/reports/sales?granularity=hour").await;
+    let periods = report["data"].as_array().unwrap().len();
+    let chart = browser
+        .wait_for(
+            "the sales chart to draw the report",
+            WAIT,
+            "const bars = [...document.querySelectorAll('#sales-chart rect.gross')];
+             return {
+               bars: bars.length,
+               sold: bars.filter((b) => b.dataset.orders !== '0')
+                 .map((b) => [b.dataset.period, b.dataset.orders, b.dataset.gross, Number(b.getAttribute('height')) > 0]),
+               empty: bars.filter((b) => b.dataset.orders === '0').every((b) => Number(b.getAttribute('height')) === 0),
+               summary: document.getElementById('sales-summary').textContent,
+             };",
+            |v| v["bars"].as_u64().is_some_and(|n| n > 0),
+        )
+        .await;
+    assert_eq!(chart["bars"], periods, "{chart}");
+    let placed_at = admin_json(&app, &format!("/orders/{fulfilled}")).await["created_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hour = format!("{}:00:00Z", &placed_at[..13]);
+    // (JavaScript reads the amount 10.00 as the number 10.)
+    assert_eq!(chart["sold"], json!([[hour, "1", "10", true]]), "{chart}");
+    assert_eq!(chart["empty"], true, "{chart}");
+    assert!(
+        chart["summary"].as_str().unwrap().starts_with("1 order(s) · 1 unit(s)"),
+        "{chart}"
+    );
+
     assert_eq!(browser.script("return location.hash").await, "");
     assert_eq!(browser.script("return location.href").await, format!("{}/ops", app.url));
     assert_eq!(

@@ -77,6 +77,7 @@ fn request(customer: CustomerId, key: &str, lines: &[(ProductId, i64)]) -> Place
         shipping: None,
         currency: Currency::USD,
         correlation_id: Some("test".into()),
+        region: None,
         first_job: NewJob {
             kind: "charge_payment",
             payload: json!({"order_id": order_id}),

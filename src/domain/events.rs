@@ -232,6 +232,9 @@ pub fn order_data(order: &Order, payment: Option<&PaymentFacts>, event: &NewEven
     if let Some(correlation_id) = &order.correlation_id {
         view["correlation_id"] = json!(correlation_id);
     }
+    if let Some(region) = &order.region {
+        view["region"] = json!(region);
+    }
     if let Some(shipping) = &order.shipping {
         view["shipping"] = json!(shipping);
     }
@@ -290,6 +293,12 @@ pub struct CloudEvent<'a> {
     /// Extension attribute: the request that started the order's story.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub correlationid: Option<&'a str>,
+    /// Extension attribute: the `--region` of the process that accepted the order (its
+    /// `data.order.region`), so consumers can route or filter by region without opening `data`.
+    /// Taken from the stored event, not from the process sending it, so every channel and every
+    /// re-send carries the same bytes. Absent for orders without a region and non-order events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<&'a str>,
     pub data: &'a Value,
 }
 
@@ -306,6 +315,7 @@ impl StoredEvent {
             sequence: self.sequence,
             position: self.position,
             correlationid: self.correlation_id.as_deref(),
+            region: self.data.pointer("/order/region").and_then(Value::as_str),
             data: &self.data,
         }
     }

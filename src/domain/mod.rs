@@ -11,6 +11,7 @@ pub mod ids;
 pub mod money;
 pub mod order;
 pub mod product;
+pub mod report;
 pub mod shipping;
 pub mod validation;
 

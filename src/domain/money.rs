@@ -137,12 +137,7 @@ impl Money {
 
     /// Exact decimal text with exactly the currency's minor digits: `199.99`, `5.00`.
     pub fn to_decimal(&self, currency: Currency) -> String {
-        let digits = u32::from(currency.minor_digits());
-        if digits == 0 {
-            return self.0.to_string();
-        }
-        let scale = 10_i64.pow(digits);
-        format!("{}.{:0width$}", self.0 / scale, self.0 % scale, width = digits as usize)
+        decimal_text(self.0, currency)
     }
 
     /// The amount as a JSON number with the exact decimal text (no float on the way).
@@ -158,6 +153,29 @@ impl Money {
     pub fn checked_add(&self, other: Money) -> Option<Money> {
         self.0.checked_add(other.0).map(Money)
     }
+}
+
+/// The exact decimal text of `minor` units of `currency`, sign included.
+fn decimal_text(minor: i64, currency: Currency) -> String {
+    let digits = u32::from(currency.minor_digits());
+    if digits == 0 {
+        return minor.to_string();
+    }
+    let scale = 10_u64.pow(digits);
+    let (sign, magnitude) = (if minor < 0 { "-" } else { "" }, minor.unsigned_abs());
+    format!(
+        "{sign}{}.{:0width$}",
+        magnitude / scale,
+        magnitude % scale,
+        width = digits as usize
+    )
+}
+
+/// A sum of many amounts (a report's period), which may pass one [`Money`]'s bound, as an exact
+/// JSON number like [`Money::to_json_number`].
+pub fn sum_to_json_number(minor: i64, currency: Currency) -> serde_json::Number {
+    serde_json::Number::from_str(&decimal_text(minor, currency))
+        .expect("decimal text of an integer amount is a valid JSON number")
 }
 
 #[cfg(test)]

@@ -302,6 +302,10 @@ pub struct Order {
     /// The id of the request that placed the order, carried by its events, jobs, provider calls,
     /// e-mails and log lines: the key to the order's whole story.
     pub correlation_id: Option<String>,
+    /// The `--region` of the process that accepted the order; `None` when it had none. Absent
+    /// from the JSON when `None`, so snapshots stored before regions existed replay unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -377,12 +381,16 @@ mod tests {
             payment_token: PaymentToken::default_sandbox(),
             shipping: None,
             correlation_id: Some("c-1".into()),
+            region: None,
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
         };
         let encoded = serde_json::to_value(&order).unwrap();
         let members: Vec<&str> = encoded.as_object().unwrap().keys().map(String::as_str).collect();
-        assert!(!members.contains(&"shipping"), "{members:?}");
+        assert!(
+            !members.contains(&"shipping") && !members.contains(&"region"),
+            "{members:?}"
+        );
         assert_eq!(serde_json::from_value::<Order>(encoded).unwrap(), order);
 
         let shipped = Order {

@@ -149,6 +149,10 @@ struct CloudEventSchema {
     /// The `X-Correlation-Id` of the request that started the order's story.
     #[schema(nullable = false)]
     correlationid: Option<String>,
+    /// The `--region` of the process that accepted the order (`data.order.region`); absent when
+    /// it had none.
+    #[schema(nullable = false)]
+    region: Option<String>,
     /// `order`: the order as GET /orders/{id} shows it (without its timeline), plus the facts
     /// of the type (`reason`, `refund`, `shipment`, `endpoint`).
     #[schema(value_type = Object)]

@@ -68,6 +68,32 @@ struct FiringAlarm {
 #[derive(Serialize, ToSchema)]
 struct Components {
     database: Database,
+    /// The read replica (`--read-database-url`), when one is configured. Never makes the
+    /// instance unready: while it is bypassed the primary serves its reads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    read_replica: Option<ReadReplica>,
+}
+
+/// The read replica as this process sees it.
+#[derive(Serialize, ToSchema)]
+struct ReadReplica {
+    /// `in_use` (serving listings, reports and the audit), `lagging` or `down` (bypassed: the
+    /// primary serves them), `starting` (not checked yet).
+    #[schema(schema_with = replica_state)]
+    state: &'static str,
+    /// How far behind the primary the last check found it; `null` while down.
+    lag_seconds: Option<f64>,
+    /// `--read-replica-max-lag`.
+    max_lag_seconds: f64,
+}
+
+fn replica_state() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["starting", "in_use", "lagging", "down"]))
+        .build()
 }
 
 #[derive(Serialize, ToSchema)]
@@ -154,6 +180,11 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
             status,
             components: Components {
                 database: Database { status, backend },
+                read_replica: state.store.read_replica().map(|replica| ReadReplica {
+                    state: replica.state.as_str(),
+                    lag_seconds: replica.lag_seconds,
+                    max_lag_seconds: replica.max_lag_seconds,
+                }),
             },
             alarms,
         }),

@@ -18,6 +18,7 @@ pub mod openapi;
 mod ops;
 mod orders;
 mod products;
+mod reports;
 mod schema;
 pub mod stripe_webhooks;
 mod webhooks;

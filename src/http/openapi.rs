@@ -22,8 +22,8 @@ use utoipa_axum::routes;
 
 use super::error::Problem;
 use super::{
-    AppState, admin, correlation, customers, docs, events, fulfilment, health, metrics, ops, orders, products, schema,
-    stripe_webhooks, webhooks,
+    AppState, admin, correlation, customers, docs, events, fulfilment, health, metrics, ops, orders, products, reports,
+    schema, stripe_webhooks, webhooks,
 };
 use crate::domain::{Currency, FieldError};
 
@@ -178,6 +178,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(orders::routes())
         .merge(fulfilment::routes())
         .merge(admin::routes())
+        .merge(reports::routes())
         .merge(webhooks::routes())
         .merge(stripe_webhooks::routes())
         .merge(events::routes())

@@ -4,7 +4,8 @@
 //! A browser navigation cannot carry a bearer token, so the page is a public shell with no data
 //! in it; its script (`src/http/ops/app.js`) asks the operator for an admin token (kept in the
 //! tab's `sessionStorage`, or taken once from `#token=…` in the address) and reads the admin API
-//! with it (`/admin/queues`, `/admin/jobs?state=dead`, `/admin/orders`, `/health/ready`). The
+//! with it (`/admin/queues`, `/admin/jobs?state=dead`, `/admin/orders`, `/health/ready`, and
+//! `/admin/reports/sales` for its sales chart, drawn as inline SVG by the script itself). The
 //! script and styles are served from here too, so the page's own Content-Security-Policy
 //! ([`OPS_CSP`]) allows nothing but this origin's script, styles and API calls: no inline code,
 //! no CDN, nothing to load from elsewhere.

@@ -84,6 +84,10 @@ pub struct OrderView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     correlation_id: Option<String>,
+    /// The `--region` of the orderflow process that accepted the order; `null` when it was started
+    /// without one.
+    #[schema(required = true)]
+    region: Option<String>,
     /// Where the order ships, as given at checkout; absent when the order was placed without an
     /// address.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -200,6 +204,7 @@ impl OrderView {
             created_at: order.created_at,
             updated_at: order.updated_at,
             correlation_id: order.correlation_id,
+            region: order.region,
             shipping: order.shipping,
             timeline: events.map(|events| {
                 events

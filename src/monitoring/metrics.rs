@@ -7,6 +7,9 @@
 //! - **Gauges describing the database** (queue depth, running, dead, oldest ready job age, stuck
 //!   orders, alarm states) are read from the store at scrape time ([`Metrics::render`]), so every
 //!   process reports the same exact values however many share the database.
+//!
+//! Every series carries a `region` label when the process was started with `--region`
+//! ([`Metrics::for_region`]).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -73,7 +76,18 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let recorder = PrometheusBuilder::new()
+        Self::for_region(None)
+    }
+
+    /// A registry whose every series carries `region="<region>"` when the process has a
+    /// `--region`, so one Prometheus can scrape several regions' processes and still tell their
+    /// counters apart (or sum them) without relabelling rules.
+    pub fn for_region(region: Option<&str>) -> Self {
+        let mut builder = PrometheusBuilder::new();
+        if let Some(region) = region {
+            builder = builder.add_global_label("region", region);
+        }
+        let recorder = builder
             .set_buckets(&BUCKETS)
             .expect("buckets are not empty")
             .build_recorder();
@@ -207,6 +221,7 @@ impl Metrics {
         let alarms = store.alarm_states().await?;
         let stuck_orders = store.stuck_orders(now - stuck.unpaid, now - stuck.unfulfilled).await?;
         let pools = store.pool_stats();
+        let replica = store.read_replica();
         let nats = store.events().channel_backlog(crate::events::NATS_CHANNEL, now).await?;
         let endpoints = store.events().endpoint_health(now).await?;
         let kinds: Vec<String> = {
@@ -235,6 +250,18 @@ impl Metrics {
                 gauge!("orderflow_db_pool_connections", "pool" => pool.pool, "state" => "in_use").set(in_use as f64);
                 gauge!("orderflow_db_pool_connections", "pool" => pool.pool, "state" => "idle").set(pool.idle as f64);
                 gauge!("orderflow_db_pool_max_connections", "pool" => pool.pool).set(pool.max as f64);
+            }
+            if let Some(replica) = &replica {
+                let in_use = replica.state == crate::store::ReplicaState::InUse;
+                gauge!("orderflow_db_replica_in_use").set(if in_use { 1.0 } else { 0.0 });
+                if let Some(lag) = replica.lag_seconds {
+                    gauge!("orderflow_db_replica_lag_seconds").set(lag);
+                }
+                counter!("orderflow_db_replica_reads_total", "served_by" => "replica")
+                    .absolute(replica.reads_served_by_replica);
+                counter!("orderflow_db_replica_reads_total", "served_by" => "primary")
+                    .absolute(replica.reads_served_by_primary);
+                counter!("orderflow_db_replica_fallbacks_total").absolute(replica.fallbacks);
             }
             if let Some(nats) = nats {
                 gauge!("orderflow_events_unpublished", "channel" => "nats").set(nats.unpublished as f64);
@@ -330,6 +357,23 @@ fn describe() {
     describe_gauge!(
         "orderflow_db_pool_max_connections",
         "Largest size of each database pool."
+    );
+    describe_gauge!(
+        "orderflow_db_replica_in_use",
+        "1 while the read replica serves listings, reports and the audit; 0 while it is bypassed."
+    );
+    describe_gauge!(
+        "orderflow_db_replica_lag_seconds",
+        Unit::Seconds,
+        "How far the read replica's replay was behind the primary at its last check."
+    );
+    describe_counter!(
+        "orderflow_db_replica_reads_total",
+        "Reads the replica may serve, by who served them (replica, or primary while it was bypassed)."
+    );
+    describe_counter!(
+        "orderflow_db_replica_fallbacks_total",
+        "Reads that failed on the replica and were served by the primary."
     );
     describe_gauge!(
         "orderflow_alarm_firing",

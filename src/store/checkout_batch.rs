@@ -254,6 +254,7 @@ mod tests {
             shipping: None,
             currency: Currency::USD,
             correlation_id: None,
+            region: None,
             first_job: NewJob {
                 kind: "charge_payment",
                 payload: serde_json::json!({}),

@@ -49,6 +49,7 @@ pub(super) fn new_order(request: &PlaceOrder, lines: Vec<OrderLine>, total: Mone
         payment_token: request.payment_token.clone(),
         shipping: request.shipping.clone(),
         correlation_id: request.correlation_id.clone(),
+        region: request.region.clone(),
         created_at: request.now,
         updated_at: request.now,
     }

@@ -276,7 +276,7 @@ pub mod reads {
     }
 
     const STEP_ORDER_SQL: &str = "SELECT o.id, o.customer_id, o.status, o.currency, o.total_minor, o.payment_token, \
-         o.shipping, o.correlation_id, o.created_at, o.updated_at, c.email AS customer_email, \
+         o.shipping, o.correlation_id, o.region, o.created_at, o.updated_at, c.email AS customer_email, \
          c.first_name AS customer_first_name, p.provider AS pay_provider, p.idempotency_key AS pay_idempotency_key, \
          p.state AS pay_state, p.provider_ref AS pay_provider_ref, p.amount_minor AS pay_amount_minor, \
          p.captured_minor AS pay_captured_minor, p.refunded_minor AS pay_refunded_minor, p.currency AS pay_currency, \

@@ -21,6 +21,7 @@ pub mod ops;
 mod outage;
 mod postgres;
 mod reads;
+pub mod reports;
 mod rows;
 pub mod sandbox;
 pub mod signal;
@@ -44,6 +45,7 @@ pub use audit::{AuditReport, Violation};
 pub use checkout_batch::CheckoutBatchSettings;
 pub use outage::WriteRefusal;
 pub use postgres::PgStore;
+pub use reports::SalesPeriod;
 pub use sqlite::{SqliteDurability, SqliteStore};
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -183,6 +185,8 @@ pub struct PlaceOrder {
     pub shipping: Option<ShippingAddress>,
     pub currency: Currency,
     pub correlation_id: Option<String>,
+    /// The accepting process's `--region` (stored as `orders.region`), when it has one.
+    pub region: Option<String>,
     pub first_job: NewJob,
     /// The order's creation time, at storage precision ([`crate::clock::now`]).
     pub now: DateTime<Utc>,
@@ -290,11 +294,71 @@ pub trait Store: jobs::JobStore + ops::OpsStore + sandbox::SandboxBooks + Send +
     /// Checks the invariants of DESIGN.md against the stored data.
     async fn audit(&self) -> StoreResult<AuditReport>;
 
+    /// The sales report: every period of `range`, oldest first, in `currency`
+    /// ([`reports`] says which orders count). Read from the replica when one is configured.
+    async fn sales_report(
+        &self,
+        range: &crate::domain::report::SalesRange,
+        currency: Currency,
+    ) -> StoreResult<Vec<reports::SalesPeriod>>;
+
     /// Forgets up to `batch` (at most [`idempotency::MAX_BATCH`]) checkout idempotency keys last
     /// written before `before`, oldest first: their records are deleted and their orders' keys
     /// cleared in one transaction, so a later request with such a key places a new order. Returns
     /// how many were forgotten; one call is one bounded transaction (the caller repeats it).
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
+
+    /// The read replica's state and who served the reads it could take, when one is configured.
+    fn read_replica(&self) -> Option<ReplicaStatus> {
+        None
+    }
+}
+
+/// A read replica (`--read-database-url`, PostgreSQL only) and how far behind it may be.
+#[derive(Clone, Debug)]
+pub struct ReadReplicaSettings {
+    pub url: String,
+    /// Longer behind the primary than this, it is bypassed (`--read-replica-max-lag`).
+    pub max_lag: Duration,
+}
+
+/// Whether the read replica serves reads now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// Not checked yet: the primary serves its reads.
+    Starting,
+    /// Reachable and caught up within the limit: it serves listings, reports and the audit.
+    InUse,
+    /// Reachable but further behind than the limit: bypassed.
+    Lagging,
+    /// Unreachable (or a read failed there): bypassed until a check finds it again.
+    Down,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Starting => "starting",
+            ReplicaState::InUse => "in_use",
+            ReplicaState::Lagging => "lagging",
+            ReplicaState::Down => "down",
+        }
+    }
+}
+
+/// The read replica as this process sees it (metrics and readiness).
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaStatus {
+    pub state: ReplicaState,
+    /// How far behind the primary its last check found it; unknown while down.
+    pub lag_seconds: Option<f64>,
+    pub max_lag_seconds: f64,
+    /// Reads it could take, by who served them (the primary while it was bypassed or failed).
+    pub reads_served_by_replica: u64,
+    pub reads_served_by_primary: u64,
+    /// Reads that failed on the replica and were run again on the primary.
+    pub fallbacks: u64,
 }
 
 /// Connection settings shared by both backends.
@@ -309,6 +373,8 @@ pub struct ConnectOptions {
     pub group_commit: group_commit::GroupCommitSettings,
     /// How concurrent checkouts share transactions ([`checkout_batch`]).
     pub checkout_batch: CheckoutBatchSettings,
+    /// A read replica for listings, reports and the audit (PostgreSQL only).
+    pub read_replica: Option<ReadReplicaSettings>,
 }
 
 impl Default for ConnectOptions {
@@ -319,6 +385,7 @@ impl Default for ConnectOptions {
             sqlite_durability: SqliteDurability::Full,
             group_commit: Default::default(),
             checkout_batch: Default::default(),
+            read_replica: None,
         }
     }
 }
@@ -328,6 +395,12 @@ pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Arc<
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PgStore::connect(url, options).await?))
     } else if let Some(path) = url.strip_prefix("sqlite://") {
+        if options.read_replica.is_some() {
+            anyhow::bail!(
+                "--read-database-url needs PostgreSQL: the embedded SQLite database has no replicas (its readers \
+                 already never wait for the writer); leave it unset or use a postgres:// --database-url"
+            );
+        }
         Ok(Arc::new(SqliteStore::open(Path::new(path), options).await?))
     } else {
         anyhow::bail!(

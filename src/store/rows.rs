@@ -15,7 +15,7 @@ pub const PRODUCT_COLUMNS: &str = "id, sku, name, description, category, price_m
      reserved, version, created_at, updated_at";
 pub const CUSTOMER_COLUMNS: &str = "id, email, first_name, last_name, created_at";
 pub const ORDER_COLUMNS: &str = "id, customer_id, status, currency, total_minor, payment_token, shipping, \
-     correlation_id, created_at, updated_at";
+     correlation_id, region, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 pub struct ProductRow {
@@ -84,6 +84,8 @@ pub struct OrderRow {
     /// The [`ShippingAddress`] as JSON (migration 0005), NULL when the order has none.
     shipping: Option<String>,
     correlation_id: Option<String>,
+    /// The accepting process's region (migration 0013), NULL when it had none.
+    region: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -140,6 +142,7 @@ impl OrderRow {
                 .map(|json| serde_json::from_str(&json).map_err(|e| corrupt("orders.shipping")(e.to_string())))
                 .transpose()?,
             correlation_id: self.correlation_id,
+            region: self.region,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })

@@ -18,6 +18,8 @@ pub struct CheckoutSettings {
     pub currency: Currency,
     /// Attempts the payment step gets before it is dead-lettered.
     pub payment_max_attempts: u32,
+    /// This process's `--region`, recorded on every order it accepts.
+    pub region: Option<String>,
 }
 
 impl Default for CheckoutSettings {
@@ -25,6 +27,7 @@ impl Default for CheckoutSettings {
         Self {
             currency: Currency::USD,
             payment_max_attempts: 3,
+            region: None,
         }
     }
 }
@@ -85,6 +88,7 @@ pub async fn place_order(
         shipping: request.shipping,
         currency: settings.currency,
         correlation_id: request.correlation_id,
+        region: settings.region.clone(),
         first_job: NewJob {
             kind: CHARGE_PAYMENT,
             payload: crate::telemetry::with_trace_context(json!({ "order_id": order_id })),

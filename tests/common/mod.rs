@@ -78,27 +78,31 @@ impl TestDb {
                 let url = format!("sqlite://{}", dir.path().join("orderflow.db").display());
                 TestDb::Sqlite { _dir: dir, url }
             }
-            Backend::Postgres => {
-                let server_url = pg_server_url();
-                let mut conn = sqlx::PgConnection::connect(&server_url).await.unwrap_or_else(|error| {
-                    panic!(
-                        "PostgreSQL is not reachable at {server_url} ({error}). Start it with \
-                         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
-                         or point ORDERFLOW_TEST_DATABASE_URL at a server where this user may create databases."
-                    )
-                });
-                let name = format!("orderflow_test_{}", Uuid::now_v7().simple());
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&mut conn)
-                    .await
-                    .expect("create test database");
-                let url = match server_url.rsplit_once('/') {
-                    Some((base, _)) => format!("{base}/{name}"),
-                    None => panic!("ORDERFLOW_TEST_DATABASE_URL must end with /<database>"),
-                };
-                TestDb::Postgres { server_url, name, url }
-            }
+            Backend::Postgres => Self::postgres_on(&pg_server_url()).await,
         }
+    }
+
+    /// A new database on the PostgreSQL server at `server_url` (a private one, say), dropped
+    /// after the test.
+    pub async fn postgres_on(server_url: &str) -> Self {
+        let server_url = server_url.to_string();
+        let mut conn = sqlx::PgConnection::connect(&server_url).await.unwrap_or_else(|error| {
+            panic!(
+                "PostgreSQL is not reachable at {server_url} ({error}). Start it with \
+                 `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+                 or point ORDERFLOW_TEST_DATABASE_URL at a server where this user may create databases."
+            )
+        });
+        let name = format!("orderflow_test_{}", Uuid::now_v7().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let url = match server_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("ORDERFLOW_TEST_DATABASE_URL must end with /<database>"),
+        };
+        TestDb::Postgres { server_url, name, url }
     }
 
     pub fn url(&self) -> &str {
@@ -172,6 +176,7 @@ pub fn connect_options() -> ConnectOptions {
         sqlite_durability: SqliteDurability::Normal,
         group_commit: Default::default(),
         checkout_batch: Default::default(),
+        read_replica: None,
     }
 }
 
@@ -233,7 +238,17 @@ impl TestApp {
         options: ConnectOptions,
         configure: impl FnOnce(&mut AppState),
     ) -> Self {
-        let db = TestDb::new(backend).await;
+        Self::spawn_on(TestDb::new(backend).await, backend, options, configure).await
+    }
+
+    /// Like [`spawn_with_pool`](Self::spawn_with_pool), on a database the test made itself
+    /// (e.g. [`TestDb::postgres_on`] a private server).
+    pub async fn spawn_on(
+        db: TestDb,
+        backend: Backend,
+        options: ConnectOptions,
+        configure: impl FnOnce(&mut AppState),
+    ) -> Self {
         let store = db.connect_with(&options).await;
         let auth = Arc::new(Authenticator::hs256(&Secret::new(SECRET.to_vec())));
         let mut state = AppState {

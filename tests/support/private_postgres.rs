@@ -42,7 +42,9 @@ pub struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    /// `initdb` and start a cluster (trust authentication, user `postgres`) on a free port.
+    /// `initdb` and start a cluster (trust authentication, user `postgres`) on a free port. It
+    /// can stream to standbys ([`start_standby`](Self::start_standby)): `wal_level = replica`,
+    /// WAL senders, and initdb's `replication` entries in pg_hba.conf, trusted like the rest.
     pub fn start() -> Self {
         let bin = PathBuf::from(
             std::env::var("ORDERFLOW_TEST_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string()),
@@ -53,25 +55,7 @@ impl PrivatePostgres {
              ORDERFLOW_TEST_PG_BIN at the directory that has them)",
             bin.display()
         );
-        let dir = tempfile::Builder::new()
-            .prefix("orderflow-private-pg-")
-            .tempdir()
-            .expect("temp dir");
-        let run_as = is_root().then_some("postgres");
-        if let Some(user) = run_as {
-            let chowned = Command::new("chown")
-                .arg(format!("{user}:"))
-                .arg(dir.path())
-                .status()
-                .expect("run chown");
-            assert!(chowned.success(), "could not give {} to {user}", dir.path().display());
-        }
-        let cluster = PrivatePostgres {
-            bin,
-            dir,
-            run_as,
-            port: free_port(),
-        };
+        let cluster = Self::empty(bin);
         let data = cluster.data_dir();
         cluster.run(
             "initdb",
@@ -91,6 +75,78 @@ impl PrivatePostgres {
         cluster
     }
 
+    /// A cluster of its own directory and port, with nothing in it yet.
+    fn empty(bin: PathBuf) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("orderflow-private-pg-")
+            .tempdir()
+            .expect("temp dir");
+        let run_as = is_root().then_some("postgres");
+        if let Some(user) = run_as {
+            let chowned = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(dir.path())
+                .status()
+                .expect("run chown");
+            assert!(chowned.success(), "could not give {} to {user}", dir.path().display());
+        }
+        PrivatePostgres {
+            bin,
+            dir,
+            run_as,
+            port: free_port(),
+        }
+    }
+
+    /// A hot standby of this cluster, streaming from it: `pg_basebackup -R` (which writes
+    /// `standby.signal` and `primary_conninfo`) into a new directory, started on another free
+    /// port. Databases created on the primary later reach it too (their creation is in the WAL).
+    pub fn start_standby(&self) -> PrivatePostgres {
+        let standby = Self::empty(self.bin.clone());
+        let data = standby.data_dir();
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                path(&data),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        standby.start_server();
+        standby
+    }
+
+    /// Runs one SQL statement with `psql` on this server's `postgres` database (e.g.
+    /// `SELECT pg_wal_replay_pause()` on a standby, where nothing can be written).
+    pub fn psql(&self, sql: &str) {
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        );
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
@@ -98,7 +154,8 @@ impl PrivatePostgres {
     /// Starts the stopped server and waits until it accepts connections.
     pub fn start_server(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100 -c wal_level=replica \
+             -c max_wal_senders=5",
             self.port,
             path(self.dir.path())
         );

@@ -2,7 +2,8 @@
 // operator's bearer token (kept in this tab's sessionStorage, or taken once from `#token=…` in
 // the address and then removed from it), renders queues, dead jobs, alarms, integrations (webhook
 // endpoints with their delivery log, replay and enable/disable; the event feed's last position;
-// the NATS backlog) and recent orders, and refreshes every few seconds. Everything is built with
+// the NATS backlog), a chart of the sales report (the last 24 hours or 30 days, drawn as SVG
+// with no library) and recent orders, and refreshes every few seconds. Everything is built with
 // textContent, never innerHTML, so nothing the API returns (error texts, URLs, the first bytes of
 // a webhook receiver's answer) can inject markup.
 (() => {
@@ -244,6 +245,61 @@
     });
     if (rows.length) tbody.replaceChildren(...rows);
     else emptyRow(tbody, 6, 'No orders.');
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Sales: `/admin/reports/sales` as a bar per period, gross (light) behind net (dark).
+
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const CHART = { width: 720, height: 170, top: 8, bottom: 22 };
+
+  function svg(tag, attributes, text) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, String(value));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function periodLabel(iso, granularity) {
+    const date = new Date(iso);
+    if (isNaN(date)) return iso;
+    return granularity === 'hour'
+      ? date.toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit' })
+      : date.toLocaleDateString(undefined, { month: 'short', day: 'numeric' });
+  }
+
+  function renderSales(report) {
+    const { currency, granularity, totals } = report;
+    const periods = report.data;
+    const plot = CHART.height - CHART.top - CHART.bottom;
+    const most = Math.max(0, ...periods.map((p) => Number(p.gross)));
+    const slot = CHART.width / Math.max(periods.length, 1);
+    const scale = (amount) => (most > 0 ? (Math.max(Number(amount), 0) / most) * plot : 0);
+    const baseline = CHART.height - CHART.bottom;
+    const nodes = [];
+    periods.forEach((period, index) => {
+      const x = index * slot + 1;
+      const width = Math.max(slot - 2, 1);
+      const gross = svg('rect', { class: 'gross', x, width, y: baseline - scale(period.gross), height: scale(period.gross) });
+      gross.dataset.period = period.period_start;
+      gross.dataset.orders = String(period.orders);
+      gross.dataset.gross = String(period.gross);
+      gross.dataset.net = String(period.net);
+      gross.appendChild(svg('title', {}, `${periodLabel(period.period_start, granularity)}: ${period.orders} order(s), ` +
+        `${period.units} unit(s), gross ${money(period.gross, currency)}, refunded ${money(period.refunded, currency)}, ` +
+        `net ${money(period.net, currency)}`));
+      nodes.push(gross, svg('rect', { class: 'net', x, width, y: baseline - scale(period.net), height: scale(period.net) }));
+    });
+    nodes.push(svg('line', { class: 'axis', x1: 0, x2: CHART.width, y1: baseline, y2: baseline }));
+    if (periods.length) {
+      nodes.push(svg('text', { x: 2, y: CHART.height - 6 }, periodLabel(periods[0].period_start, granularity)));
+      nodes.push(svg('text', { x: CHART.width - 2, y: CHART.height - 6, 'text-anchor': 'end' },
+        periodLabel(periods[periods.length - 1].period_start, granularity)));
+    }
+    if (most > 0) nodes.push(svg('text', { x: 2, y: CHART.top + 8 }, money(most, currency)));
+    $('sales-chart').replaceChildren(...nodes);
+    $('sales-summary').textContent = `${totals.orders} order(s) · ${totals.units} unit(s) · gross ` +
+      `${money(totals.gross, currency)} · refunded ${money(totals.refunded, currency)} · net ${money(totals.net, currency)}`;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -671,7 +727,7 @@
     clearTimeout(timer);
     const status = $('order-status').value;
     const ordersPath = `/admin/orders?limit=${ORDERS_SHOWN}` + (status ? `&status=${encodeURIComponent(status)}` : '');
-    const [queues, jobs, orders, ready, hooks, events, nats] = await Promise.allSettled([
+    const [queues, jobs, orders, ready, hooks, events, nats, sales] = await Promise.allSettled([
       api('GET', '/admin/queues'),
       api('GET', `/admin/jobs?state=dead&limit=${DEAD_JOBS_SHOWN}`),
       api('GET', ordersPath),
@@ -679,8 +735,9 @@
       api('GET', `/admin/webhook-endpoints?limit=${ENDPOINTS_SHOWN}`),
       feedTail(),
       natsBacklog(),
+      api('GET', `/admin/reports/sales?granularity=${encodeURIComponent($('sales-range').value)}`),
     ]);
-    const results = [queues, jobs, orders, ready, hooks, events, nats];
+    const results = [queues, jobs, orders, ready, hooks, events, nats, sales];
     const failures = results.filter((r) => r.status === 'rejected').map((r) => r.reason);
     if (failures.some((error) => error.status === 401)) {
       running = false;
@@ -698,6 +755,7 @@
       [hooks, 'endpoints-error', renderEndpoints],
       [events, 'feed-error', renderFeed],
       [nats, 'nats-error', renderNats],
+      [sales, 'sales-error', renderSales],
     ];
     for (const [result, errorId, render] of sections) {
       if (result.status === 'fulfilled') {
@@ -757,6 +815,7 @@
     });
     $('refresh-now').addEventListener('click', () => refresh());
     $('order-status').addEventListener('change', () => refresh());
+    $('sales-range').addEventListener('change', () => refresh());
     $('sign-out').addEventListener('click', () => {
       sessionStorage.removeItem(TOKEN_KEY);
       clearTimeout(timer);

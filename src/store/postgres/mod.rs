@@ -7,7 +7,8 @@
 //! optimistic engines raise in normal operation). The place-order path costs five round trips:
 //! claim the idempotency key, then — shared by the checkouts waiting at the same time
 //! ([`checkout_batch`]) — BEGIN, lock + read stock, one statement of data-modifying CTEs that
-//! writes everything else, COMMIT.
+//! writes everything else, COMMIT. Listings, the sales report and the audit may be served by a
+//! read replica ([`replica`]); nothing that decides a write reads there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use uuid::Uuid;
 
 mod jobs;
 mod ops;
+mod replica;
 
 use super::after_sale::{AfterSaleReads, AfterSaleSql};
 use super::audit::{self, AuditReport};
@@ -57,6 +59,8 @@ pub struct PgStore {
     /// Groups concurrent checkouts into shared transactions ([`checkout_batch`]).
     checkouts: Batcher<Checkouts<PgCheckouts>>,
     after_sale: AfterSaleSql<Postgres>,
+    /// The read replica for listings, reports and the audit (`--read-database-url`), if any.
+    replica: Option<Arc<replica::Replica>>,
 }
 
 /// The channel every enqueue notifies, in the enqueuing transaction (delivered on commit).
@@ -229,6 +233,18 @@ impl PgStore {
             .run(&pool)
             .await
             .context("applying PostgreSQL migrations")?;
+        let replica = match &options.read_replica {
+            Some(settings) => {
+                let connect: PgConnectOptions = settings.url.parse().context("parsing the read replica's URL")?;
+                // Short waits: a replica that does not answer is bypassed, not waited for.
+                let replica_pool = PgPoolOptions::new()
+                    .max_connections(options.max_connections.max(1))
+                    .acquire_timeout(options.acquire_timeout.min(Duration::from_secs(1)))
+                    .connect_lazy_with(connect.application_name("orderflow-replica"));
+                Some(replica::Replica::start(replica_pool, pool.clone(), settings.max_lag))
+            }
+            None => None,
+        };
         let local = JobSignal::new();
         spawn_job_listener(listener_pool, Arc::downgrade(&local));
         let wakeups = Wakeups {
@@ -266,7 +282,26 @@ impl PgStore {
             pool,
             wakeups,
             events,
+            replica,
         })
+    }
+
+    /// Runs a read that may be a little behind on the replica when it is in use (see
+    /// [`replica`]), else on the primary.
+    async fn replica_read<T, F, Fut>(&self, read: F) -> StoreResult<T>
+    where
+        F: Fn(PgPool) -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        match &self.replica {
+            Some(replica) => replica.read(&self.pool, read).await,
+            None => read(self.pool.clone()).await,
+        }
+    }
+
+    /// The replica's pool, for the pool gauges.
+    fn replica_pool(&self) -> Option<&PgPool> {
+        self.replica.as_ref().map(|replica| replica.pool())
     }
 
     /// Wakes every job worker here and (coalesced, after commit) in other processes: jobs of
@@ -277,16 +312,6 @@ impl PgStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    async fn order_items(&self, order_ids: &[Uuid]) -> StoreResult<Vec<OrderItemRow>> {
-        Ok(sqlx::query_as(
-            "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items \
-             WHERE order_id = ANY($1) ORDER BY order_id, line_no",
-        )
-        .bind(order_ids)
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     /// Phase 1 of placing an order: record that a request with this key is in flight, so a
@@ -495,12 +520,12 @@ impl PgCheckouts {
                  new_orders AS ( \
                     INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, payment_token, \
                         idempotency_principal, idempotency_key, correlation_id, created_at, updated_at, \
-                        last_event_sequence, shipping) \
+                        last_event_sequence, shipping, region) \
                     SELECT v.id, v.customer_id, 'pending_payment', 'reserved', v.currency, v.total, v.token, \
-                        v.principal, v.key, v.correlation_id, v.at, v.at, 1, v.shipping \
+                        v.principal, v.key, v.correlation_id, v.at, v.at, 1, v.shipping, v.region \
                     FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], \
-                        $11::text[], $12::timestamptz[], $13::text[]) \
-                        AS v(id, customer_id, currency, total, token, principal, key, correlation_id, at, shipping)), \
+                        $11::text[], $12::timestamptz[], $13::text[], $30::text[]) \
+                        AS v(id, customer_id, currency, total, token, principal, key, correlation_id, at, shipping, region)), \
                  lines AS ( \
                     INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
                     SELECT * FROM unnest($14::uuid[], $15::uuid[], $16::int[], $17::bigint[], $18::bigint[])), \
@@ -560,6 +585,7 @@ impl PgCheckouts {
             .bind(&rows.job_run_at) // $27
             .bind(&rows.lock_tokens) // $28
             .bind(&rows.snapshots) // $29
+            .bind(&rows.regions) // $30
             .fetch_one(&mut *tx)
             .await;
             let (reserved_products, completed) = match written {
@@ -620,6 +646,7 @@ struct BulkOrders {
     correlation_ids: Vec<Option<String>>,
     created_at: Vec<DateTime<Utc>>,
     shipping: Vec<Option<String>>,
+    regions: Vec<Option<String>>,
     line_orders: Vec<Uuid>,
     line_products: Vec<Uuid>,
     line_numbers: Vec<i32>,
@@ -653,6 +680,7 @@ impl BulkOrders {
             rows.correlation_ids.push(request.correlation_id.clone());
             rows.created_at.push(request.now);
             rows.shipping.push(rows::encode_shipping(order.shipping.as_ref()));
+            rows.regions.push(order.region.clone());
             for (line_no, line) in order.lines.iter().enumerate() {
                 rows.line_orders.push(order.id.as_uuid());
                 rows.line_products.push(line.product_id.as_uuid());
@@ -837,14 +865,7 @@ impl Store for PgStore {
     }
 
     async fn list_orders(&self, query: &OrderQuery) -> StoreResult<Page<Order>> {
-        let rows: Vec<OrderRow> = reads::list_orders_query::<Postgres>(query)
-            .build_query_as()
-            .fetch_all(&self.pool)
-            .await?;
-        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-        let items = self.order_items(&ids).await?;
-        let orders = rows::assemble_orders(rows, &items)?;
-        Ok(Page::from_rows(orders, query.limit, |o| o.id.as_uuid()))
+        self.replica_read(|pool| list_orders_on(pool, query)).await
     }
 
     async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome> {
@@ -923,12 +944,46 @@ impl Store for PgStore {
     }
 
     async fn audit(&self) -> StoreResult<AuditReport> {
-        audit::run(&self.pool).await
+        self.replica_read(|pool| async move { audit::run(&pool).await }).await
+    }
+
+    async fn sales_report(
+        &self,
+        range: &crate::domain::report::SalesRange,
+        currency: crate::domain::Currency,
+    ) -> StoreResult<Vec<super::reports::SalesPeriod>> {
+        self.replica_read(|pool| async move {
+            super::reports::sales(&pool, super::reports::postgres_period, range, currency).await
+        })
+        .await
+    }
+
+    fn read_replica(&self) -> Option<super::ReplicaStatus> {
+        self.replica.as_ref().map(|replica| replica.status())
     }
 
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         idempotency::forget_keys(&self.pool, "BEGIN", before, batch).await
     }
+}
+
+/// An order listing's page: the orders, then all their lines, on one pool (the replica's or
+/// the primary's).
+async fn list_orders_on(pool: PgPool, query: &OrderQuery) -> StoreResult<Page<Order>> {
+    let rows: Vec<OrderRow> = reads::list_orders_query::<Postgres>(query)
+        .build_query_as()
+        .fetch_all(&pool)
+        .await?;
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    let items: Vec<OrderItemRow> = sqlx::query_as(
+        "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items \
+         WHERE order_id = ANY($1) ORDER BY order_id, line_no",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await?;
+    let orders = rows::assemble_orders(rows, &items)?;
+    Ok(Page::from_rows(orders, query.limit, |o| o.id.as_uuid()))
 }
 
 async fn insert_ledger(

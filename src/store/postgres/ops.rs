@@ -22,7 +22,9 @@ impl OpsStore for PgStore {
     }
 
     fn pool_stats(&self) -> Vec<PoolStats> {
-        vec![ops::pool_stats("main", &self.pool)]
+        let mut pools = vec![ops::pool_stats("main", &self.pool)];
+        pools.extend(self.replica_pool().map(|pool| ops::pool_stats("replica", pool)));
+        pools
     }
 
     async fn alarm_states(&self) -> StoreResult<Vec<AlarmRecord>> {

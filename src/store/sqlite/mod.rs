@@ -457,6 +457,14 @@ impl Store for SqliteStore {
         audit::run(&self.reader).await
     }
 
+    async fn sales_report(
+        &self,
+        range: &crate::domain::report::SalesRange,
+        currency: crate::domain::Currency,
+    ) -> StoreResult<Vec<super::reports::SalesPeriod>> {
+        super::reports::sales(&self.reader, super::reports::sqlite_period, range, currency).await
+    }
+
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         idempotency::forget_keys(&self.writer, "BEGIN IMMEDIATE", before, batch).await
     }
@@ -659,7 +667,7 @@ async fn insert_order(
     sqlx::query(
         "INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, \
          payment_token, shipping, idempotency_principal, idempotency_key, correlation_id, created_at, \
-         updated_at, last_event_sequence) VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+         updated_at, last_event_sequence, region) VALUES (?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
     )
     .bind(order.id.as_uuid())
     .bind(order.customer_id.as_uuid())
@@ -673,6 +681,7 @@ async fn insert_order(
     .bind(&request.correlation_id)
     .bind(now)
     .bind(now)
+    .bind(&order.region)
     .execute(&mut **tx)
     .await?;
     for (line_no, line) in order.lines.iter().enumerate() {
