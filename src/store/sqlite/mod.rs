@@ -356,6 +356,7 @@ impl Store for SqliteStore {
         let checkout = Checkout {
             request: request.clone(),
             lock_token: Uuid::nil(),
+            stock: Vec::new(),
         };
         self.checkouts
             .submit(checkout)
@@ -373,6 +374,7 @@ impl Store for SqliteStore {
                     claimed.push(Checkout {
                         request: request.clone(),
                         lock_token: Uuid::nil(),
+                        stock: Vec::new(),
                     });
                     None
                 }
