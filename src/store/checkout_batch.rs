@@ -4,10 +4,13 @@
 //! A checkout's cost on both backends is its commit — an fsync on SQLite's single writer, and on
 //! PostgreSQL a WAL flush plus the time its product rows stay locked until then. In a flash sale
 //! every checkout wants the same product row, so one at a time they queue behind each other's
-//! commits. Here a writer takes all checkouts waiting (up to `--checkout-batch`), locks their
-//! products once, prices each against the stock the ones before it left (exactly what they
-//! would have seen one after another), and writes all the accepted orders with one reservation
-//! per product. No savepoints: when one checkout's write would fail the others (an unknown
+//! commits. Here a writer takes all checkouts waiting (up to `--checkout-batch`), prices each
+//! against the stock the ones before it left (exactly what they would have seen one after
+//! another), and writes all the accepted orders with one reservation per product. SQLite reads
+//! the stock inside its write transaction; PostgreSQL reads it with each checkout's idempotency
+//! claim (one round trip) and writes the group in one more, checking on each product row as it
+//! is written that the stock and price still allow what was decided ([`stock_checks`]; the
+//! write statement is in `postgres/mod.rs`, `PgCheckouts`). No savepoints: when one checkout's write would fail the others (an unknown
 //! customer's foreign key, an idempotency claim taken over), the group is rolled back and each
 //! checkout is written alone, so it fails alone. A group of one is the plain single checkout:
 //! the same code.
@@ -37,12 +40,15 @@ use crate::domain::{CartRejection, Order, ProductId};
 /// How many times a group transaction that lost a serialization race is run again.
 pub(super) const MAX_TX_ATTEMPTS: u32 = 6;
 
-/// One checkout waiting for its transaction: the request and its idempotency claim's token
-/// (PostgreSQL claims the key before; SQLite ignores it).
+/// One checkout waiting for its transaction: the request, its idempotency claim's token
+/// (PostgreSQL claims the key before; SQLite ignores it) and the stock of its cart's products as
+/// read with the claim (PostgreSQL, in the same round trip; empty on SQLite, which reads stock
+/// inside its write transaction).
 #[derive(Clone)]
 pub(super) struct Checkout {
     pub request: PlaceOrder,
     pub lock_token: Uuid,
+    pub stock: Vec<StockLevel>,
 }
 
 /// Why a group transaction wrote nothing.
@@ -217,6 +223,81 @@ pub(super) fn allocate<'a>(
         .collect()
 }
 
+/// The stock a group is priced against before its write: per product, the latest of the
+/// members' reads (members are in the order their claims, which read the stock, returned).
+pub(super) fn latest_levels(group: &[Checkout]) -> Vec<StockLevel> {
+    let mut latest: HashMap<ProductId, StockLevel> = HashMap::new();
+    for level in group.iter().flat_map(|checkout| &checkout.stock) {
+        latest.insert(level.product_id, *level);
+    }
+    let mut levels: Vec<StockLevel> = latest.into_values().collect();
+    levels.sort_by_key(|level| level.product_id.as_uuid());
+    levels
+}
+
+/// What a group's write must find on one product row for the allocation it was priced with to
+/// still hold, checked on the newest row version as it is written (the conditional write of a
+/// checkout priced from stock read before its transaction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct StockCheck {
+    pub product: Uuid,
+    /// Units the accepted orders reserve together (0 when only a rejected order names it).
+    pub units: i64,
+    /// The unit price the accepted orders were charged: the row must still have it.
+    pub price: Option<i64>,
+    /// A checkout was refused as short of this product against this availability: it must not
+    /// have grown since, or the refusal might no longer be true.
+    pub at_most: Option<i64>,
+}
+
+/// The checks a group's write makes, one per product its accepted orders reserve or its
+/// refusals were short of, in product-id order. With these all true at write time, the outcome
+/// is exactly what [`allocate`] would give against the stock as it is then: an accepted order
+/// still fits (there is at least what it reserves), a refused one still does not (there is no
+/// more than there was), and each was charged the current price.
+pub(super) fn stock_checks(levels: &[StockLevel], allocated: &[Result<Order, CartRejection>]) -> Vec<StockCheck> {
+    let mut checks: HashMap<Uuid, StockCheck> = HashMap::new();
+    let level_of = |product: ProductId| levels.iter().find(|level| level.product_id == product);
+    for outcome in allocated {
+        match outcome {
+            Ok(order) => {
+                for line in &order.lines {
+                    let product = line.product_id.as_uuid();
+                    let check = checks.entry(product).or_insert(StockCheck {
+                        product,
+                        units: 0,
+                        price: None,
+                        at_most: None,
+                    });
+                    check.units += i64::from(line.quantity.get());
+                    check.price = Some(line.unit_price.minor());
+                }
+            }
+            Err(CartRejection::InsufficientStock(shortages)) => {
+                for shortage in shortages {
+                    let Some(level) = level_of(shortage.product_id) else {
+                        continue;
+                    };
+                    let product = shortage.product_id.as_uuid();
+                    checks
+                        .entry(product)
+                        .or_insert(StockCheck {
+                            product,
+                            units: 0,
+                            price: None,
+                            at_most: None,
+                        })
+                        .at_most = Some(level.available);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    let mut checks: Vec<StockCheck> = checks.into_values().collect();
+    checks.sort_by_key(|check| check.product);
+    checks
+}
+
 /// Per product, the units the accepted orders reserve together (one write per product).
 pub(super) fn reservations<'a>(orders: impl IntoIterator<Item = &'a Order>) -> Vec<(Uuid, i64)> {
     let mut units: HashMap<Uuid, i64> = HashMap::new();
@@ -282,5 +363,38 @@ mod tests {
         assert_eq!(third.total.minor(), 500);
         let accepted: Vec<&Order> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
         assert_eq!(reservations(accepted), vec![(product.as_uuid(), 5)]);
+        // The write must still find 5 units (3 + 2), the price charged, and no more than 5
+        // available (or the second checkout's refusal would no longer hold).
+        assert_eq!(
+            stock_checks(&[level], &outcomes),
+            vec![StockCheck {
+                product: product.as_uuid(),
+                units: 5,
+                price: Some(250),
+                at_most: Some(5),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_group_is_priced_against_each_products_latest_read() {
+        let (lamp, desk) = (ProductId::new(), ProductId::new());
+        let level = |product, available| StockLevel {
+            product_id: product,
+            price: Money::from_minor(100).unwrap(),
+            available,
+        };
+        let checkout = |stock| Checkout {
+            request: request(lamp, 1),
+            lock_token: Uuid::nil(),
+            stock,
+        };
+        let group = [
+            checkout(vec![level(lamp, 9), level(desk, 4)]),
+            checkout(vec![level(lamp, 7)]),
+        ];
+        let mut levels = latest_levels(&group);
+        levels.sort_by_key(|l| l.available);
+        assert_eq!(levels, vec![level(desk, 4), level(lamp, 7)]);
     }
 }

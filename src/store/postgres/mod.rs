@@ -4,11 +4,14 @@
 //! Nothing here assumes one process. Stock rows are locked in product-id order
 //! (`SELECT … ORDER BY id FOR UPDATE`) so multi-item orders cannot deadlock one another, and every
 //! write transaction is re-run with backoff on SQLSTATE 40001/40P01 (which serializable and
-//! optimistic engines raise in normal operation). The place-order path costs five round trips:
-//! claim the idempotency key, then — shared by the checkouts waiting at the same time
-//! ([`checkout_batch`]) — BEGIN, lock + read stock, one statement of data-modifying CTEs that
-//! writes everything else, COMMIT. Listings, the sales report and the audit may be served by a
-//! read replica ([`replica`]); nothing that decides a write reads there.
+//! optimistic engines raise in normal operation). The place-order path costs two round trips:
+//! claim the idempotency key and read the cart's stock in one statement, then — shared by the
+//! checkouts waiting at the same time ([`checkout_batch`]) — one autocommitted statement of
+//! data-modifying CTEs whose conditional reservation aborts it, writing nothing, when another
+//! process moved the stock or the price in between (then the group is written again under
+//! `SELECT … FOR UPDATE` in a transaction). See [`PgCheckouts`].
+//! Listings, the sales report and the audit may be served by a read replica ([`replica`]);
+//! nothing that decides a write reads there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +43,7 @@ use super::{
     ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::events::order_subject;
+use crate::domain::order::StockLevel;
 use crate::domain::{
     CartRejection, Customer, CustomerId, NewCustomer, NewProduct, Order, OrderId, Product, ProductId, ProductPatch,
     StockAdjustment,
@@ -49,6 +53,9 @@ use crate::domain::{
 /// was killed mid-request); a retry may take it over. Safe even if the first request is merely
 /// slow: its completion is fenced by the claim's lock token, and orders are unique per key.
 const IN_FLIGHT_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(15);
+
+/// A pooled connection idle this long is pinged before it is used ([`PgStore::connect`]).
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 pub struct PgStore {
     pool: PgPool,
@@ -210,7 +217,8 @@ fn spawn_job_listener(pool: PgPool, signal: std::sync::Weak<JobSignal>) {
 
 /// The result of trying to claim an idempotency key for a new request.
 enum Claim {
-    Acquired,
+    /// Ours, with the stock of the cart's products read in the same round trip.
+    Acquired(Vec<StockLevel>),
     Finished(PlaceOrderOutcome),
 }
 
@@ -226,6 +234,18 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
+            // sqlx pings every connection it hands out by default: one more round trip per
+            // statement outside a transaction. Only a connection that sat idle is pinged (the
+            // one a restart or a cut may have broken); a busy pool's are not.
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_AFTER {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(connect.application_name("orderflow"))
             .await
             .with_context(|| format!("connecting to PostgreSQL at {}", super::redact_url(url)))?;
@@ -314,38 +334,67 @@ impl PgStore {
         &self.pool
     }
 
-    /// Phase 1 of placing an order: record that a request with this key is in flight, so a
-    /// concurrent duplicate gets 409 instead of waiting, and a later one replays the result.
+    /// Phase 1 of placing an order, round trip 1 of 2: record that a request with this key is
+    /// in flight, so a concurrent duplicate gets 409 instead of waiting and a later one replays
+    /// the result, and — in the same statement — read an earlier use of the key and the price and
+    /// stock of the cart's products, which phase 2 prices the order with.
     /// The claim is committed without waiting for the WAL flush: if it is lost in a crash, so is
     /// everything after it (the order's commit flushes the WAL up to and including the claim).
+    /// Only taking over a stale claim costs one more round trip.
     async fn claim_key(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Claim> {
+        let products = checkout_batch::products_of(std::iter::once(request));
         for _ in 0..3 {
-            let inserted = sqlx::query(
-                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
-                 INSERT INTO idempotency_keys (principal, key, fingerprint, state, lock_token, created_at, updated_at) \
-                 SELECT $1, $2, $3, 'in_flight', $4, $5, $5 FROM relaxed \
-                 ON CONFLICT (principal, key) DO NOTHING",
+            // The sibling CTE `earlier` reads the statement's snapshot: the row the INSERT
+            // collided with when it was committed before the statement began (else nothing, and
+            // the claim is tried again).
+            #[allow(clippy::type_complexity)]
+            let (claimed, fingerprint, state, body, old_token, updated_at, ids, prices, available): (
+                bool,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<Uuid>,
+                Option<DateTime<Utc>>,
+                Option<Vec<Uuid>>,
+                Option<Vec<i64>>,
+                Option<Vec<i64>>,
+            ) = sqlx::query_as(
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), \
+                 claimed AS ( \
+                    INSERT INTO idempotency_keys (principal, key, fingerprint, state, lock_token, created_at, updated_at) \
+                    SELECT $1, $2, $3, 'in_flight', $4, $5, $5 FROM relaxed \
+                    ON CONFLICT (principal, key) DO NOTHING RETURNING 1), \
+                 earlier AS ( \
+                    SELECT fingerprint, state, response_body, lock_token, updated_at FROM idempotency_keys \
+                    WHERE principal = $1 AND key = $2), \
+                 stock AS ( \
+                    SELECT array_agg(id ORDER BY id) AS ids, array_agg(price_minor ORDER BY id) AS prices, \
+                        array_agg(on_hand - reserved ORDER BY id) AS available \
+                    FROM products WHERE id = ANY($6)) \
+                 SELECT EXISTS (SELECT 1 FROM claimed), e.fingerprint, e.state, e.response_body, e.lock_token, \
+                    e.updated_at, s.ids, s.prices, s.available \
+                 FROM stock s LEFT JOIN earlier e ON true",
             )
             .bind(&request.principal)
             .bind(&request.idempotency_key)
             .bind(&request.fingerprint)
             .bind(lock_token)
             .bind(request.now)
-            .execute(&self.pool)
+            .bind(&products)
+            .fetch_one(&self.pool)
             .await?;
-            if inserted.rows_affected() == 1 {
-                return Ok(Claim::Acquired);
+            let levels = || {
+                let rows = ids.clone().unwrap_or_default().into_iter();
+                let rows = rows
+                    .zip(prices.clone().unwrap_or_default())
+                    .zip(available.clone().unwrap_or_default());
+                stock_levels(rows.map(|((id, price), available)| (id, price, available)).collect())
+            };
+            if claimed {
+                return Ok(Claim::Acquired(levels()?));
             }
-            let earlier: Option<(String, String, Option<String>, Option<Uuid>, DateTime<Utc>)> = sqlx::query_as(
-                "SELECT fingerprint, state, response_body, lock_token, updated_at FROM idempotency_keys \
-                 WHERE principal = $1 AND key = $2",
-            )
-            .bind(&request.principal)
-            .bind(&request.idempotency_key)
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some((fingerprint, state, body, old_token, updated_at)) = earlier else {
-                continue; // released between our two statements: try to claim again
+            let (Some(fingerprint), Some(state), Some(updated_at)) = (fingerprint, state, updated_at) else {
+                continue; // committed after our snapshot, or released since: try to claim again
             };
             if state == "completed" {
                 return replay_or_refuse(request, &fingerprint, body.as_deref()).map(Claim::Finished);
@@ -368,7 +417,7 @@ impl PgStore {
             .execute(&self.pool)
             .await?;
             return Ok(if taken.rows_affected() == 1 {
-                Claim::Acquired
+                Claim::Acquired(levels()?)
             } else {
                 Claim::Finished(PlaceOrderOutcome::KeyInUse)
             });
@@ -456,14 +505,41 @@ async fn release_key(pool: &PgPool, principal: &str, key: &str, lock_token: Uuid
     Ok(())
 }
 
-/// Phase 2 of placing orders: one transaction for a group of claimed checkouts
-/// ([`checkout_batch`]): lock and read their products' stock, price each against what the ones
-/// before it left, then one statement of data-modifying CTEs writes every accepted order —
-/// the stock reservations (one per product), the orders, lines, timeline entries, `order.placed`
-/// events, first jobs and completed idempotency records. A group of one is a single checkout.
+/// Phase 2 of placing orders, round trip 2 of 2 ([`checkout_batch`]): a group of claimed
+/// checkouts is priced against the stock their claims read, and ONE autocommitted statement of
+/// data-modifying CTEs writes every accepted order — the stock reservations (one per product),
+/// the orders, lines, timeline entries, `order.placed` events, first jobs and completed
+/// idempotency records.
+///
+/// The stock was read in another round trip, so the reservation is conditional and checked on
+/// the newest row version as it is written, under the row's lock (taken in product-id order, so
+/// two groups never deadlock): the row still has what the accepted orders reserve, still the
+/// price they were charged, and — for a product a refused checkout was short of — no more than
+/// it had ([`checkout_batch::stock_checks`]). When any check fails the statement aborts itself
+/// (a cast of a marker text to an integer, [`STOCK_MOVED`]) and writes nothing; the group is
+/// then priced again against freshly locked stock and written in a transaction (BEGIN, `SELECT …
+/// FOR UPDATE`, the same statement, COMMIT): another process changed the stock or the price in
+/// between, which is rare next to the checkouts that pass. A claim that went stale and was taken
+/// over by another request aborts it the same way ([`CLAIM_LOST`]). A group whose every
+/// checkout is refused writes nothing at all: its answers come from the stock read with the
+/// claims. A group of one is a single checkout.
 struct PgCheckouts {
     pool: PgPool,
     wakeups: Wakeups,
+}
+
+/// Marker texts of the errors the write statement raises to abort itself.
+const STOCK_MOVED: &str = "orderflow:stock_moved";
+const CLAIM_LOST: &str = "orderflow:claim_lost";
+
+/// What the write statement did.
+enum Written {
+    /// Everything, committed (autocommit) or ready to commit (in a transaction).
+    Orders,
+    /// Nothing: a product's stock or price is no longer what the group was priced with.
+    StockMoved,
+    /// Nothing, and this is the answer (a group of one whose write failed for its own reason).
+    Refused(Vec<PlaceOrderOutcome>),
 }
 
 #[async_trait]
@@ -485,13 +561,23 @@ impl PgCheckouts {
         connection: &mut sqlx::pool::PoolConnection<Postgres>,
         group: &[Checkout],
     ) -> Result<Vec<PlaceOrderOutcome>, GroupFailure> {
-        let retryable = |error: sqlx::Error| {
-            if is_retryable(&error) {
-                GroupFailure::Retry(error)
-            } else {
-                GroupFailure::from(error)
+        let levels = checkout_batch::latest_levels(group);
+        let allocated = checkout_batch::allocate(group.iter().map(|c| &c.request), levels.clone());
+        if allocated.iter().all(Result::is_err) {
+            return Ok(outcomes(allocated));
+        }
+        // Autocommit: the statement is its own transaction, so a connection lost while it runs
+        // leaves its outcome unknown, as during a COMMIT.
+        match self.write_orders(connection, group, &levels, &allocated).await {
+            Ok(Written::Orders) => {
+                self.enqueued(group);
+                return Ok(outcomes(allocated));
             }
-        };
+            Ok(Written::StockMoved) => {}
+            Ok(Written::Refused(answers)) => return Ok(answers),
+            Err(GroupFailure::ConnectionLost(error)) => return Err(GroupFailure::at_commit(error)),
+            Err(failure) => return Err(failure),
+        }
         let mut tx = sqlx::Acquire::begin(&mut **connection).await?;
         let product_ids = checkout_batch::products_of(group.iter().map(|c| &c.request));
         let levels = sqlx::query_as::<_, (Uuid, i64, i64)>(
@@ -502,21 +588,66 @@ impl PgCheckouts {
         .await
         .map_err(retryable)?;
         let levels = stock_levels(levels).map_err(GroupFailure::Failed)?;
-        let allocated = checkout_batch::allocate(group.iter().map(|c| &c.request), levels);
+        let allocated = checkout_batch::allocate(group.iter().map(|c| &c.request), levels.clone());
+        if allocated.iter().any(Result::is_ok) {
+            match self.write_orders(&mut tx, group, &levels, &allocated).await? {
+                Written::Orders => {}
+                Written::Refused(answers) => return Ok(answers),
+                Written::StockMoved => {
+                    return Err(GroupFailure::Failed(StoreError::Corrupt(
+                        "locked stock changed inside the transaction".into(),
+                    )));
+                }
+            }
+            tx.commit().await.map_err(|error| {
+                if is_retryable(&error) {
+                    GroupFailure::Retry(error)
+                } else {
+                    GroupFailure::at_commit(error)
+                }
+            })?;
+            self.enqueued(group);
+        }
+        Ok(outcomes(allocated))
+    }
+
+    fn enqueued(&self, group: &[Checkout]) {
+        let kinds: Vec<&str> = group.iter().map(|checkout| checkout.request.first_job.kind).collect();
+        self.wakeups.enqueued(&kinds);
+    }
+
+    /// The one statement that writes a group's accepted orders, its checks made on the product
+    /// rows as they are written (see [`PgCheckouts`]).
+    async fn write_orders(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        group: &[Checkout],
+        levels: &[StockLevel],
+        allocated: &[Result<Order, CartRejection>],
+    ) -> Result<Written, GroupFailure> {
         let accepted: Vec<(&Checkout, &Order)> = group
             .iter()
-            .zip(&allocated)
+            .zip(allocated)
             .filter_map(|(checkout, outcome)| outcome.as_ref().ok().map(|order| (checkout, order)))
             .collect();
-        if !accepted.is_empty() {
-            let rows = BulkOrders::of(&accepted);
-            let reserve = checkout_batch::reservations(accepted.iter().map(|(_, order)| *order));
-            let (reserve_ids, reserve_units): (Vec<Uuid>, Vec<i64>) = reserve.into_iter().unzip();
-            let written = sqlx::query_as::<_, (i64, i64)>(
-                "WITH reserve AS ( \
-                    UPDATE products p SET reserved = p.reserved + v.units, version = p.version + 1, updated_at = $1 \
-                    FROM unnest($2::uuid[], $3::bigint[]) AS v(id, units) \
-                    WHERE p.id = v.id AND p.on_hand - p.reserved >= v.units RETURNING p.id), \
+        let rows = BulkOrders::of(&accepted);
+        let checks = checkout_batch::stock_checks(levels, allocated);
+        let check_ids: Vec<Uuid> = checks.iter().map(|check| check.product).collect();
+        let check_units: Vec<i64> = checks.iter().map(|check| check.units).collect();
+        let check_prices: Vec<Option<i64>> = checks.iter().map(|check| check.price).collect();
+        let check_at_most: Vec<Option<i64>> = checks.iter().map(|check| check.at_most).collect();
+        let written = sqlx::query(
+                "WITH locked AS MATERIALIZED ( \
+                    SELECT id FROM products WHERE id = ANY($2) ORDER BY id FOR UPDATE), \
+                 reserve AS ( \
+                    UPDATE products p SET reserved = p.reserved + v.units, \
+                        version = p.version + CASE WHEN v.units > 0 THEN 1 ELSE 0 END, \
+                        updated_at = CASE WHEN v.units > 0 THEN $1 ELSE p.updated_at END \
+                    FROM unnest($2::uuid[], $3::bigint[], $30::bigint[], $31::bigint[]) AS v(id, units, price, at_most) \
+                    WHERE p.id = v.id AND p.id IN (SELECT id FROM locked) AND p.on_hand - p.reserved >= v.units \
+                        AND (v.price IS NULL OR p.price_minor = v.price) \
+                        AND (v.at_most IS NULL OR p.on_hand - p.reserved <= v.at_most) \
+                    RETURNING p.id), \
                  new_orders AS ( \
                     INSERT INTO orders (id, customer_id, status, inventory_state, currency, total_minor, payment_token, \
                         idempotency_principal, idempotency_key, correlation_id, created_at, updated_at, \
@@ -524,7 +655,7 @@ impl PgCheckouts {
                     SELECT v.id, v.customer_id, 'pending_payment', 'reserved', v.currency, v.total, v.token, \
                         v.principal, v.key, v.correlation_id, v.at, v.at, 1, v.shipping, v.region \
                     FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], \
-                        $11::text[], $12::timestamptz[], $13::text[], $30::text[]) \
+                        $11::text[], $12::timestamptz[], $13::text[], $32::text[]) \
                         AS v(id, customer_id, currency, total, token, principal, key, correlation_id, at, shipping, region)), \
                  lines AS ( \
                     INSERT INTO order_items (order_id, product_id, line_no, quantity, unit_price_minor) \
@@ -554,11 +685,16 @@ impl PgCheckouts {
                         AS v(principal, key, lock_token, order_id, body, at) \
                     WHERE k.principal = v.principal AND k.key = v.key AND k.lock_token = v.lock_token \
                         AND k.state = 'in_flight' RETURNING 1) \
-                 SELECT (SELECT count(*) FROM reserve), (SELECT count(*) FROM completed)",
+                 SELECT CASE \
+                    WHEN (SELECT count(*) FROM reserve) <> cardinality($2::uuid[]) \
+                        THEN ('orderflow:stock_moved:' || (SELECT count(*) FROM reserve))::int \
+                    WHEN (SELECT count(*) FROM completed) <> cardinality($4::uuid[]) \
+                        THEN ('orderflow:claim_lost:' || (SELECT count(*) FROM completed))::int \
+                    ELSE 0 END",
             )
             .bind(crate::clock::now()) // $1
-            .bind(&reserve_ids) // $2
-            .bind(&reserve_units) // $3
+            .bind(&check_ids) // $2
+            .bind(&check_units) // $3
             .bind(&rows.ids) // $4
             .bind(&rows.customer_ids) // $5
             .bind(&rows.currencies) // $6
@@ -585,52 +721,57 @@ impl PgCheckouts {
             .bind(&rows.job_run_at) // $27
             .bind(&rows.lock_tokens) // $28
             .bind(&rows.snapshots) // $29
-            .bind(&rows.regions) // $30
-            .fetch_one(&mut *tx)
+            .bind(&check_prices) // $30
+            .bind(&check_at_most) // $31
+            .bind(&rows.regions) // $32
+            .execute(&mut *connection)
             .await;
-            let (reserved_products, completed) = match written {
-                Ok(counts) => counts,
-                // An unknown customer: alone, that checkout's answer; in a group, each alone.
-                Err(error) if is_foreign_key_violation(&error) && group.len() == 1 => {
-                    return Ok(vec![PlaceOrderOutcome::Rejected(CartRejection::UnknownCustomer(
-                        group[0].request.customer_id,
-                    ))]);
-                }
-                Err(error) if is_foreign_key_violation(&error) => return Err(GroupFailure::Split),
-                Err(error) => return Err(retryable(error)),
-            };
-            if completed != accepted.len() as i64 {
-                // A claim went stale and another request took its key over: that request owns
-                // the outcome. Alone, say so; in a group, find out which one, each alone.
-                return if group.len() == 1 {
-                    Ok(vec![PlaceOrderOutcome::KeyInUse])
-                } else {
-                    Err(GroupFailure::Split)
-                };
+        match written {
+            Ok(_) => Ok(Written::Orders),
+            Err(error) if aborted_by(&error, STOCK_MOVED) => Ok(Written::StockMoved),
+            // A claim went stale and another request took its key over: that request owns the
+            // outcome. Alone, say so; in a group, find out which one, each alone.
+            Err(error) if aborted_by(&error, CLAIM_LOST) && group.len() == 1 => {
+                Ok(Written::Refused(vec![PlaceOrderOutcome::KeyInUse]))
             }
-            if reserved_products != reserve_ids.len() as i64 {
-                return Err(GroupFailure::Failed(StoreError::Corrupt(
-                    "locked stock changed inside the transaction".into(),
-                )));
+            Err(error) if aborted_by(&error, CLAIM_LOST) => Err(GroupFailure::Split),
+            // An unknown customer: alone, that checkout's answer; in a group, each alone.
+            Err(error) if is_foreign_key_violation(&error) && group.len() == 1 => {
+                Ok(Written::Refused(vec![PlaceOrderOutcome::Rejected(
+                    CartRejection::UnknownCustomer(group[0].request.customer_id),
+                )]))
             }
-            tx.commit().await.map_err(|error| {
-                if is_retryable(&error) {
-                    GroupFailure::Retry(error)
-                } else {
-                    GroupFailure::at_commit(error)
-                }
-            })?;
-            let kinds: Vec<&str> = group.iter().map(|checkout| checkout.request.first_job.kind).collect();
-            self.wakeups.enqueued(&kinds);
+            Err(error) if is_foreign_key_violation(&error) => Err(GroupFailure::Split),
+            Err(error) => Err(retryable(error)),
         }
-        Ok(allocated
-            .into_iter()
-            .map(|outcome| match outcome {
-                Ok(order) => PlaceOrderOutcome::Created(order),
-                Err(rejection) => PlaceOrderOutcome::Rejected(rejection),
-            })
-            .collect())
     }
+}
+
+/// The statement raised its own abort, `marker` ([`STOCK_MOVED`], [`CLAIM_LOST`]): the marker
+/// text cast to an integer fails with SQLSTATE 22P02 and quotes it.
+fn aborted_by(error: &sqlx::Error, marker: &str) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("22P02") && db.message().contains(marker))
+}
+
+/// A statement before COMMIT failed: a serialization failure or deadlock is run again whole.
+fn retryable(error: sqlx::Error) -> GroupFailure {
+    if is_retryable(&error) {
+        GroupFailure::Retry(error)
+    } else {
+        GroupFailure::from(error)
+    }
+}
+
+/// Each checkout's answer from its allocation.
+fn outcomes(allocated: Vec<Result<Order, CartRejection>>) -> Vec<PlaceOrderOutcome> {
+    allocated
+        .into_iter()
+        .map(|outcome| match outcome {
+            Ok(order) => PlaceOrderOutcome::Created(order),
+            Err(rejection) => PlaceOrderOutcome::Rejected(rejection),
+        })
+        .collect()
 }
 
 /// The accepted orders of a group as the column arrays the bulk insert unnests.
@@ -870,12 +1011,14 @@ impl Store for PgStore {
 
     async fn place_order(&self, request: &PlaceOrder) -> StoreResult<PlaceOrderOutcome> {
         let lock_token = Uuid::now_v7();
-        if let Claim::Finished(outcome) = self.claim(request, lock_token).await? {
-            return Ok(outcome);
-        }
+        let stock = match self.claim(request, lock_token).await? {
+            Claim::Acquired(stock) => stock,
+            Claim::Finished(outcome) => return Ok(outcome),
+        };
         let checkout = Checkout {
             request: request.clone(),
             lock_token,
+            stock,
         };
         let result = self
             .checkouts
@@ -892,10 +1035,11 @@ impl Store for PgStore {
         for request in requests {
             let lock_token = Uuid::now_v7();
             answers.push(match self.claim(request, lock_token).await {
-                Ok(Claim::Acquired) => {
+                Ok(Claim::Acquired(stock)) => {
                     claimed.push(Checkout {
                         request: request.clone(),
                         lock_token,
+                        stock,
                     });
                     None
                 }

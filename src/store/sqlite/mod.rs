@@ -394,6 +394,7 @@ impl Store for SqliteStore {
         let checkout = Checkout {
             request: request.clone(),
             lock_token: Uuid::nil(),
+            stock: Vec::new(),
         };
         self.checkouts
             .submit(checkout)
@@ -411,6 +412,7 @@ impl Store for SqliteStore {
                     claimed.push(Checkout {
                         request: request.clone(),
                         lock_token: Uuid::nil(),
+                        stock: Vec::new(),
                     });
                     None
                 }
