@@ -160,6 +160,7 @@ fn main() -> ExitCode {
 fn server_settings(args: &Args) -> GlobalArgs {
     GlobalArgs {
         database_url: args.database_url.clone(),
+        database_profile: Default::default(),
         data_dir: args.data_dir.clone(),
         jwt_secret: args.jwt_secret.clone(),
         db_max_connections: 2,
