@@ -15,7 +15,7 @@ use crate::domain::Currency;
 use crate::http::Secret;
 use crate::http::auth::parse_ttl;
 use crate::http::edge::{CorsSettings, EdgeSettings, Rate, RateLimits};
-use crate::store::{ConnectOptions, SqliteDurability};
+use crate::store::{ConnectOptions, DatabaseProfile, SqliteDurability};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -156,6 +156,18 @@ pub struct GlobalArgs {
     /// The replica serves reads only while its replay is at most this far behind the primary.
     #[arg(long, env = "ORDERFLOW_READ_REPLICA_MAX_LAG", default_value = "5s", value_parser = parse_duration, global = true)]
     pub read_replica_max_lag: Duration,
+    /// The engine behind a `postgres://` URL: `postgres` (PostgreSQL itself) or `dsql`
+    /// (PostgreSQL-compatible distributed SQL with Aurora DSQL's limits: no LISTEN/NOTIFY,
+    /// advisory locks, SAVEPOINT or SKIP LOCKED, optimistic concurrency; migrations from
+    /// `migrations/dsql`). Refused with a SQLite URL.
+    #[arg(
+        long,
+        env = "ORDERFLOW_DATABASE_PROFILE",
+        value_enum,
+        default_value = "postgres",
+        global = true
+    )]
+    pub database_profile: DatabaseProfile,
     /// Directory for the embedded database and the generated token secret.
     #[arg(long, env = "ORDERFLOW_DATA_DIR", default_value = "orderflow-data", global = true)]
     pub data_dir: PathBuf,
@@ -804,6 +816,7 @@ impl GlobalArgs {
             bail!("--db-max-connections must be at least 1");
         }
         Ok(ConnectOptions {
+            profile: self.database_profile,
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
             sqlite_durability: self.sqlite_durability,
@@ -997,6 +1010,37 @@ mod tests {
         assert!(
             error.contains("--idempotency-retention") && error.contains("at least 1h"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn the_dsql_profile_needs_a_postgres_url() {
+        let cli = Cli::try_parse_from(["orderflow", "--database-profile", "dsql", "migrate"]).unwrap();
+        assert_eq!(cli.global.database_profile, DatabaseProfile::Dsql);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let refused = runtime
+            .block_on(crate::store::connect(
+                "sqlite:///tmp/never-created.db",
+                &cli.global.connect_options().unwrap(),
+            ))
+            .err()
+            .expect("refused");
+        let message = refused.to_string();
+        assert!(
+            message.contains("--database-profile dsql needs a postgres:// database URL"),
+            "{message}"
+        );
+        assert!(!std::path::Path::new("/tmp/never-created.db").exists());
+        let error = Cli::try_parse_from(["orderflow", "--database-profile", "mysql", "migrate"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--database-profile"), "{error}");
+        assert_eq!(
+            Cli::try_parse_from(["orderflow", "migrate"])
+                .unwrap()
+                .global
+                .database_profile,
+            DatabaseProfile::Postgres
         );
     }
 

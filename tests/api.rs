@@ -966,7 +966,7 @@ async fn hold_stock(app: &TestApp, product: &str) -> Box<dyn std::any::Any + Sen
             sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
             Box::new(conn)
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::Dsql => {
             let mut conn = sqlx::PgConnection::connect(app.db.url()).await.unwrap();
             sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
             sqlx::query("SELECT 1 FROM products WHERE id = $1 FOR UPDATE")

@@ -250,13 +250,25 @@ async fn a_fulfilled_order_reaches_every_channel(backend: Backend) {
         assert_eq!(arrival.body.as_ref().unwrap()["id"], event.id.to_string());
         assert_eq!(arrival.header("content-type"), Some("application/json"));
     }
-    let log = app
-        .store
-        .events()
-        .list_deliveries(hook, Some("delivered"), None, 50)
-        .await
-        .unwrap();
-    assert_eq!(log.items.len(), 7);
+    // The receiver answers before the relay records the delivery: wait for the records.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let log = app
+            .store
+            .events()
+            .list_deliveries(hook, Some("delivered"), None, 50)
+            .await
+            .unwrap();
+        if log.items.len() == 7 {
+            break;
+        }
+        assert!(
+            log.items.len() < 7 && tokio::time::Instant::now() < deadline,
+            "{} deliveries recorded as delivered, expected 7",
+            log.items.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let metrics = metrics(&app).await;
     for line in [
         "orderflow_events_published_total{channel=\"nats\"} 7",

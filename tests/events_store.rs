@@ -120,7 +120,7 @@ async fn positions_are_gap_free_for_a_concurrent_reader(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.connect().await;
     let (order_count, per_writer) = match backend {
-        Backend::Postgres => (200, 2_500),
+        Backend::Postgres | Backend::Dsql => (200, 2_500),
         Backend::Sqlite => (40, 250),
     };
     let ids = Arc::new(orders(store.as_ref(), order_count).await);

@@ -14,7 +14,7 @@ use orderflow::workflow::CHARGE_PAYMENT;
 use serde_json::json;
 use uuid::Uuid;
 
-on_both_backends!(
+on_every_backend!(
     one_transaction_keeps_only_the_completions_that_succeed,
     grouped_completions_run_the_whole_pipeline,
 );

@@ -20,7 +20,7 @@ use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
 use orderflow::workflow::steps::{CancelOutcome, SagaSettings, cancel_order, expire_reservations};
 use orderflow::workflow::{CHARGE_PAYMENT, SEND_RECEIPT};
 
-on_both_backends!(
+on_every_backend!(
     visa_order_is_fulfilled_exactly_once,
     declined_payment_cancels_and_releases_stock,
     ambiguous_timeout_charges_once,
@@ -609,10 +609,7 @@ async fn tamper(p: &Pipeline, backend: Backend, sql: &str) {
             let mut conn = sqlx::SqliteConnection::connect(p._db.url()).await.unwrap();
             sqlx::query(sql).execute(&mut conn).await.unwrap();
         }
-        Backend::Postgres => {
-            let mut conn = sqlx::PgConnection::connect(p._db.url()).await.unwrap();
-            sqlx::query(sql).execute(&mut conn).await.unwrap();
-        }
+        Backend::Postgres | Backend::Dsql => p._db.tamper(sql).await,
     }
 }
 

@@ -203,7 +203,7 @@ async fn audit_command_reports_and_exits_nonzero(backend: Backend) {
             let mut conn = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
             sqlx::query(sql).execute(&mut conn).await.unwrap();
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::Dsql => {
             let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
             sqlx::query(sql).execute(&mut conn).await.unwrap();
         }

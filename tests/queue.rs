@@ -16,7 +16,7 @@ use orderflow::store::jobs::{ClaimedJob, CompleteOutcome, JobFilter, StepEffects
 use orderflow::store::{NewJob, Store};
 use serde_json::json;
 
-on_both_backends!(
+on_every_backend!(
     concurrency_is_bounded_and_failures_are_isolated,
     heartbeats_keep_long_steps_leased,
     idle_workers_wake_on_enqueue,
@@ -211,7 +211,8 @@ async fn idle_workers_wake_on_enqueue(backend: Backend) {
     let enqueuer = match backend {
         // Another store instance: on PostgreSQL the wake-up crosses connections (LISTEN/NOTIFY),
         // as it would between processes.
-        Backend::Postgres => db.connect().await,
+        // In the dsql profile (no NOTIFY) the other store's enqueue is found by the poll.
+        Backend::Postgres | Backend::Dsql => db.connect().await,
         Backend::Sqlite => store.clone(),
     };
     for round in 1..=3 {

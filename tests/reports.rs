@@ -53,7 +53,7 @@ async fn refund(app: &TestApp, order: &str, amount: f64) {
 async fn backdate(app: &TestApp, order: &str, at: &str) {
     let id = uuid::Uuid::parse_str(order).unwrap();
     let sql = match app.backend {
-        Backend::Postgres => format!("UPDATE orders SET created_at = '{at}' WHERE id = '{id}'"),
+        Backend::Postgres | Backend::Dsql => format!("UPDATE orders SET created_at = '{at}' WHERE id = '{id}'"),
         // The text form sqlx stores: RFC 3339 with an explicit offset.
         Backend::Sqlite => format!(
             "UPDATE orders SET created_at = '{}' WHERE id = X'{}'",

@@ -16,7 +16,7 @@ use orderflow::store::{AdjustOutcome, NewJob, PlaceOrder, PlaceOrderOutcome, Sto
 use serde_json::json;
 use sqlx::Connection;
 
-on_both_backends!(
+on_every_backend!(
     placement_is_all_or_nothing,
     shared_checkout_commit_answers_each_alone,
     idempotency_outcomes,
@@ -196,9 +196,9 @@ async fn shared_checkout_commit_answers_each_alone(backend: Backend) {
         assert_eq!(&details.order, order);
         assert_eq!(store.jobs_for_order(order.id).await.unwrap().len(), 1);
     }
-    if backend == Backend::Postgres {
+    if backend.is_postgres() {
         // One transaction wrote both orders (and only one commit was paid for them).
-        let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        let mut conn = db.pg_connection().await;
         let (transactions,): (i64,) = sqlx::query_as("SELECT count(DISTINCT xmin::text) FROM orders")
             .fetch_one(&mut conn)
             .await
@@ -363,7 +363,7 @@ async fn audit_catches_each_broken_invariant(backend: Backend) {
     store.place_order(&request(buyer, "a", &[(item, 2)])).await.unwrap();
     assert!(store.audit().await.unwrap().is_clean());
 
-    if backend == Backend::Postgres {
+    if backend.is_postgres() {
         // The table refuses oversell outright; drop that guard to prove the audit sees it too.
         db.tamper("ALTER TABLE products DROP CONSTRAINT products_no_oversell")
             .await;
@@ -422,9 +422,11 @@ async fn migrations_are_safe_to_rerun_concurrently(backend: Backend) {
         .map(|_| {
             let url = db.url().to_string();
             tokio::spawn(async move {
-                orderflow::store::connect(&url, &common::connect_options())
-                    .await
-                    .map(|_| ())
+                let options = orderflow::store::ConnectOptions {
+                    profile: backend.profile(),
+                    ..common::connect_options()
+                };
+                orderflow::store::connect(&url, &options).await.map(|_| ())
             })
         })
         .collect();
@@ -531,7 +533,7 @@ async fn audit_sees_keys_forgotten_by_halves(backend: Backend) {
 
     // Without the unique constraint (SQLite's cannot be dropped), two orders under one key are
     // the audit's to find.
-    if backend == Backend::Postgres {
+    if backend.is_postgres() {
         db.tamper("ALTER TABLE orders DROP CONSTRAINT orders_idempotency_principal_idempotency_key_key")
             .await;
         db.tamper("UPDATE orders SET idempotency_key = 'a'").await;
@@ -584,5 +586,129 @@ mod postgres_only {
             PlaceOrderOutcome::Created(_)
         ));
         assert!(store.audit().await.unwrap().is_clean());
+    }
+}
+
+/// The distributed-SQL profile's own guarantees, on the shared PostgreSQL server.
+mod dsql_profile {
+    use super::*;
+
+    /// The emulation is real: the database runs at snapshot isolation, a commit that changes a
+    /// hot table fails with DSQL's conflict error when the injector draws it, and the store
+    /// carries its writes through such failures.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn injected_conflicts_fail_commits_and_the_store_retries_them() {
+        let db = TestDb::new_with_conflicts(Backend::Dsql, 0.5).await;
+        let store = db.connect().await;
+        let item = product(store.as_ref(), 100, 10).await;
+        let mut conn = db.pg_connection().await;
+        let (isolation,): (String,) = sqlx::query_as("SHOW transaction_isolation")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(isolation, "repeatable read", "snapshot isolation, as DSQL's");
+        sqlx::query("SET orderflow_test.conflict_rate = '1'")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let failed = sqlx::query("UPDATE products SET name = 'x' WHERE id = $1")
+            .bind(item.as_uuid())
+            .execute(&mut conn)
+            .await
+            .expect_err("the injector fails the commit");
+        let sqlx::Error::Database(failed) = failed else {
+            panic!("{failed}")
+        };
+        assert_eq!(failed.code().as_deref(), Some("40001"));
+        assert!(failed.message().contains("(OC000)"), "{}", failed.message());
+        // Half of the commits fail; every one of these writes still lands.
+        for _ in 0..20 {
+            product(store.as_ref(), 100, 10).await;
+        }
+        assert_eq!(db.count("SELECT count(*) FROM products").await, 21);
+        assert!(store.audit().await.unwrap().is_clean());
+    }
+
+    /// Without foreign keys the audit still finds a row whose parent is missing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_audit_checks_the_references_the_schema_cannot() {
+        let db = TestDb::new(Backend::Dsql).await;
+        let store = db.connect().await;
+        assert!(store.audit().await.unwrap().is_clean());
+        db.tamper(
+            "INSERT INTO webhook_attempts (id, delivery_id, attempted_at, latency_ms) \
+             VALUES (gen_random_uuid(), gen_random_uuid(), now(), 1)",
+        )
+        .await;
+        let report = store.audit().await.unwrap();
+        assert!(
+            report.violations.iter().any(|v| v.check == "references_resolve"),
+            "{report}"
+        );
+    }
+
+    /// Tables, columns and their types, defaults and checks (everything but indexes and foreign
+    /// keys, which the profiles lay out differently on purpose).
+    async fn schema(db: &TestDb) -> Vec<(String, String, String)> {
+        let mut conn = db.pg_connection().await;
+        sqlx::query_as(
+            "SELECT table_name::text, column_name::text, \
+                    data_type || ' ' || is_nullable || ' ' || coalesce(column_default, '') \
+             FROM information_schema.columns WHERE table_schema = 'public' \
+               AND table_name NOT IN ('_sqlx_migrations', '_orderflow_migrations') \
+             UNION ALL \
+             SELECT conrelid::regclass::text, conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE connamespace = 'public'::regnamespace AND contype IN ('c', 'u', 'p') \
+               AND conrelid::regclass::text NOT IN ('_sqlx_migrations', '_orderflow_migrations') \
+             ORDER BY 1, 2, 3",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+    }
+
+    /// Several processes migrating one fresh database at once with `migrations/dsql` (no advisory
+    /// lock: each version claimed by a conditional insert) all succeed, each version is applied
+    /// once, and the schema is the one `migrations/postgres` gives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn dsql_migrations_run_concurrently_and_match_the_postgres_schema() {
+        let (postgres, dsql) = (
+            TestDb::new(Backend::Postgres).await,
+            TestDb::new(Backend::Postgres).await,
+        );
+        drop(postgres.connect().await);
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = dsql.url().to_string();
+                tokio::spawn(async move {
+                    let options = orderflow::store::ConnectOptions {
+                        profile: Backend::Dsql.profile(),
+                        ..common::connect_options()
+                    };
+                    orderflow::store::connect(&url, &options).await.map(|_| ())
+                })
+            })
+            .collect();
+        for open in opens {
+            open.await.unwrap().expect("every process migrates cleanly");
+        }
+        let files = std::fs::read_dir("migrations/dsql").unwrap().count() as i64;
+        assert_eq!(
+            dsql.count("SELECT count(*) FROM _orderflow_migrations WHERE applied_at IS NOT NULL")
+                .await,
+            files
+        );
+        assert_eq!(
+            dsql.count("SELECT count(*) FROM pg_constraint WHERE contype = 'f'")
+                .await,
+            0
+        );
+        let (expected, found) = (schema(&postgres).await, schema(&dsql).await);
+        let missing: Vec<_> = expected.iter().filter(|row| !found.contains(row)).collect();
+        let extra: Vec<_> = found.iter().filter(|row| !expected.contains(row)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "the dsql schema differs from the postgres one:\nmissing {missing:#?}\nextra {extra:#?}"
+        );
     }
 }

@@ -162,6 +162,7 @@ fn server_settings(args: &Args) -> GlobalArgs {
         database_url: args.database_url.clone(),
         read_database_url: None,
         read_replica_max_lag: Duration::from_secs(5),
+        database_profile: Default::default(),
         data_dir: args.data_dir.clone(),
         jwt_secret: args.jwt_secret.clone(),
         db_max_connections: 2,

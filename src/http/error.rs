@@ -339,6 +339,10 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(%cause, "database unavailable");
                 ApiError::unavailable("the service is busy; retry shortly")
             }
+            StoreError::Contended(cause) => {
+                tracing::warn!(%cause, "too much contention on the database");
+                ApiError::unavailable("too many concurrent changes to the same data; retry shortly")
+            }
             StoreError::WritesRefused(reason, cause) => {
                 tracing::warn!(%cause, %reason, "database takes no writes");
                 ApiError::writes_refused(reason)

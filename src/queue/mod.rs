@@ -1,7 +1,8 @@
 //! The job runner: claims jobs with a lease, runs each step, heartbeats long steps, retries
 //! failures with exponential backoff and full jitter, dead-letters what runs out of attempts, and
 //! sleeps when idle until a wake-up (in-process for SQLite, LISTEN/NOTIFY for PostgreSQL) or the
-//! poll fallback. One failing job never blocks others: each runs in its own task, bounded per
+//! poll fallback (in the dsql profile, which has no NOTIFY: a poll that backs off while idle,
+//! [`crate::store::signal::IdlePoll`]). One failing job never blocks others: each runs in its own task, bounded per
 //! step kind by a semaphore.
 
 use std::collections::BTreeMap;
@@ -346,6 +347,8 @@ impl Runner {
         let slots = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         // This kind's own wake-up: commits that enqueued other kinds do not make it claim.
         let signal = self.store.job_signal().kind(kind);
+        // Without cross-process wake-ups (the dsql profile) idle looks back off ([`IdlePoll`]).
+        let mut idle_poll = self.store.job_signal().idle_poll(self.settings.poll_interval);
         let mut running = JoinSet::new();
         loop {
             // Register for the wake-up before looking, so one sent while we look is not missed.
@@ -377,6 +380,7 @@ impl Runner {
             // next poll, which would stall a full backlog). Otherwise the queue is empty for now:
             // wait for a wake-up (or the poll).
             let backlog = claimed.len() == free;
+            let idle_sleep = idle_poll.after(claimed.len());
             for job in claimed {
                 let permit = slots.clone().acquire_owned().await.expect("semaphore never closes");
                 let (runner, step) = (self.clone(), step.clone());
@@ -395,7 +399,7 @@ impl Runner {
             } else {
                 tokio::select! {
                     _ = &mut woken => {}
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = tokio::time::sleep(idle_sleep) => {}
                     _ = shutdown.changed() => {}
                 }
             }

@@ -28,6 +28,21 @@ struct Check {
 
 const CHECKS: &[Check] = &[
     Check {
+        name: "references_resolve",
+        invariant: "every order's customer, every line's order and product, every delivery's endpoint and event and \
+                    every attempt's delivery exists (foreign keys on PostgreSQL; held by the code in the dsql profile)",
+        sql: "SELECT o.id AS subject, CAST(0 AS BIGINT) AS found, CAST(1 AS BIGINT) AS expected FROM orders o \
+              LEFT JOIN customers c ON c.id = o.customer_id WHERE c.id IS NULL \
+              UNION ALL SELECT i.order_id, CAST(0 AS BIGINT), CAST(1 AS BIGINT) FROM order_items i \
+              LEFT JOIN orders o ON o.id = i.order_id LEFT JOIN products p ON p.id = i.product_id \
+              WHERE o.id IS NULL OR p.id IS NULL \
+              UNION ALL SELECT d.id, CAST(0 AS BIGINT), CAST(1 AS BIGINT) FROM webhook_deliveries d \
+              LEFT JOIN webhook_endpoints w ON w.id = d.endpoint_id LEFT JOIN events e ON e.id = d.event_id \
+              WHERE w.id IS NULL OR e.id IS NULL \
+              UNION ALL SELECT a.id, CAST(0 AS BIGINT), CAST(1 AS BIGINT) FROM webhook_attempts a \
+              LEFT JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.id IS NULL",
+    },
+    Check {
         name: "no_oversell",
         invariant: "I1: 0 <= reserved <= on_hand for every product",
         sql: "SELECT id AS subject, reserved AS found, on_hand AS expected FROM products \

@@ -25,20 +25,15 @@
 //! the same Idempotency-Key replays the order (it committed) or places it (it did not).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use rand::Rng;
 use uuid::Uuid;
 
 use super::batcher::GroupWriter;
 use super::common::new_order;
-use super::outage;
 use super::{PlaceOrder, PlaceOrderOutcome, StoreError, StoreResult};
+use super::{outage, retry};
 use crate::domain::order::{StockLevel, price_lines};
 use crate::domain::{CartRejection, Order, ProductId};
-
-/// How many times a group transaction that lost a serialization race is run again.
-pub(super) const MAX_TX_ATTEMPTS: u32 = 6;
 
 /// One checkout waiting for its transaction: the request, its idempotency claim's token
 /// (PostgreSQL claims the key before; SQLite ignores it) and the stock of its cart's products as
@@ -55,7 +50,8 @@ pub(super) struct Checkout {
 pub(super) enum GroupFailure {
     /// One checkout's write would fail the others: roll back and write each alone.
     Split,
-    /// The whole transaction may simply be run again (serialization failure, deadlock).
+    /// The whole transaction may simply be run again (serialization failure, deadlock): it is,
+    /// for up to [`retry::BUDGET`], then answered [`StoreError::Contended`] (503).
     Retry(sqlx::Error),
     /// The connection broke before COMMIT: nothing was written; run again on a fresh connection.
     ConnectionLost(sqlx::Error),
@@ -82,13 +78,14 @@ impl GroupFailure {
         GroupFailure::Failed(error.into())
     }
 
-    /// The database is unavailable or refuses writes ([`StoreError::is_outage`]): the same
-    /// answer for every checkout in the group.
+    /// The database is unavailable or refuses writes ([`StoreError::is_outage`]), or the group
+    /// kept losing races for the whole retry budget: the same answer for every checkout in the
+    /// group (writing each alone would only spend the budget again per checkout).
     fn is_outage(&self) -> bool {
         match self {
-            GroupFailure::ConnectionLost(_) => true,
+            GroupFailure::ConnectionLost(_) | GroupFailure::Retry(_) => true,
             GroupFailure::Failed(error) => error.is_outage(),
-            GroupFailure::Split | GroupFailure::Retry(_) => false,
+            GroupFailure::Split => false,
         }
     }
 }
@@ -159,11 +156,15 @@ impl<T: CheckoutTransaction> GroupWriter for Checkouts<T> {
 
 impl<T: CheckoutTransaction> Checkouts<T> {
     async fn retrying(&self, group: &[Checkout]) -> Result<Vec<PlaceOrderOutcome>, GroupFailure> {
-        let (mut attempt, mut reconnected) = (0, false);
+        let (mut backoff, mut reconnected) = (retry::Backoff::new(), false);
         loop {
-            attempt += 1;
             match self.0.write_group(group).await {
-                Err(GroupFailure::Retry(_)) if attempt < MAX_TX_ATTEMPTS => backoff(attempt).await,
+                Err(GroupFailure::Retry(error)) => {
+                    if !backoff.wait().await {
+                        tracing::warn!(%error, size = group.len(), "checkout transaction kept losing races; giving up");
+                        return Err(GroupFailure::Retry(error));
+                    }
+                }
                 Err(GroupFailure::ConnectionLost(error)) if !reconnected => {
                     tracing::warn!(%error, "checkout transaction lost its connection before COMMIT; running it again");
                     reconnected = true;
@@ -180,13 +181,6 @@ fn alone(failure: GroupFailure) -> StoreError {
         GroupFailure::Retry(error) | GroupFailure::ConnectionLost(error) => error.into(),
         GroupFailure::Split => StoreError::Corrupt("a checkout alone asked to be split".into()),
     }
-}
-
-/// Exponential backoff with full jitter before re-running transaction attempt `attempt`.
-pub(super) async fn backoff(attempt: u32) {
-    let cap_ms = 5u64 << attempt.min(6);
-    let wait = rand::rng().random_range(1..=cap_ms);
-    tokio::time::sleep(Duration::from_millis(wait)).await;
 }
 
 /// Every product the group's carts name, sorted (the lock order) and without repeats.

@@ -946,6 +946,18 @@ events_sql_bounds! {
 
     async fn delete_endpoint(&self, id: Uuid) -> StoreResult<bool> {
         let mut tx = self.write.begin_with(self.begin).await?;
+        // Its deliveries and their attempts go with it, deleted here rather than by the foreign
+        // keys' ON DELETE CASCADE, which the distributed-SQL schema has not (migrations/dsql).
+        sqlx::query(
+            "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE endpoint_id = $1)",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM webhook_deliveries WHERE endpoint_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let deleted: Vec<(Uuid,)> = sqlx::query_as("DELETE FROM webhook_endpoints WHERE id = $1 RETURNING id")
             .bind(id)
             .fetch_all(&mut *tx)
@@ -1273,15 +1285,37 @@ events_sql_bounds! {
         let (published,): (Option<i64>,) = sqlx::query_as("SELECT min(published_through) FROM event_channels")
             .fetch_one(&mut *tx)
             .await?;
-        let deleted: Vec<(Uuid,)> = sqlx::query_as(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE position IS NOT NULL \
-             AND position <= $1 AND created_at < $2 ORDER BY position LIMIT $3) RETURNING id",
+        let doomed: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT id FROM events WHERE position IS NOT NULL AND position <= $1 AND created_at < $2 \
+             ORDER BY position LIMIT $3",
         )
         .bind(published.unwrap_or(i64::MAX))
         .bind(before)
         .bind(i64::from(batch.clamp(1, MAX_BATCH)))
         .fetch_all(&mut *tx)
         .await?;
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        // The events' deliveries and their attempts go with them, deleted here rather than by
+        // ON DELETE CASCADE, which the distributed-SQL schema has not (migrations/dsql).
+        let ids = format!("({})", tuples(1, 1, doomed.len()).replace(['(', ')'], ""));
+        for sql in [
+            format!("DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE event_id IN {ids})"),
+            format!("DELETE FROM webhook_deliveries WHERE event_id IN {ids}"),
+        ] {
+            let mut delete = sqlx::query::<DB>(&sql);
+            for (id,) in &doomed {
+                delete = delete.bind(*id);
+            }
+            delete.execute(&mut *tx).await?;
+        }
+        let sql = format!("DELETE FROM events WHERE id IN {ids} RETURNING id");
+        let mut delete = sqlx::query_as::<DB, (Uuid,)>(&sql);
+        for (id,) in &doomed {
+            delete = delete.bind(*id);
+        }
+        let deleted = delete.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(deleted.len() as u64)
     }

@@ -12,7 +12,13 @@
 //!
 //! Each caller's answer is sent only after the transaction holding its effects committed (or
 //! failed: then every completion in it is answered with the error and its job is retried, as if
-//! it had failed alone).
+//! it had failed alone). A completion that lost a race with a concurrent transaction (SQLSTATE
+//! 40001, in its statements or at COMMIT) is written again, whole, for up to the retry budget
+//! ([`super::retry`]).
+//!
+//! The distributed-SQL profile has no savepoints: there every group is of one (`--commit-batch`
+//! is forced to 1, and [`GroupCommit::complete_all`] writes its completions one after another),
+//! and a group of one never issues SAVEPOINT.
 
 use std::sync::Arc;
 
@@ -24,6 +30,7 @@ use super::jobs::{CompleteOutcome, JobLease, StepEffects};
 use super::{StoreError, StoreResult};
 
 /// One completion waiting for its transaction.
+#[derive(Clone)]
 pub(super) struct Pending {
     lease: Option<JobLease>,
     effects: StepEffects,
@@ -33,6 +40,8 @@ pub(super) struct Pending {
 /// The queue in front of the committers.
 pub(super) struct GroupCommit {
     batcher: Batcher<Completions>,
+    /// Whether a group of several may share a transaction (through savepoints).
+    savepoints: bool,
 }
 
 /// How completions are grouped; `None` takes the backend's default.
@@ -87,7 +96,15 @@ impl GroupCommit {
         };
         Self {
             batcher: Batcher::start(writer, max_batch, committers),
+            savepoints: true,
         }
+    }
+
+    /// Without savepoints (the dsql profile) explicit groups are written one completion at a
+    /// time; the batcher must then have been started with groups of one.
+    pub(super) fn with_savepoints(mut self, savepoints: bool) -> Self {
+        self.savepoints = savepoints;
+        self
     }
 
     /// Commits these completions in one transaction now, each in its own savepoint; answers in
@@ -97,7 +114,7 @@ impl GroupCommit {
         completions: &[(Option<JobLease>, StepEffects)],
         now: DateTime<Utc>,
     ) -> Vec<StoreResult<CompleteOutcome>> {
-        let group = completions
+        let group: Vec<Pending> = completions
             .iter()
             .map(|(lease, effects)| Pending {
                 lease: *lease,
@@ -105,7 +122,14 @@ impl GroupCommit {
                 now,
             })
             .collect();
-        self.batcher.write_now(group).await
+        if self.savepoints {
+            return self.batcher.write_now(group).await;
+        }
+        let mut answers = Vec::with_capacity(group.len());
+        for pending in group {
+            answers.extend(self.batcher.write_now(vec![pending]).await);
+        }
+        answers
     }
 
     /// Commits `effects` (and the job's completion) in the next group transaction.
@@ -139,11 +163,32 @@ impl GroupWriter for Completions {
     type Answer = StoreResult<CompleteOutcome>;
 
     async fn write(&self, group: Vec<Pending>) -> Vec<Self::Answer> {
-        let (answers, enqueued) = self.batch.write(group).await;
-        if !enqueued.is_empty() {
-            (self.enqueued)(&enqueued);
+        let mut answers: Vec<Option<Self::Answer>> = group.iter().map(|_| None).collect();
+        // Indexes into `group` still to write: all, then those that lost a race.
+        let mut todo: Vec<usize> = (0..group.len()).collect();
+        let mut backoff = super::retry::Backoff::new();
+        loop {
+            let batch: Vec<Pending> = todo.iter().map(|&at| group[at].clone()).collect();
+            let (written, enqueued) = self.batch.write(batch).await;
+            if !enqueued.is_empty() {
+                (self.enqueued)(&enqueued);
+            }
+            let mut lost = Vec::new();
+            for (at, answer) in todo.iter().copied().zip(written) {
+                if matches!(answer, Err(StoreError::Contended(_))) {
+                    lost.push(at);
+                }
+                answers[at] = Some(answer);
+            }
+            if lost.is_empty() || !backoff.wait().await {
+                break;
+            }
+            todo = lost;
         }
         answers
+            .into_iter()
+            .map(|answer| answer.expect("every completion answered"))
+            .collect()
     }
 }
 
@@ -221,15 +266,18 @@ macro_rules! commit_batch_for {
                     };
                     answers.push(answer);
                 }
-                let committed = if broken.is_some() {
+                let committed = if let Some(why) = broken {
                     drop(tx);
-                    Err("the group transaction broke".to_string())
+                    Err(StoreError::Unavailable(format!(
+                        "the group transaction broke: {why}"
+                    )))
                 } else if alone && !matches!(answers[0], Ok(CompleteOutcome::Completed)) {
                     // Nothing to keep: roll back (dropping does).
                     drop(tx);
                     Ok(())
                 } else {
-                    tx.commit().await.map_err(|error| error.to_string())
+                    // A lost race at COMMIT stays `Contended`, so the completion is written again.
+                    tx.commit().await.map_err(StoreError::from)
                 };
                 let mut enqueued: Vec<&'static str> = Vec::new();
                 let answers = group
@@ -240,7 +288,7 @@ macro_rules! commit_batch_for {
                             enqueued.extend(pending.effects.enqueue.iter().map(|job| job.kind));
                             Ok(CompleteOutcome::Completed)
                         }
-                        (Err(why), Ok(CompleteOutcome::Completed)) => Err(StoreError::Unavailable(why.clone())),
+                        (Err(why), Ok(CompleteOutcome::Completed)) => Err(why.outage_copy()),
                         (_, other) => other,
                     })
                     .collect();

@@ -22,6 +22,7 @@ mod outage;
 mod postgres;
 mod reads;
 pub mod reports;
+mod retry;
 mod rows;
 pub mod sandbox;
 pub mod signal;
@@ -65,6 +66,11 @@ pub enum StoreError {
     /// an operator frees space or makes the file system writable again.
     #[error("database takes no writes ({0}): {1}")]
     WritesRefused(WriteRefusal, String),
+    /// The transaction kept losing races with concurrent ones (SQLSTATE 40001 — DSQL's
+    /// OC000/OC001 — or 40P01) for the whole retry budget ([`retry`]): an outage-like answer
+    /// (503 with `Retry-After`; a worker postpones its job without spending an attempt).
+    #[error("too much contention: {0}")]
+    Contended(String),
     /// A row that cannot be turned back into a domain value: a bug or a hand-edited database.
     #[error("corrupt data: {0}")]
     Corrupt(String),
@@ -76,7 +82,15 @@ impl StoreError {
     /// The database is away or refuses writes: answer 503, and a worker postpones its job
     /// without spending an attempt.
     pub fn is_outage(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::WritesRefused(..))
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::WritesRefused(..) | StoreError::Contended(_)
+        )
+    }
+
+    /// Lost to concurrent transactions: the database is there, so a claim can be released now.
+    pub fn is_contention(&self) -> bool {
+        matches!(self, StoreError::Contended(_))
     }
 
     /// The same outage again, for each of several requests that one failure answers.
@@ -84,6 +98,7 @@ impl StoreError {
         match self {
             StoreError::WritesRefused(reason, cause) => StoreError::WritesRefused(*reason, cause.clone()),
             StoreError::Unavailable(cause) => StoreError::Unavailable(cause.clone()),
+            StoreError::Contended(cause) => StoreError::Contended(cause.clone()),
             other => StoreError::Unavailable(other.to_string()),
         }
     }
@@ -93,6 +108,8 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         if let Some(reason) = outage::write_refusal(&error) {
             StoreError::WritesRefused(reason, error.to_string())
+        } else if retry::is_conflict(&error) {
+            StoreError::Contended(error.to_string())
         } else if outage::is_unavailable(&error) {
             StoreError::Unavailable(error.to_string())
         } else {
@@ -361,9 +378,42 @@ pub struct ReplicaStatus {
     pub fallbacks: u64,
 }
 
+/// Which engine family a `postgres://` URL points at (`--database-profile`).
+///
+/// `Dsql` is PostgreSQL-compatible distributed SQL with Aurora DSQL's limits (DESIGN.md
+/// "Distributed SQL profile"): the schema comes from `migrations/dsql` through a migrator that
+/// needs no advisory lock, workers poll (backing off when idle) instead of LISTEN/NOTIFY, claims
+/// are conditional writes instead of `SKIP LOCKED`, nothing uses SAVEPOINT, and every transaction
+/// is retried whole on a serialization failure. One store implements both; the branches sit only
+/// where the engines differ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseProfile {
+    #[default]
+    Postgres,
+    Dsql,
+}
+
+impl DatabaseProfile {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatabaseProfile::Postgres => "postgres",
+            DatabaseProfile::Dsql => "dsql",
+        }
+    }
+
+    /// Whether LISTEN/NOTIFY, advisory locks, SAVEPOINT and `SKIP LOCKED` may be used.
+    pub fn has_postgres_extras(self) -> bool {
+        self == DatabaseProfile::Postgres
+    }
+}
+
 /// Connection settings shared by both backends.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
+    /// The engine family behind a PostgreSQL URL; only `postgres` is valid for SQLite.
+    pub profile: DatabaseProfile,
     /// Largest number of connections this process holds (PostgreSQL) or readers (SQLite).
     pub max_connections: u32,
     /// How long a request waits for a free connection before getting 503.
@@ -380,6 +430,7 @@ pub struct ConnectOptions {
 impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
+            profile: DatabaseProfile::Postgres,
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
             sqlite_durability: SqliteDurability::Full,
@@ -401,6 +452,12 @@ pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Arc<
                  already never wait for the writer); leave it unset or use a postgres:// --database-url"
             );
         }
+        anyhow::ensure!(
+            options.profile == DatabaseProfile::Postgres,
+            "--database-profile {} needs a postgres:// database URL, not `{}` (SQLite has one profile)",
+            options.profile.name(),
+            redact_url(url)
+        );
         Ok(Arc::new(SqliteStore::open(Path::new(path), options).await?))
     } else {
         anyhow::bail!(

@@ -8,15 +8,24 @@
 //!
 //! Across PostgreSQL processes the kinds travel as the NOTIFY payload (comma-separated); an empty
 //! payload (an older process, a replay of unknown kinds) wakes every loop.
+//!
+//! Where nothing carries wake-ups between processes (the distributed-SQL profile: no
+//! LISTEN/NOTIFY) the signal is [`JobSignal::polled`]: this process's own enqueues still wake its
+//! workers at once, and for the others' the workers poll — soon after they last found work, then
+//! less and less often while they find none ([`IdlePoll`]), so an idle process costs a claim
+//! per kind per poll interval and a busy one picks up other processes' jobs within tens of ms.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
 /// The wake-ups of one process's workers.
 #[derive(Debug, Default)]
 pub struct JobSignal {
+    /// Other processes' enqueues wake nobody here: idle workers poll, backing off.
+    polled: bool,
     /// Woken by every wake-up, whatever the kinds (the events relay's stamping loop).
     any: Notify,
     /// One per step kind a loop has asked for.
@@ -26,6 +35,24 @@ pub struct JobSignal {
 impl JobSignal {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A signal that only this process's enqueues reach; other processes' jobs are found by
+    /// polling ([`IdlePoll`]).
+    pub fn polled() -> Arc<Self> {
+        Arc::new(Self {
+            polled: true,
+            ..Self::default()
+        })
+    }
+
+    /// How long an idle worker of this process sleeps before it looks again, at most `poll`.
+    pub fn idle_poll(&self, poll: Duration) -> IdlePoll {
+        IdlePoll {
+            polled: self.polled,
+            max: poll,
+            next: IdlePoll::FIRST.min(poll),
+        }
     }
 
     /// The wake-up of `kind`'s workers.
@@ -68,6 +95,34 @@ impl JobSignal {
     }
 }
 
+/// The sleeps of one idle worker loop. With wake-ups from every process it always sleeps the poll
+/// interval (a fallback only). Polled, it sleeps [`IdlePoll::FIRST`] after a look that found
+/// work, doubling after each look that found none, up to the poll interval.
+#[derive(Clone, Debug)]
+pub struct IdlePoll {
+    polled: bool,
+    max: Duration,
+    next: Duration,
+}
+
+impl IdlePoll {
+    /// The first sleep after work was found.
+    pub const FIRST: Duration = Duration::from_millis(20);
+
+    /// The sleep before the next look, after one that found `found` jobs.
+    pub fn after(&mut self, found: usize) -> Duration {
+        if !self.polled {
+            return self.max;
+        }
+        if found > 0 {
+            self.next = Self::FIRST.min(self.max);
+        }
+        let sleep = self.next;
+        self.next = (self.next * 2).min(self.max);
+        sleep
+    }
+}
+
 /// The NOTIFY payload naming `kinds` (deduplicated, sorted, so a burst coalesces).
 pub fn payload<'a>(kinds: impl IntoIterator<Item = &'a str>) -> String {
     let kinds: std::collections::BTreeSet<&str> = kinds.into_iter().collect();
@@ -99,6 +154,23 @@ mod tests {
             "an empty payload wakes every kind"
         );
         assert_eq!(payload(["b", "a", "b"]), "a,b");
+    }
+
+    #[test]
+    fn polling_backs_off_while_idle_and_comes_back_after_work() {
+        let poll = Duration::from_secs(5);
+        let mut idle = JobSignal::polled().idle_poll(poll);
+        let sleeps: Vec<Duration> = (0..12).map(|_| idle.after(0)).collect();
+        assert_eq!(sleeps[0], IdlePoll::FIRST);
+        assert!(sleeps.windows(2).all(|pair| pair[1] >= pair[0]), "{sleeps:?}");
+        assert_eq!(*sleeps.last().unwrap(), poll, "settles at the poll interval");
+        assert_eq!(idle.after(3), IdlePoll::FIRST, "work found: look again soon");
+        let mut notified = JobSignal::new().idle_poll(poll);
+        assert_eq!(
+            (notified.after(0), notified.after(5)),
+            (poll, poll),
+            "NOTIFY wakes; poll is a fallback"
+        );
     }
 
     fn futures_ready(future: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {

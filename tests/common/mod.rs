@@ -5,6 +5,13 @@
 //! PostgreSQL tests use `ORDERFLOW_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) as the server to create databases on. When it
 //! cannot be reached they fail, naming the service and how to start it.
+//!
+//! [`Backend::Dsql`] emulates Aurora DSQL on that server: the store runs in the dsql profile
+//! (`--database-profile dsql`, schema from `migrations/dsql`), on a database whose transactions
+//! default to `repeatable read` (snapshot isolation, as DSQL's), where a deferred constraint
+//! trigger — created here, never by the migrations — fails a share of the commits that change
+//! the hot tables with DSQL's own conflict error (SQLSTATE 40001, "(OC000)"), so the store must
+//! retry whole transactions ([`CONFLICT_RATE`], [`TestDb::new_with_conflicts`]).
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -21,6 +28,23 @@ use tokio::net::TcpListener;
 use uuid::Uuid;
 
 pub const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
+
+/// Runs each named `async fn name(backend: Backend)` on every backend: SQLite, PostgreSQL and
+/// the emulated distributed SQL, as `sqlite::name`, `postgres::name` and `dsql::name`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_both_backends!($($name),*);
+        mod dsql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Dsql).await
+                }
+            )*
+        }
+    };
+}
 
 /// Runs each named `async fn name(backend: Backend)` once per backend, as `sqlite::name` and
 /// `postgres::name`.
@@ -50,7 +74,39 @@ macro_rules! on_both_backends {
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// PostgreSQL in the dsql profile, emulating Aurora DSQL (see the module comment).
+    Dsql,
 }
+
+impl Backend {
+    /// A PostgreSQL server underneath (either profile).
+    pub fn is_postgres(self) -> bool {
+        matches!(self, Backend::Postgres | Backend::Dsql)
+    }
+
+    /// The store's profile for this backend.
+    pub fn profile(self) -> store::DatabaseProfile {
+        match self {
+            Backend::Dsql => store::DatabaseProfile::Dsql,
+            _ => store::DatabaseProfile::Postgres,
+        }
+    }
+
+    /// The flags that give a process started by a test this backend's profile.
+    pub fn server_args(self) -> Vec<&'static str> {
+        match self {
+            Backend::Dsql => vec!["--database-profile", "dsql"],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The share of commits changing a hot table that the emulated DSQL fails with a conflict.
+pub const CONFLICT_RATE: f64 = 0.1;
+
+/// The hot tables of the emulation's conflict injector: the rows concurrent transactions fight
+/// over (stock, the queue, orders, idempotency claims).
+const CONFLICT_TABLES: [&str; 4] = ["products", "jobs", "orders", "idempotency_keys"];
 
 /// A database that exists for one test.
 pub enum TestDb {
@@ -62,6 +118,7 @@ pub enum TestDb {
         server_url: String,
         name: String,
         url: String,
+        backend: Backend,
     },
 }
 
@@ -72,19 +129,39 @@ pub fn pg_server_url() -> String {
 
 impl TestDb {
     pub async fn new(backend: Backend) -> Self {
+        Self::new_with_conflicts(backend, CONFLICT_RATE).await
+    }
+
+    /// A fresh database; for [`Backend::Dsql`], migrated with `migrations/dsql` and failing
+    /// `conflict_rate` of the commits that change a hot table (see the module comment).
+    pub async fn new_with_conflicts(backend: Backend, conflict_rate: f64) -> Self {
         match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = format!("sqlite://{}", dir.path().join("orderflow.db").display());
                 TestDb::Sqlite { _dir: dir, url }
             }
-            Backend::Postgres => Self::postgres_on(&pg_server_url()).await,
+            Backend::Postgres | Backend::Dsql => {
+                let db = Self::create_on(&pg_server_url(), backend).await;
+                if backend == Backend::Dsql {
+                    let TestDb::Postgres { server_url, name, .. } = &db else {
+                        unreachable!()
+                    };
+                    let mut server = sqlx::PgConnection::connect(server_url).await.unwrap();
+                    db.emulate_dsql(&mut server, name, conflict_rate).await;
+                }
+                db
+            }
         }
     }
 
     /// A new database on the PostgreSQL server at `server_url` (a private one, say), dropped
     /// after the test.
     pub async fn postgres_on(server_url: &str) -> Self {
+        Self::create_on(server_url, Backend::Postgres).await
+    }
+
+    async fn create_on(server_url: &str, backend: Backend) -> Self {
         let server_url = server_url.to_string();
         let mut conn = sqlx::PgConnection::connect(&server_url).await.unwrap_or_else(|error| {
             panic!(
@@ -102,7 +179,73 @@ impl TestDb {
             Some((base, _)) => format!("{base}/{name}"),
             None => panic!("ORDERFLOW_TEST_DATABASE_URL must end with /<database>"),
         };
-        TestDb::Postgres { server_url, name, url }
+        TestDb::Postgres {
+            server_url,
+            name,
+            url,
+            backend,
+        }
+    }
+
+    /// Snapshot isolation by default, the schema of the dsql profile (migrated by the store
+    /// itself), then the conflict injector on the hot tables.
+    async fn emulate_dsql(&self, server: &mut sqlx::PgConnection, name: &str, conflict_rate: f64) {
+        for setting in [
+            "default_transaction_isolation = 'repeatable read'".to_string(),
+            format!("orderflow_test.conflict_rate = '{conflict_rate}'"),
+        ] {
+            sqlx::query(&format!("ALTER DATABASE {name} SET {setting}"))
+                .execute(&mut *server)
+                .await
+                .expect("configure the emulated DSQL database");
+        }
+        drop(self.connect().await);
+        let mut conn = sqlx::PgConnection::connect(self.url()).await.unwrap();
+        // Once per transaction (the first hot row it changes draws), at COMMIT: the error DSQL
+        // raises when optimistic concurrency control finds a conflicting commit.
+        sqlx::raw_sql(
+            "CREATE OR REPLACE FUNCTION orderflow_test_inject_conflict() RETURNS trigger LANGUAGE plpgsql AS $$              BEGIN                IF current_setting('orderflow_test.conflict_drawn', true) = 'yes' THEN RETURN NULL; END IF;                PERFORM set_config('orderflow_test.conflict_drawn', 'yes', true);                IF random() < coalesce(nullif(current_setting('orderflow_test.conflict_rate', true), '')::float8, 0) THEN                  RAISE EXCEPTION 'change conflicts with another transaction, please retry: (OC000)'                    USING ERRCODE = '40001';                END IF;                RETURN NULL;              END $$",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("create the conflict injector");
+        for table in CONFLICT_TABLES {
+            sqlx::raw_sql(&format!(
+                "CREATE CONSTRAINT TRIGGER orderflow_test_conflicts AFTER INSERT OR UPDATE OR DELETE ON {table}                  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION orderflow_test_inject_conflict()"
+            ))
+            .execute(&mut conn)
+            .await
+            .expect("install the conflict injector");
+        }
+    }
+
+    /// `ALTER DATABASE <this one> SET <setting>`: for the sessions opened from now on.
+    pub async fn alter_database(&self, setting: &str) {
+        let TestDb::Postgres { server_url, name, .. } = self else {
+            panic!("ALTER DATABASE on SQLite")
+        };
+        let mut server = sqlx::PgConnection::connect(server_url).await.unwrap();
+        sqlx::query(&format!("ALTER DATABASE {name} SET {setting}"))
+            .execute(&mut server)
+            .await
+            .expect("ALTER DATABASE");
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            TestDb::Sqlite { .. } => Backend::Sqlite,
+            TestDb::Postgres { backend, .. } => *backend,
+        }
+    }
+
+    /// A direct connection outside the store (never failed by the conflict injector).
+    pub async fn pg_connection(&self) -> sqlx::PgConnection {
+        let mut conn = sqlx::PgConnection::connect(self.url()).await.unwrap();
+        sqlx::query("SET orderflow_test.conflict_rate = '0'")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
     }
 
     pub fn url(&self) -> &str {
@@ -123,8 +266,8 @@ impl TestDb {
                     .unwrap();
                 sqlx::query(sql).execute(&mut conn).await.unwrap();
             }
-            TestDb::Postgres { url, .. } => {
-                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            TestDb::Postgres { .. } => {
+                let mut conn = self.pg_connection().await;
                 sqlx::query(sql).execute(&mut conn).await.unwrap();
             }
         }
@@ -137,8 +280,8 @@ impl TestDb {
                 let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
                 sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
             }
-            TestDb::Postgres { url, .. } => {
-                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            TestDb::Postgres { .. } => {
+                let mut conn = self.pg_connection().await;
                 sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
             }
         }
@@ -148,8 +291,13 @@ impl TestDb {
         self.connect_with(&connect_options()).await
     }
 
+    /// A store on this database, in its backend's profile.
     pub async fn connect_with(&self, options: &ConnectOptions) -> Arc<dyn Store> {
-        store::connect(self.url(), options)
+        let options = ConnectOptions {
+            profile: self.backend().profile(),
+            ..options.clone()
+        };
+        store::connect(self.url(), &options)
             .await
             .expect("connect to the test database")
     }
@@ -170,6 +318,7 @@ pub fn fast_queue_settings() -> orderflow::queue::QueueSettings {
 
 pub fn connect_options() -> ConnectOptions {
     ConnectOptions {
+        profile: Default::default(),
         max_connections: 10,
         acquire_timeout: Duration::from_secs(30),
         // Tests that need power-loss durability say so; kill -9 is survived by both settings.

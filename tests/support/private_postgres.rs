@@ -147,6 +147,11 @@ impl PrivatePostgres {
         );
     }
 
+    /// The server's log (`pg_ctl -l`): its stderr, every statement when `log_statement` is `all`.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }

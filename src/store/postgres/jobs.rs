@@ -1,7 +1,12 @@
 //! The job queue on PostgreSQL, shared by many processes. Claims use `FOR UPDATE SKIP LOCKED`, so
-//! concurrent workers (in any process) take disjoint jobs without waiting on each other; every
-//! enqueue sends `NOTIFY orderflow_jobs` in its transaction, so idle workers everywhere wake on
-//! commit instead of polling.
+//! concurrent workers (in any process) take disjoint jobs without waiting on each other; commits
+//! that enqueued jobs are followed by a `NOTIFY orderflow_jobs`, so idle workers everywhere wake
+//! instead of polling.
+//!
+//! The distributed-SQL profile has neither: a claim there is a conditional write
+//! ([`DSQL_CLAIM_SQL`]) that loses cleanly to a concurrent claimer, and idle workers poll with a
+//! backoff ([`crate::store::signal::IdlePoll`]). Every write here is retried whole when it lost a
+//! race ([`crate::store::retry`]).
 
 use std::time::Duration;
 
@@ -18,7 +23,53 @@ use crate::store::jobs::{
 };
 use crate::store::jobs::{PAYMENTS_AFTER_SQL, PAYMENTS_FIRST_SQL, PaymentRow};
 use crate::store::jobs_common::{self, ClaimedRow, JobRow, StatsRow};
-use crate::store::{Page, StoreResult};
+use crate::store::{Page, StoreResult, retry};
+
+/// The most rows one pruning or replay transaction changes: within the distributed-SQL profile's
+/// 3,000 rows per transaction.
+const CHUNK: i64 = 1000;
+
+/// The claim of the distributed-SQL profile (no `SKIP LOCKED`): up to $5 jobs picked at random
+/// among the oldest few times as many claimable ones — ready and due, or running with a lease that
+/// ran out (its worker died: the attempt given back, the expiry counted, as in the PostgreSQL
+/// claim) — then claimed by an UPDATE that repeats the claimable condition on each row. A job
+/// another worker claimed first no longer matches and is left out (PostgreSQL at read
+/// committed), or the claim fails with 40001 at snapshot isolation and is run again; picking
+/// at random keeps concurrent claimers mostly off each other's rows.
+/// Binds: token, lease until, now, kind, limit.
+const DSQL_CLAIM_SQL: &str = "UPDATE jobs SET state = 'running', lease_token = $1, lease_expires_at = $2, \
+     attempts = CASE WHEN state = 'running' THEN attempts ELSE attempts + 1 END, \
+     lease_expiries = CASE WHEN state = 'running' THEN lease_expiries + 1 ELSE lease_expiries END, updated_at = $3 \
+     WHERE id IN (SELECT id FROM ( \
+        (SELECT id FROM jobs WHERE kind = $4 AND state = 'ready' AND run_at <= $3 ORDER BY run_at LIMIT $5 * 4) \
+        UNION ALL \
+        (SELECT id FROM jobs WHERE kind = $4 AND state = 'running' AND lease_expires_at < $3 LIMIT $5)) AS candidates \
+        ORDER BY random() LIMIT $5) \
+     AND kind = $4 AND ((state = 'ready' AND run_at <= $3) OR (state = 'running' AND lease_expires_at < $3)) \
+     RETURNING id, kind, order_id, payload, attempts, max_attempts, lease_expiries, correlation_id, \
+     CASE WHEN error_history <> '[]' THEN 1 ELSE 0 END AS failed_before";
+
+impl PgStore {
+    /// [`JobStore::claim_jobs`] by a conditional write ([`DSQL_CLAIM_SQL`]).
+    async fn claim_jobs_conditionally(
+        &self,
+        kind: &str,
+        limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        let token = Uuid::now_v7();
+        let rows: Vec<ClaimedRow> = sqlx::query_as(DSQL_CLAIM_SQL)
+            .bind(token)
+            .bind(now + lease)
+            .bind(now)
+            .bind(kind)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(|row| row.into_claimed(token)).collect()
+    }
+}
 
 #[async_trait]
 impl JobStore for PgStore {
@@ -29,6 +80,9 @@ impl JobStore for PgStore {
         lease: Duration,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<ClaimedJob>> {
+        if !self.profile.has_postgres_extras() {
+            return retry::transaction(|| self.claim_jobs_conditionally(kind, limit, lease, now)).await;
+        }
         let token = Uuid::now_v7();
         let until = now + lease;
         // Two plain, index-ordered statements in one round trip: jobs whose lease ran out (their
@@ -65,7 +119,7 @@ impl JobStore for PgStore {
     }
 
     async fn extend_lease(&self, lease: &JobLease, until: DateTime<Utc>) -> StoreResult<bool> {
-        jobs_common::leases::extend(&self.pool, "BEGIN", lease, until).await
+        retry::transaction(|| jobs_common::leases::extend(&self.pool, "BEGIN", lease, until)).await
     }
 
     async fn fail_job(
@@ -75,7 +129,10 @@ impl JobStore for PgStore {
         retry_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> StoreResult<FailOutcome> {
-        jobs_common::leases::fail(&self.pool, ("BEGIN", "FOR UPDATE"), lease, error, retry_at, now).await
+        retry::transaction(|| {
+            jobs_common::leases::fail(&self.pool, ("BEGIN", "FOR UPDATE"), lease, error, retry_at, now)
+        })
+        .await
     }
 
     async fn postpone_job(
@@ -85,7 +142,7 @@ impl JobStore for PgStore {
         run_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        jobs_common::leases::postpone(&self.pool, lease, error, run_at, now).await
+        retry::transaction(|| jobs_common::leases::postpone(&self.pool, lease, error, run_at, now)).await
     }
 
     async fn complete_job(
@@ -113,14 +170,17 @@ impl JobStore for PgStore {
         recipient: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<NotificationSlot> {
-        // One autocommitted statement: one round trip.
-        let slot: Option<(String,)> = sqlx::query_as(jobs_common::PREPARE_NOTIFICATION_POSTGRES)
-            .bind(order.as_uuid())
-            .bind(kind)
-            .bind(recipient)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await?;
+        // One autocommitted statement (one round trip), retried whole on a conflict.
+        let slot: Option<(String,)> = retry::transaction(|| async {
+            Ok(sqlx::query_as(jobs_common::PREPARE_NOTIFICATION_POSTGRES)
+                .bind(order.as_uuid())
+                .bind(kind)
+                .bind(recipient)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?)
+        })
+        .await?;
         Ok(if slot.is_some() {
             NotificationSlot::Send
         } else {
@@ -146,10 +206,30 @@ impl JobStore for PgStore {
     }
 
     async fn replay_jobs(&self, selector: &ReplaySelector, now: DateTime<Utc>) -> StoreResult<u64> {
-        let mut sql = jobs_common::replay_query::<Postgres>(selector, now);
-        let mut tx = self.pool.begin().await?;
-        let replayed = sql.build().execute(&mut *tx).await?.rows_affected();
-        tx.commit().await?;
+        // A chunk per transaction (a distributed-SQL transaction changes at most 3,000 rows): each
+        // moves up to CHUNK dead jobs, until none is left.
+        let mut replayed = 0;
+        loop {
+            let chunk = retry::transaction(|| async {
+                let mut sql = jobs_common::replay_query::<Postgres>(selector, now);
+                if let ReplaySelector::AllDead { kind } = selector {
+                    sql.push(" AND id IN (SELECT id FROM jobs WHERE state = 'dead'");
+                    if let Some(kind) = kind {
+                        sql.push(" AND kind = ").push_bind(kind.clone());
+                    }
+                    sql.push(" ORDER BY id LIMIT ").push_bind(CHUNK).push(")");
+                }
+                let mut tx = self.pool.begin().await?;
+                let moved = sql.build().execute(&mut *tx).await?.rows_affected();
+                tx.commit().await?;
+                Ok(moved)
+            })
+            .await?;
+            replayed += chunk;
+            if chunk < CHUNK as u64 {
+                break;
+            }
+        }
         if replayed > 0 {
             self.jobs_enqueued();
         }
@@ -157,14 +237,29 @@ impl JobStore for PgStore {
     }
 
     async fn prune_jobs(&self, before: DateTime<Utc>) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
-        let pruned = sqlx::query("DELETE FROM jobs WHERE state = 'succeeded' AND updated_at < $1")
-            .bind(before)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(pruned)
+        // A chunk per transaction (at most 3,000 changed rows in the distributed-SQL profile).
+        let mut pruned = 0;
+        loop {
+            let chunk = retry::transaction(|| async {
+                let mut tx = self.pool.begin().await?;
+                let deleted = sqlx::query(
+                    "DELETE FROM jobs WHERE state = 'succeeded' AND updated_at < $1 AND id IN \
+                     (SELECT id FROM jobs WHERE state = 'succeeded' AND updated_at < $1 ORDER BY id LIMIT $2)",
+                )
+                .bind(before)
+                .bind(CHUNK)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                tx.commit().await?;
+                Ok(deleted)
+            })
+            .await?;
+            pruned += chunk;
+            if chunk < CHUNK as u64 {
+                return Ok(pruned);
+            }
+        }
     }
 
     async fn has_pending_work(&self) -> StoreResult<bool> {

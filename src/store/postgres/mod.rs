@@ -23,6 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
+mod dsql_migrate;
 mod jobs;
 mod ops;
 mod replica;
@@ -30,17 +31,18 @@ mod replica;
 use super::after_sale::{AfterSaleReads, AfterSaleSql};
 use super::audit::{self, AuditReport};
 use super::batcher::Batcher;
-use super::checkout_batch::{self, Checkout, CheckoutTransaction, Checkouts, GroupFailure, MAX_TX_ATTEMPTS, backoff};
+use super::checkout_batch::{self, Checkout, CheckoutTransaction, Checkouts, GroupFailure};
 use super::common::{is_foreign_key_violation, placed_data, replay_or_refuse, stock_levels, unique_is_conflict};
 use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::idempotency;
 use super::reads;
+use super::retry;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::signal::{self, JobSignal};
 use super::{
-    AdjustOutcome, Backend, ConnectOptions, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder, PlaceOrderOutcome,
-    ProductQuery, Store, StoreError, StoreResult,
+    AdjustOutcome, Backend, ConnectOptions, DatabaseProfile, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder,
+    PlaceOrderOutcome, ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::events::order_subject;
 use crate::domain::order::StockLevel;
@@ -56,9 +58,13 @@ const IN_FLIGHT_STALE_AFTER: chrono::Duration = chrono::Duration::seconds(15);
 
 /// A pooled connection idle this long is pinged before it is used ([`PgStore::connect`]).
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
+/// Connections are closed and replaced after this long: Aurora DSQL ends a connection after an
+/// hour, and PostgreSQL behind a proxy or failover is better served by fresh ones too.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 pub struct PgStore {
     pool: PgPool,
+    profile: DatabaseProfile,
     /// Wakes job workers of the kinds our commits enqueued, here and in other processes.
     wakeups: Wakeups,
     events: EventsSql<Postgres>,
@@ -128,26 +134,32 @@ struct PendingWakeups {
 
 /// Wakes the workers of the kinds a commit enqueued: in this process at once, in the others by
 /// a coalesced NOTIFY after the commit.
+///
+/// In the distributed-SQL profile there is no NOTIFY (`others` is `None`): other processes'
+/// workers find the jobs by polling, which backs off while they find nothing
+/// ([`crate::queue`], [`JobSignal::polled`]).
 #[derive(Clone)]
 struct Wakeups {
     local: Arc<JobSignal>,
-    others: Arc<OtherProcesses>,
+    others: Option<Arc<OtherProcesses>>,
 }
 
 impl Wakeups {
     fn enqueued(&self, kinds: &[&str]) {
         self.local.wake(kinds.iter().copied());
-        let mut pending = self.others.pending.lock().expect("wake-up lock");
+        let Some(others) = &self.others else { return };
+        let mut pending = others.pending.lock().expect("wake-up lock");
         pending.kinds.extend(kinds.iter().map(|kind| kind.to_string()));
         drop(pending);
-        let _ = self.others.trigger.try_send(());
+        let _ = others.trigger.try_send(());
     }
 
     /// Jobs of unknown kinds became ready (a replay): every worker looks.
     fn all(&self) {
         self.local.wake_all();
-        self.others.pending.lock().expect("wake-up lock").all = true;
-        let _ = self.others.trigger.try_send(());
+        let Some(others) = &self.others else { return };
+        others.pending.lock().expect("wake-up lock").all = true;
+        let _ = others.trigger.try_send(());
     }
 }
 
@@ -225,15 +237,11 @@ enum Claim {
 impl PgStore {
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Self> {
         let connect: PgConnectOptions = url.parse().context("parsing the PostgreSQL URL")?;
-        // LISTEN holds its connection for good: it gets one of its own, so it never takes a
-        // slot of the pool that requests wait on (`--db-max-connections` means what it says).
-        let listener_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_lazy_with(connect.clone().application_name("orderflow-listener"));
+        let profile = options.profile;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
+            .max_lifetime(CONNECTION_LIFETIME)
             // sqlx pings every connection it hands out by default: one more round trip per
             // statement outside a transaction. Only a connection that sat idle is pinged (the
             // one a restart or a cut may have broken); a busy pool's are not.
@@ -246,13 +254,40 @@ impl PgStore {
                     Ok(true)
                 })
             })
-            .connect_with(connect.application_name("orderflow"))
+            .connect_with(connect.clone().application_name("orderflow"))
             .await
             .with_context(|| format!("connecting to PostgreSQL at {}", super::redact_url(url)))?;
-        sqlx::migrate!("migrations/postgres")
-            .run(&pool)
-            .await
-            .context("applying PostgreSQL migrations")?;
+        let wakeups = match profile {
+            DatabaseProfile::Postgres => {
+                sqlx::migrate!("migrations/postgres")
+                    .run(&pool)
+                    .await
+                    .context("applying PostgreSQL migrations")?;
+                // LISTEN holds its connection for good: it gets one of its own, so it never takes
+                // a slot of the pool that requests wait on (`--db-max-connections` means what it
+                // says).
+                let listener_pool = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(options.acquire_timeout)
+                    .max_lifetime(CONNECTION_LIFETIME)
+                    .connect_lazy_with(connect.application_name("orderflow-listener"));
+                let local = JobSignal::new();
+                spawn_job_listener(listener_pool, Arc::downgrade(&local));
+                Wakeups {
+                    local,
+                    others: Some(spawn_job_waker(pool.clone())),
+                }
+            }
+            DatabaseProfile::Dsql => {
+                dsql_migrate::run(&pool)
+                    .await
+                    .context("applying the distributed-SQL migrations (migrations/dsql)")?;
+                Wakeups {
+                    local: JobSignal::polled(),
+                    others: None,
+                }
+            }
+        };
         let replica = match &options.read_replica {
             Some(settings) => {
                 let connect: PgConnectOptions = settings.url.parse().context("parsing the read replica's URL")?;
@@ -260,26 +295,31 @@ impl PgStore {
                 let replica_pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
                     .acquire_timeout(options.acquire_timeout.min(Duration::from_secs(1)))
+                    .max_lifetime(CONNECTION_LIFETIME)
                     .connect_lazy_with(connect.application_name("orderflow-replica"));
                 Some(replica::Replica::start(replica_pool, pool.clone(), settings.max_lag))
             }
             None => None,
         };
-        let local = JobSignal::new();
-        spawn_job_listener(listener_pool, Arc::downgrade(&local));
-        let wakeups = Wakeups {
-            local,
-            others: spawn_job_waker(pool.clone()),
-        };
         let committer = {
             let wakeups = wakeups.clone();
+            let (mut max_batch, committers) = options.group_commit.resolve(false, options.max_connections);
+            if !profile.has_postgres_extras() && max_batch > 1 {
+                // A group shares one transaction through savepoints, which this profile lacks.
+                tracing::warn!(
+                    max_batch,
+                    "--commit-batch is 1 in the dsql profile (group commit needs SAVEPOINT)"
+                );
+                max_batch = 1;
+            }
             GroupCommit::start(
                 pool.clone(),
                 "BEGIN",
                 "FOR UPDATE",
-                options.group_commit.resolve(false, options.max_connections),
+                (max_batch, committers),
                 Arc::new(move |kinds| wakeups.enqueued(kinds)),
             )
+            .with_savepoints(profile.has_postgres_extras())
         };
         let checkouts = {
             let (max_batch, writers) = options.checkout_batch.resolve();
@@ -300,6 +340,7 @@ impl PgStore {
             committer,
             checkouts,
             pool,
+            profile,
             wakeups,
             events,
             replica,
@@ -328,6 +369,73 @@ impl PgStore {
     /// any kind became ready (a replay).
     fn jobs_enqueued(&self) {
         self.wakeups.all();
+    }
+
+    async fn create_product_once(&self, product: &NewProduct, now: DateTime<Utc>) -> StoreResult<Product> {
+        let mut tx = self.pool.begin().await?;
+        let row: ProductRow = sqlx::query_as(&format!(
+            "INSERT INTO products (id, sku, name, description, category, price_minor, on_hand, \
+             reserved, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 1, $8, $8) \
+             RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(product.id.as_uuid())
+        .bind(&product.sku)
+        .bind(&product.name)
+        .bind(&product.description)
+        .bind(&product.category)
+        .bind(product.price.minor())
+        .bind(product.stock)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unique_is_conflict("sku"))?;
+        if product.stock != 0 {
+            insert_ledger(&mut tx, product.id, "initial", product.stock, "initial stock", now).await?;
+        }
+        tx.commit().await?;
+        row.try_into()
+    }
+
+    async fn update_product_once(
+        &self,
+        id: ProductId,
+        patch: &ProductPatch,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Product>> {
+        let row: Option<ProductRow> = sqlx::query_as(&format!(
+            "UPDATE products SET name = coalesce($1, name), \
+             description = CASE WHEN $2 THEN $3 ELSE description END, \
+             category = CASE WHEN $4 THEN $5 ELSE category END, \
+             price_minor = coalesce($6, price_minor), version = version + 1, updated_at = $7 \
+             WHERE id = $8 RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(&patch.name)
+        .bind(patch.description.is_some())
+        .bind(patch.description.clone().flatten())
+        .bind(patch.category.is_some())
+        .bind(patch.category.clone().flatten())
+        .bind(patch.price.map(|p| p.minor()))
+        .bind(now)
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Product::try_from).transpose()
+    }
+
+    async fn create_customer_once(&self, customer: &NewCustomer, now: DateTime<Utc>) -> StoreResult<Customer> {
+        let row: Option<CustomerRow> = sqlx::query_as(&format!(
+            "INSERT INTO customers (id, email, first_name, last_name, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING {CUSTOMER_COLUMNS}"
+        ))
+        .bind(customer.id.as_uuid())
+        .bind(customer.email.as_str())
+        .bind(&customer.first_name)
+        .bind(&customer.last_name)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unique_is_conflict("email"))?;
+        row.ok_or(StoreError::Conflict("customer_id"))?.try_into()
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -446,15 +554,19 @@ impl PgStore {
         ) {
             return;
         }
-        self.release(request, lock_token, matches!(result, Err(error) if error.is_outage()))
-            .await;
+        // Contention is no outage of the database: the key is given back now, so the client's
+        // retry after `Retry-After` finds it free.
+        let database_away = matches!(result, Err(error) if error.is_outage() && !error.is_contention());
+        self.release(request, lock_token, database_away).await;
     }
 
     /// [`Self::claim_key`]; when the database went away under it, the claim may have been
     /// committed even so (its connection lost on the way back), so it is released as after a
     /// checkout that failed for the outage.
     async fn claim(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Claim> {
-        let claimed = self.claim_key(request, lock_token).await;
+        // Each statement of the claim commits alone; one that lost a race (two requests with the
+        // same key under snapshot isolation) wrote nothing, and the claim is looked at afresh.
+        let claimed = retry::transaction(|| self.claim_key(request, lock_token)).await;
         if matches!(&claimed, Err(error) if error.is_outage()) {
             self.release(request, lock_token, true).await;
         }
@@ -473,7 +585,7 @@ impl PgStore {
             let give_up = tokio::time::Instant::now() + IN_FLIGHT_STALE_AFTER.to_std().unwrap_or_default();
             let mut wait = Duration::from_millis(100);
             loop {
-                match release_key(&pool, &principal, &key, lock_token).await {
+                match retry::transaction(|| release_key(&pool, &principal, &key, lock_token)).await {
                     Ok(()) => return,
                     Err(error) if error.is_outage() && after_outage && tokio::time::Instant::now() + wait < give_up => {
                         tokio::time::sleep(wait).await;
@@ -528,9 +640,14 @@ struct PgCheckouts {
     wakeups: Wakeups,
 }
 
-/// Marker texts of the errors the write statement raises to abort itself.
+/// Marker texts of the errors the write statement raises to abort itself. Each is cast with a
+/// subquery in it (a count), never with parameters alone: the planner folds constant
+/// expressions, so a cast of parameters would fail at planning, whatever its CASE branch says.
 const STOCK_MOVED: &str = "orderflow:stock_moved";
 const CLAIM_LOST: &str = "orderflow:claim_lost";
+/// A customer of the group does not exist: the foreign key's answer, in the dsql profile's
+/// schema, which has no foreign keys (customers are never deleted, so reading them suffices).
+const UNKNOWN_CUSTOMER: &str = "orderflow:unknown_customer";
 
 /// What the write statement did.
 enum Written {
@@ -690,6 +807,10 @@ impl PgCheckouts {
                         THEN ('orderflow:stock_moved:' || (SELECT count(*) FROM reserve))::int \
                     WHEN (SELECT count(*) FROM completed) <> cardinality($4::uuid[]) \
                         THEN ('orderflow:claim_lost:' || (SELECT count(*) FROM completed))::int \
+                    WHEN (SELECT count(*) FROM customers WHERE id = ANY($5::uuid[])) \
+                        <> (SELECT count(DISTINCT c) FROM unnest($5::uuid[]) AS c) \
+                        THEN ('orderflow:unknown_customer:' || (SELECT count(*) FROM customers \
+                            WHERE id = ANY($5::uuid[])))::int \
                     ELSE 0 END",
             )
             .bind(crate::clock::now()) // $1
@@ -736,12 +857,12 @@ impl PgCheckouts {
             }
             Err(error) if aborted_by(&error, CLAIM_LOST) => Err(GroupFailure::Split),
             // An unknown customer: alone, that checkout's answer; in a group, each alone.
-            Err(error) if is_foreign_key_violation(&error) && group.len() == 1 => {
+            Err(error) if unknown_customer(&error) && group.len() == 1 => {
                 Ok(Written::Refused(vec![PlaceOrderOutcome::Rejected(
                     CartRejection::UnknownCustomer(group[0].request.customer_id),
                 )]))
             }
-            Err(error) if is_foreign_key_violation(&error) => Err(GroupFailure::Split),
+            Err(error) if unknown_customer(&error) => Err(GroupFailure::Split),
             Err(error) => Err(retryable(error)),
         }
     }
@@ -752,6 +873,11 @@ impl PgCheckouts {
 fn aborted_by(error: &sqlx::Error, marker: &str) -> bool {
     matches!(error, sqlx::Error::Database(db)
         if db.code().as_deref() == Some("22P02") && db.message().contains(marker))
+}
+
+/// The foreign key to customers (postgres profile) or the statement's own check (dsql).
+fn unknown_customer(error: &sqlx::Error) -> bool {
+    is_foreign_key_violation(error) || aborted_by(error, UNKNOWN_CUSTOMER)
 }
 
 /// A statement before COMMIT failed: a serialization failure or deadlock is run again whole.
@@ -845,10 +971,10 @@ impl BulkOrders {
     }
 }
 
-/// Serialization failures and deadlocks: the whole transaction may simply be run again.
+/// Serialization failures (DSQL's OC000/OC001 among them) and deadlocks: the whole transaction
+/// may simply be run again.
 fn is_retryable(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db)
-        if matches!(db.code().as_deref(), Some("40001") | Some("40P01")))
+    retry::is_conflict(error)
 }
 
 #[async_trait]
@@ -878,28 +1004,7 @@ impl Store for PgStore {
     }
 
     async fn create_product(&self, product: &NewProduct, now: DateTime<Utc>) -> StoreResult<Product> {
-        let mut tx = self.pool.begin().await?;
-        let row: ProductRow = sqlx::query_as(&format!(
-            "INSERT INTO products (id, sku, name, description, category, price_minor, on_hand, \
-             reserved, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 1, $8, $8) \
-             RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(product.id.as_uuid())
-        .bind(&product.sku)
-        .bind(&product.name)
-        .bind(&product.description)
-        .bind(&product.category)
-        .bind(product.price.minor())
-        .bind(product.stock)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unique_is_conflict("sku"))?;
-        if product.stock != 0 {
-            insert_ledger(&mut tx, product.id, "initial", product.stock, "initial stock", now).await?;
-        }
-        tx.commit().await?;
-        row.try_into()
+        retry::transaction(|| self.create_product_once(product, now)).await
     }
 
     async fn list_products(&self, query: &ProductQuery) -> StoreResult<Page<Product>> {
@@ -925,24 +1030,7 @@ impl Store for PgStore {
         patch: &ProductPatch,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Product>> {
-        let row: Option<ProductRow> = sqlx::query_as(&format!(
-            "UPDATE products SET name = coalesce($1, name), \
-             description = CASE WHEN $2 THEN $3 ELSE description END, \
-             category = CASE WHEN $4 THEN $5 ELSE category END, \
-             price_minor = coalesce($6, price_minor), version = version + 1, updated_at = $7 \
-             WHERE id = $8 RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(&patch.name)
-        .bind(patch.description.is_some())
-        .bind(patch.description.clone().flatten())
-        .bind(patch.category.is_some())
-        .bind(patch.category.clone().flatten())
-        .bind(patch.price.map(|p| p.minor()))
-        .bind(now)
-        .bind(id.as_uuid())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(Product::try_from).transpose()
+        retry::transaction(|| self.update_product_once(id, patch, now)).await
     }
 
     async fn adjust_stock(
@@ -951,9 +1039,7 @@ impl Store for PgStore {
         adjustment: &StockAdjustment,
         now: DateTime<Utc>,
     ) -> StoreResult<AdjustOutcome> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        retry::transaction(|| async {
             let result: Result<AdjustOutcome, sqlx::Error> = async {
                 let mut tx = self.pool.begin().await?;
                 let current: Option<(i64, i64)> =
@@ -982,27 +1068,13 @@ impl Store for PgStore {
                 Ok(AdjustOutcome::Adjusted(product))
             }
             .await;
-            match result {
-                Err(error) if is_retryable(&error) && attempt < MAX_TX_ATTEMPTS => backoff(attempt).await,
-                other => return Ok(other?),
-            }
-        }
+            Ok(result?)
+        })
+        .await
     }
 
     async fn create_customer(&self, customer: &NewCustomer, now: DateTime<Utc>) -> StoreResult<Customer> {
-        let row: Option<CustomerRow> = sqlx::query_as(&format!(
-            "INSERT INTO customers (id, email, first_name, last_name, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING {CUSTOMER_COLUMNS}"
-        ))
-        .bind(customer.id.as_uuid())
-        .bind(customer.email.as_str())
-        .bind(&customer.first_name)
-        .bind(&customer.last_name)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unique_is_conflict("email"))?;
-        row.ok_or(StoreError::Conflict("customer_id"))?.try_into()
+        retry::transaction(|| self.create_customer_once(customer, now)).await
     }
 
     async fn list_orders(&self, query: &OrderQuery) -> StoreResult<Page<Order>> {
@@ -1107,7 +1179,7 @@ impl Store for PgStore {
     }
 
     async fn forget_idempotency_keys(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
-        idempotency::forget_keys(&self.pool, "BEGIN", before, batch).await
+        retry::transaction(|| idempotency::forget_keys(&self.pool, "BEGIN", before, batch)).await
     }
 }
 

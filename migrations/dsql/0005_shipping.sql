@@ -1,0 +1,3 @@
+-- Where an order ships (distributed-SQL profile; see 0001). `orders.shipping` and its check
+-- (postgres 0005: a column added with a constraint, which ALTER TABLE cannot do here) are created
+-- with the orders table in 0001. Nothing else to do at this version.

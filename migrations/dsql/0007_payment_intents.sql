@@ -1,0 +1,4 @@
+-- Payments in the PaymentIntents model (distributed-SQL profile; see 0001). The columns and checks
+-- postgres 0007 adds to `payments` (NOT NULL DEFAULT columns and constraints added by ALTER TABLE,
+-- which cannot be run here) are part of the payments table created in 0002. Nothing else to do at
+-- this version.

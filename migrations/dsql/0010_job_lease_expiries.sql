@@ -1,0 +1,3 @@
+-- Crashes are not failures (distributed-SQL profile; see 0001): `jobs.lease_expiries` (postgres
+-- 0010: a NOT NULL DEFAULT column added by ALTER TABLE, which cannot be run here) is created with
+-- the jobs table in 0001. Nothing else to do at this version.
