@@ -2,7 +2,8 @@
 //! out exactly — every unit sold once, every other buyer told 422 `insufficient_stock`, no other
 //! answer, the audit clean. On PostgreSQL three processes take the orders (each groups its
 //! concurrent checkouts into shared commits, and the groups of different processes race for the
-//! same product row); on SQLite the one embedded process does. In the emulated distributed SQL
+//! same product row), each started with a `--region` of its own that every order it accepts
+//! records; on SQLite the one embedded process does. In the emulated distributed SQL
 //! (tests/common: snapshot isolation, 20% of the hot commits failed with "(OC000)") and on plain
 //! PostgreSQL at `repeatable read`, every lost race is retried whole: still no other answer.
 
@@ -56,8 +57,12 @@ async fn sell_out(backend: Backend, db: TestDb) {
         "--rate-limit-reads",
         "off",
     ]);
+    // Each process in a region of its own, which every order it accepts records.
+    let regions = ["eu-west-1", "us-east-1", "ap-southeast-2"];
     let mut servers = Vec::new();
-    for _ in 0..processes {
+    for region in regions.iter().take(processes) {
+        let mut args = args.clone();
+        args.extend(["--region", *region]);
         servers.push(Server::start(db.url(), SECRET, &args).await);
     }
     let http = reqwest::Client::new();
@@ -109,17 +114,23 @@ async fn sell_out(backend: Backend, db: TestDb) {
                     .expect("the server answers");
                 let status = response.status().as_u16();
                 let body: Value = response.json().await.expect("a JSON answer");
-                answers.push((status, body));
+                answers.push((status, body, n % urls.len()));
             }
         });
     }
     let mut statuses = BTreeMap::new();
     let mut accepted = Vec::new();
     while let Some(answers) = racers.join_next().await {
-        for (status, body) in answers.unwrap() {
+        for (status, body, server) in answers.unwrap() {
             *statuses.entry(status).or_insert(0usize) += 1;
             match status {
-                202 => accepted.push(body["order_id"].as_str().unwrap().to_string()),
+                202 => {
+                    assert_eq!(
+                        body["region"], regions[server],
+                        "the accepting process's region: {body}"
+                    );
+                    accepted.push(body["order_id"].as_str().unwrap().to_string())
+                }
                 422 => assert_eq!(body["code"], "insufficient_stock", "{body}"),
                 _ => panic!("unexpected answer {status}: {body}"),
             }
