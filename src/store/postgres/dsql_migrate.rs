@@ -188,11 +188,13 @@ async fn create_table(pool: &PgPool) -> anyhow::Result<()> {
         .await;
         match created {
             Ok(_) => return Ok(()),
-            // 23505/42P07: a concurrent CREATE won the catalog race; 40001 (OC001): a schema change
-            // conflict. Looked at again.
+            // 23505/42P07/42710 (the table's row type): a concurrent CREATE won the catalog race;
+            // 40001 (OC001): a schema change conflict. Looked at again.
             Err(sqlx::Error::Database(db))
-                if matches!(db.code().as_deref(), Some("23505") | Some("42P07") | Some("40001"))
-                    && backoff.wait().await => {}
+                if matches!(
+                    db.code().as_deref(),
+                    Some("23505") | Some("42P07") | Some("42710") | Some("40001")
+                ) && backoff.wait().await => {}
             Err(error) => return Err(error).context("creating _orderflow_migrations"),
         }
     }
