@@ -48,7 +48,11 @@ async fn sell_out(backend: Backend, db: TestDb) {
     // Checkout only (`--mode api`): the subject is the race for stock; the audit then checks a
     // database at rest, not a pipeline between a provider call and its commit.
     let mut args = backend.server_args();
+    // Pools of 8: three PostgreSQL races run at once, each with three processes, on a server
+    // that takes 100 connections.
     args.extend([
+        "--db-max-connections",
+        "8",
         "--no-seed",
         "--mode",
         "api",
