@@ -191,6 +191,7 @@ async fn bad_report_queries_name_the_parameter(backend: Backend) {
         ("from=2026-11-03&to=2026-11-02", vec!["query.from"]),
         ("from=2026-11-02&to=2026-11-02", vec!["query.from"]),
         ("granularity=week", vec!["query.granularity"]),
+        ("granularity=", vec!["query.granularity"]),
         ("from=yesterday&to=2026-13-01", vec!["query.from", "query.to"]),
         ("from=2026-01-01&to=2026-03-01&granularity=hour", vec!["query.from"]),
         ("since=2026-01-01", vec!["query.since"]),
@@ -201,6 +202,9 @@ async fn bad_report_queries_name_the_parameter(backend: Backend) {
         let problem = expect_problem(response, 400, "validation_failed").await;
         assert_eq!(error_fields(&problem), fields, "{query}: {problem}");
     }
+    // An empty bound is the bound left out.
+    let defaulted = report(&app, "from=&to=").await;
+    assert_eq!(defaulted["granularity"], "day");
     // Sixty days are too many hours but fine as days.
     let days = report(&app, "from=2026-01-01&to=2026-03-01&granularity=day").await;
     assert_eq!(days["data"].as_array().unwrap().len(), 59);

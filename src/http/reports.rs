@@ -168,13 +168,10 @@ impl IntoParams for SalesParams {
 )]
 async fn sales(State(state): State<AppState>, Admin(_): Admin, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let params = QueryParams::of::<SalesParams>(raw.as_deref())?;
-    let range = SalesRange::parse(
-        params.get("from"),
-        params.get("to"),
-        params.get("granularity"),
-        clock::now(),
-    )
-    .map_err(ApiError::validation)?;
+    // An empty bound (`?from=`) is the bound left out: its default.
+    let bound = |name: &str| params.get(name).filter(|value| !value.is_empty());
+    let range = SalesRange::parse(bound("from"), bound("to"), params.get("granularity"), clock::now())
+        .map_err(ApiError::validation)?;
     let currency = state.checkout.currency;
     let periods = state.store.sales_report(&range, currency).await?;
     let mut sum = SalesTotals::default();
