@@ -6,7 +6,7 @@
 //! nothing sold, so a chart needs no gap filling. The range is bounded ([`MAX_PERIODS`]) so one
 //! request cannot ask the database for years of hours.
 
-use chrono::{DateTime, Duration, DurationRound, NaiveDate, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 
 use super::validation::FieldErrors;
 
@@ -49,7 +49,11 @@ impl Granularity {
 
     /// The start of the period `at` falls in.
     pub fn start_of(self, at: DateTime<Utc>) -> DateTime<Utc> {
-        at.duration_trunc(self.length()).expect("UTC hours and days truncate")
+        // Whole seconds since the epoch, so any time chrono parses truncates (`duration_trunc`
+        // works in nanoseconds and fails outside 1677–2262, which a client may send).
+        let length = self.length().num_seconds();
+        let seconds = at.timestamp().div_euclid(length) * length;
+        DateTime::from_timestamp(seconds, 0).unwrap_or(at)
     }
 }
 
@@ -167,6 +171,18 @@ mod tests {
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn far_dates_truncate_without_panicking() {
+        let far = at("2900-06-01T13:45:00Z");
+        assert_eq!(Granularity::Hour.start_of(far), at("2900-06-01T13:00:00Z"));
+        assert_eq!(
+            Granularity::Day.start_of(at("1500-06-01T13:45:00Z")),
+            at("1500-06-01T00:00:00Z")
+        );
+        let range = SalesRange::parse(Some("2900-01-01"), Some("2900-01-03"), None, far).unwrap();
+        assert_eq!(range.periods().count(), 2);
     }
 
     #[test]
