@@ -11,7 +11,9 @@
 # Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (postgres), BENCH_DB (orderflow_bench_svc),
 #   LISTEN (127.0.0.1:18081), ORDERFLOW / LOADGEN (the release binaries), and any
 #   ORDERFLOW_LOADGEN_* setting (e.g. ORDERFLOW_LOADGEN_LINES=3), SERVER_ARGS (more server flags,
-#   e.g. "--commit-batch 1").
+#   e.g. "--commit-batch 1"), CPU_REPORT=1 (after the run, print the CPU seconds the server and,
+#   on PostgreSQL, its database backends spent per order: a measure that other load on the machine
+#   disturbs far less than orders/s).
 # Run from the repository root after `cargo build --release --bins`.
 set -euo pipefail
 
@@ -72,3 +74,22 @@ loadgen_args=()
 if [ "$mode" = all ]; then loadgen_args+=(--end-to-end); fi
 "$loadgen" --url "http://${listen}" --database-url "$url" --jwt-secret "$secret" \
     --concurrency "$concurrency" --orders "$orders" "${loadgen_args[@]}"
+
+# CPU seconds (user + system) of a process, from /proc (fields 14 and 15, in clock ticks).
+cpu_seconds() {
+    awk -v hz="$(getconf CLK_TCK)" '{ split($0, a, ") "); split(a[2], f, " "); printf "%.2f", (f[12] + f[13]) / hz }' \
+        "/proc/$1/stat" 2>/dev/null || echo 0
+}
+if [ "${CPU_REPORT:-}" = 1 ]; then
+    server_cpu=$(cpu_seconds "$server_pid")
+    backend_cpu=0
+    if [ "$backend" = postgres ]; then
+        for pid in $(psql -At -X -c "SELECT pid FROM pg_stat_activity WHERE datname = '$db' \
+                AND application_name LIKE 'orderflow%'" "$db"); do
+            backend_cpu=$(echo "$backend_cpu + $(cpu_seconds "$pid")" | bc)
+        done
+    fi
+    echo "cpu: server ${server_cpu} s, database backends ${backend_cpu} s;" \
+        "per order: server $(echo "scale=3; 1000 * $server_cpu / $orders" | bc) ms," \
+        "database $(echo "scale=3; 1000 * $backend_cpu / $orders" | bc) ms"
+fi

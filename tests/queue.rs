@@ -163,10 +163,12 @@ async fn concurrency_is_bounded_and_failures_are_isolated(backend: Backend) {
 async fn heartbeats_keep_long_steps_leased(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.connect().await;
-    // Each step takes four leases' worth of time; heartbeats must keep the others off it.
-    let probe = probe(&store, Duration::from_millis(1200));
+    // Each step takes three leases' worth of time; heartbeats (every third of a lease) must keep
+    // the others off it. The lease leaves room for a heartbeat whose write is retried after a
+    // conflict (the dsql profile's injector) on a busy machine.
+    let probe = probe(&store, Duration::from_millis(3000));
     enqueue(store.as_ref(), vec![json!({ "n": 1 }), json!({ "n": 2 })]).await;
-    let lease = Duration::from_millis(300);
+    let lease = Duration::from_millis(1000);
     let first = runner_with(
         store.clone(),
         probe.clone(),

@@ -40,9 +40,6 @@ where
     LockedOrderLine: for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     let mut correlation_id: Option<String> = None;
-    // Everything below the decisions is described here and sent at the end (one round trip on
-    // PostgreSQL).
-    let mut writes = Writes::default();
     if let Some(lease) = lease {
         let done: Option<(Option<String>,)> = sqlx::query_as(
             "UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires_at = NULL, updated_at = $1 \
@@ -58,36 +55,22 @@ where
             None => return Ok(CompleteOutcome::LeaseLost),
         }
     }
+    // Everything below the decisions is described here and sent at the end (one round trip on
+    // PostgreSQL).
+    let mut described = Described::default();
     if let Some(order_id) = effects.order_id {
         let order = order_id.as_uuid();
-        // The whole row, locked, with its lines (which never change after checkout), in one
-        // statement: its status decides, and it is the snapshot events are rendered from (with
-        // the status this transaction gives it), so it is read once.
-        let locked: Vec<LockedOrderLine> = sqlx::query_as(&format!(
-            "SELECT o.*, i.order_id, i.product_id, i.quantity, i.unit_price_minor FROM \
-             (SELECT {ORDER_COLUMNS}, inventory_state, last_event_sequence FROM orders WHERE id = $1 {lock_order_row}) o \
-             JOIN order_items i ON i.order_id = o.id ORDER BY i.line_no"
-        ))
-        .bind(order)
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut locked = locked.into_iter();
-        let first = locked
-            .next()
+        let locked = lock_orders(tx, lock_order_row, &[order])
+            .await?
+            .pop()
             .ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
-        let mut lines = vec![first.item];
-        lines.extend(locked.map(|line| line.item));
-        let LockedOrderRow {
-            order: row,
-            inventory_state,
-            last_event_sequence,
-        } = first.order;
-        let status: OrderStatus = row.status().parse().map_err(StoreError::Corrupt)?;
-        correlation_id = correlation_id.or(row.correlation_id().map(str::to_string));
+        let status = locked.status()?;
+        correlation_id = correlation_id.or(locked.row.correlation_id().map(str::to_string));
         // Requests that carry their own idempotency answer before the status is looked at: a
         // retried shipment replays even after the order has moved on.
         if let Some(draft) = &effects.shipment {
-            if let Some(stop) = after_sale::record_shipment(tx, order, status, &inventory_state, draft, now).await? {
+            let inventory_state = &locked.inventory_state;
+            if let Some(stop) = after_sale::record_shipment(tx, order, status, inventory_state, draft, now).await? {
                 return Ok(stop);
             }
         }
@@ -96,8 +79,8 @@ where
                 return Ok(stop);
             }
         }
-        if !effects.expect_status.is_empty() && !effects.expect_status.contains(&status) {
-            return Ok(CompleteOutcome::UnexpectedStatus(status));
+        if let Some(unexpected) = unexpected_status(effects, status) {
+            return Ok(unexpected);
         }
         if effects.unless_shipped && after_sale::has_shipments(tx, order).await? {
             return Ok(CompleteOutcome::Refused(Refusal::AlreadyShipped));
@@ -110,6 +93,282 @@ where
                 after_sale::Settled::Now(refunded) => new_status = refunded.or(new_status),
             }
         }
+        // The payment as this transaction leaves it, when events need it and this completion
+        // does not write it: the stored row (which a refund's settlement may have just moved).
+        let stored_payment = if needs_stored_payment(effects) {
+            let stored: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
+                "SELECT state, provider, amount_minor, captured_minor, refunded_minor FROM payments \
+                 WHERE order_id = $1",
+            )
+            .bind(order)
+            .fetch_optional(&mut **tx)
+            .await?;
+            stored.map(
+                |(state, provider, authorized_minor, captured_minor, refunded_minor)| PaymentFacts {
+                    state,
+                    provider,
+                    authorized_minor,
+                    captured_minor,
+                    refunded_minor,
+                },
+            )
+        } else {
+            None
+        };
+        let decided = Decided {
+            status,
+            new_status,
+            correlation_id: correlation_id.as_deref(),
+            stored_payment,
+        };
+        described.order(locked, effects, decided, now)?;
+    }
+    described.next_jobs(effects, correlation_id.as_deref(), now);
+    let mut writes = Writes::default();
+    described.write_into(&mut writes, now);
+    writes.send(tx).await?;
+    Ok(CompleteOutcome::Completed)
+}
+
+/// Whether a completion's events must be rendered with the payment row as stored: it emits
+/// events but does not write the payment itself (or a refund's settlement moves it).
+fn needs_stored_payment(effects: &StepEffects) -> bool {
+    !effects.emit.is_empty() && !(effects.payment.is_some() && effects.refund_settled.is_none())
+}
+
+/// The outcome when the order is not in a status the effects expect.
+fn unexpected_status(effects: &StepEffects, status: OrderStatus) -> Option<CompleteOutcome> {
+    (!effects.expect_status.is_empty() && !effects.expect_status.contains(&status))
+        .then_some(CompleteOutcome::UnexpectedStatus(status))
+}
+
+/// Whether a completion can be written together with others in [`apply_merged`]: it is fenced
+/// by a lease, belongs to an order, and needs no read or write beyond the order row, its lines
+/// and the job row (no shipment, refund, settlement, shipment check or stored payment).
+pub(super) fn mergeable(lease: Option<&JobLease>, effects: &StepEffects) -> bool {
+    lease.is_some()
+        && effects.order_id.is_some()
+        && effects.shipment.is_none()
+        && effects.refund.is_none()
+        && effects.refund_settled.is_none()
+        && !effects.unless_shipped
+        && !needs_stored_payment(effects)
+}
+
+/// Completes many leased jobs (each [`mergeable`], of different orders) in `tx` with a fixed
+/// number of statements however many there are: one locks the jobs whose lease still holds, one
+/// locks their orders with their lines, one writes every completion's effects (PostgreSQL; on
+/// SQLite one statement per table write). Each completion is still decided alone — a lost lease,
+/// an unexpected status or an illegal transition answers that completion and writes nothing of
+/// it — and the stock changes of orders sharing a product are summed into one write per product
+/// (one statement may not write a row twice). An `Err` means the shared write failed: `tx` is
+/// then unusable and the caller writes each completion on its own.
+pub(super) async fn apply_merged<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    lock_rows: &str,
+    completions: &[(JobLease, &StepEffects, DateTime<Utc>)],
+) -> StoreResult<Vec<StoreResult<CompleteOutcome>>>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<Uuid>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    LockedOrderLine: for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    // The jobs whose lease still holds, locked in id order (as a single completion's fence
+    // locks its job row before its order's), so no other worker can take them over before the
+    // commit.
+    let mut leases = String::new();
+    for i in 0..completions.len() {
+        if i > 0 {
+            leases.push_str(", ");
+        }
+        leases.push_str(&format!("(${}, ${})", 2 * i + 1, 2 * i + 2));
+    }
+    let sql = format!(
+        "SELECT id, correlation_id FROM jobs WHERE state = 'running' AND (id, lease_token) IN (VALUES {leases}) \
+         ORDER BY id {lock_rows}"
+    );
+    let mut held = sqlx::query_as::<DB, (Uuid, Option<String>)>(&sql);
+    for (lease, _, _) in completions {
+        held = held.bind(lease.job_id).bind(lease.token);
+    }
+    let held: std::collections::HashMap<Uuid, Option<String>> = held.fetch_all(&mut **tx).await?.into_iter().collect();
+    let orders: Vec<Uuid> = completions
+        .iter()
+        .filter(|(lease, _, _)| held.contains_key(&lease.job_id))
+        .filter_map(|(_, effects, _)| effects.order_id.map(|id| id.as_uuid()))
+        .collect();
+    let mut locked: std::collections::HashMap<Uuid, LockedOrder> = if orders.is_empty() {
+        Default::default()
+    } else {
+        lock_orders(tx, lock_rows, &orders)
+            .await?
+            .into_iter()
+            .map(|order| (order.row.id, order))
+            .collect()
+    };
+    let mut described = Described::default();
+    let mut fenced = Vec::new();
+    let mut answers = Vec::with_capacity(completions.len());
+    for (lease, effects, now) in completions {
+        let Some(correlation_id) = held.get(&lease.job_id) else {
+            answers.push(Ok(CompleteOutcome::LeaseLost));
+            continue;
+        };
+        let order_id = effects.order_id.expect("mergeable completions belong to an order");
+        let Some(order) = locked.remove(&order_id.as_uuid()) else {
+            answers.push(Err(StoreError::Corrupt(format!("job for missing order {order_id}"))));
+            continue;
+        };
+        let answer: StoreResult<CompleteOutcome> = (|| {
+            let status = order.status()?;
+            if let Some(unexpected) = unexpected_status(effects, status) {
+                return Ok(unexpected);
+            }
+            let correlation_id = correlation_id
+                .clone()
+                .or(order.row.correlation_id().map(str::to_string));
+            // Described apart first, so a completion that fails half-way leaves nothing behind.
+            let mut own = Described::default();
+            let decided = Decided {
+                status,
+                new_status: effects.new_status,
+                correlation_id: correlation_id.as_deref(),
+                stored_payment: None,
+            };
+            own.order(order, effects, decided, *now)?;
+            own.next_jobs(effects, correlation_id.as_deref(), *now);
+            described.absorb(own);
+            fenced.push(lease.job_id);
+            Ok(CompleteOutcome::Completed)
+        })();
+        answers.push(answer);
+    }
+    if !fenced.is_empty() {
+        let latest = completions.iter().map(|(_, _, now)| *now).max().expect("not empty");
+        let mut writes = Writes::default();
+        let mut done = Write::new(
+            "UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires_at = NULL, updated_at = ",
+        );
+        done.bind(latest).sql(" WHERE id IN ");
+        done.row(fenced.iter().map(|&id| id.into()));
+        writes.push(done);
+        described.write_into(&mut writes, latest);
+        writes.send(tx).await?;
+    }
+    Ok(answers)
+}
+
+/// An order row read with its lock, its inventory state and event counter, and its lines.
+pub(super) struct LockedOrder {
+    row: OrderRow,
+    inventory_state: String,
+    last_event_sequence: i64,
+    lines: Vec<OrderItemRow>,
+}
+
+impl LockedOrder {
+    fn status(&self) -> StoreResult<OrderStatus> {
+        self.row.status().parse().map_err(StoreError::Corrupt)
+    }
+}
+
+/// Locks the order rows (in id order) and reads them with their lines, which never change after
+/// checkout, in one statement: the status decides, and the row is the snapshot events are
+/// rendered from (with the status the transaction gives it), so it is read once.
+async fn lock_orders<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    lock_rows: &str,
+    orders: &[Uuid],
+) -> StoreResult<Vec<LockedOrder>>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    LockedOrderLine: for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let ids = (1..=orders.len())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT o.*, i.order_id, i.product_id, i.quantity, i.unit_price_minor FROM \
+         (SELECT {ORDER_COLUMNS}, inventory_state, last_event_sequence FROM orders WHERE id IN ({ids}) \
+          ORDER BY id {lock_rows}) o \
+         JOIN order_items i ON i.order_id = o.id ORDER BY o.id, i.line_no"
+    );
+    let mut query = sqlx::query_as::<DB, LockedOrderLine>(&sql);
+    for order in orders {
+        query = query.bind(*order);
+    }
+    let mut locked: Vec<LockedOrder> = Vec::with_capacity(orders.len());
+    for line in query.fetch_all(&mut **tx).await? {
+        match locked.last_mut() {
+            Some(order) if order.row.id == line.order.order.id => order.lines.push(line.item),
+            _ => locked.push(LockedOrder {
+                row: line.order.order,
+                inventory_state: line.order.inventory_state,
+                last_event_sequence: line.order.last_event_sequence,
+                lines: vec![line.item],
+            }),
+        }
+    }
+    Ok(locked)
+}
+
+/// What the decisions about one order left to write.
+struct Decided<'a> {
+    /// The status the order was found in, under its lock.
+    status: OrderStatus,
+    /// The status the effects move it to (a refund's settlement may have chosen it).
+    new_status: Option<OrderStatus>,
+    correlation_id: Option<&'a str>,
+    /// The payment row as stored, when [`needs_stored_payment`].
+    stored_payment: Option<PaymentFacts>,
+}
+
+/// The writes of one or more completions, described and not yet sent. Stock changes are kept
+/// per product and summed, so completions of orders sharing a product write its row once.
+#[derive(Default)]
+struct Described {
+    writes: Vec<Write>,
+    /// product → (on_hand change, reserved change).
+    stock: std::collections::BTreeMap<Uuid, (i64, i64)>,
+}
+
+impl Described {
+    /// The order's effects: its row (once, every changed column), stock, ledger, payment,
+    /// e-mail slot, timeline and outbox.
+    fn order(
+        &mut self,
+        locked: LockedOrder,
+        effects: &StepEffects,
+        decided: Decided<'_>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let LockedOrder {
+            row,
+            inventory_state,
+            last_event_sequence,
+            lines,
+        } = locked;
+        let order = row.id;
+        let order_id = crate::domain::OrderId::from_uuid(order);
+        let Decided {
+            status,
+            new_status,
+            correlation_id,
+            stored_payment,
+        } = decided;
         let final_status = next_status(status, new_status)?;
         let plan = effects
             .inventory
@@ -123,29 +382,17 @@ where
         }
         if let Some(plan) = &plan {
             order_update.set("inventory_state", plan.next_state);
-            let items = &lines;
-            // One update per product (lines of one product summed), in id order.
-            let mut by_product: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
-            for item in items {
-                *by_product.entry(item.product_id).or_default() += i64::from(item.quantity);
-            }
-            for (product, quantity) in &by_product {
-                let mut stock = Write::new("UPDATE products SET on_hand = on_hand + ");
-                stock
-                    .bind(plan.on_hand_sign * quantity)
-                    .sql(", reserved = reserved + ")
-                    .bind(plan.reserved_sign * quantity)
-                    .sql(", version = version + 1, updated_at = ")
-                    .bind(now)
-                    .sql(" WHERE id = ")
-                    .bind(*product);
-                writes.push(stock);
+            for item in &lines {
+                let quantity = i64::from(item.quantity);
+                let change = self.stock.entry(item.product_id).or_default();
+                change.0 += plan.on_hand_sign * quantity;
+                change.1 += plan.reserved_sign * quantity;
             }
             if let Some(kind) = plan.ledger_kind {
                 let mut ledger = Write::new(
                     "INSERT INTO inventory_ledger (id, product_id, order_id, kind, delta, reason, created_at) VALUES ",
                 );
-                for (i, item) in items.iter().enumerate() {
+                for (i, item) in lines.iter().enumerate() {
                     if i > 0 {
                         ledger.sql(", ");
                     }
@@ -159,7 +406,7 @@ where
                         now.into(),
                     ]);
                 }
-                writes.push(ledger);
+                self.writes.push(ledger);
             }
         }
         if let Some(payment) = &effects.payment {
@@ -190,7 +437,7 @@ where
                      refunded_minor = excluded.refunded_minor, client_secret = excluded.client_secret, \
                      detail = excluded.detail, updated_at = excluded.updated_at",
                 );
-            writes.push(upsert);
+            self.writes.push(upsert);
         }
         if let Some(sent) = &effects.notification_sent {
             let mut slot = Write::new("UPDATE notifications SET state = 'sent', message_id = ");
@@ -201,7 +448,7 @@ where
                 .bind(order)
                 .sql(" AND kind = ")
                 .bind(sent.kind.clone());
-            writes.push(slot);
+            self.writes.push(slot);
         }
         if !effects.events.is_empty() {
             let mut timeline = Write::new(
@@ -217,15 +464,14 @@ where
                     kind.clone().into(),
                     final_status.as_str().into(),
                     detail.clone().into(),
-                    correlation_id.clone().into(),
+                    correlation_id.map(str::to_string).into(),
                     now.into(),
                 ]);
             }
-            writes.push(timeline);
+            self.writes.push(timeline);
         }
         if !effects.emit.is_empty() {
-            // The payment as this transaction left it: the change it wrote, or the stored row
-            // (which a refund's settlement may have just moved).
+            // The payment as this transaction leaves it: the change it writes, or the stored row.
             let payment = match (&effects.payment, &effects.refund_settled) {
                 (Some(change), None) => Some(PaymentFacts {
                     state: change.state.as_str().to_string(),
@@ -234,26 +480,7 @@ where
                     captured_minor: change.captured_minor,
                     refunded_minor: change.refunded_minor,
                 }),
-                _ => {
-                    // Reads what the writes so far leave: send them first.
-                    writes.send(tx).await?;
-                    let stored: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
-                        "SELECT state, provider, amount_minor, captured_minor, refunded_minor FROM payments \
-                         WHERE order_id = $1",
-                    )
-                    .bind(order)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                    stored.map(
-                        |(state, provider, authorized_minor, captured_minor, refunded_minor)| PaymentFacts {
-                            state,
-                            provider,
-                            authorized_minor,
-                            captured_minor,
-                            refunded_minor,
-                        },
-                    )
-                }
+                _ => stored_payment,
             };
             let mut snapshot = row.into_order(&lines)?;
             if final_status != status {
@@ -261,24 +488,30 @@ where
                 snapshot.updated_at = now;
             }
             let rendered = events::render(&snapshot, payment.as_ref(), &effects.emit);
-            // The order keeps its event counter on its row, read under the lock above.
+            // The order keeps its event counter on its row, read under the lock.
             if !rendered.is_empty() {
                 order_update.set("last_event_sequence", last_event_sequence + rendered.len() as i64);
-                writes.push(events::outbox_write(
+                self.writes.push(events::outbox_write(
                     &order_subject(order_id),
                     Some(order),
                     last_event_sequence,
                     &rendered,
-                    correlation_id.as_deref(),
+                    correlation_id,
                     now,
                 ));
             }
         }
         if let Some(update) = order_update.write(order) {
-            writes.push(update);
+            self.writes.push(update);
         }
+        Ok(())
     }
-    if !effects.enqueue.is_empty() {
+
+    /// The jobs the effects enqueue.
+    fn next_jobs(&mut self, effects: &StepEffects, correlation_id: Option<&str>, now: DateTime<Utc>) {
+        if effects.enqueue.is_empty() {
+            return;
+        }
         let mut jobs = Write::new(
             "INSERT INTO jobs (id, kind, order_id, payload, state, attempts, max_attempts, run_at, ready_since, \
              correlation_id, created_at, updated_at) VALUES ",
@@ -297,15 +530,42 @@ where
                 (job.max_attempts as i32).into(),
                 job.run_at.into(),
                 job.run_at.into(),
-                correlation_id.clone().into(),
+                correlation_id.map(str::to_string).into(),
                 now.into(),
                 now.into(),
             ]);
         }
-        writes.push(jobs);
+        self.writes.push(jobs);
     }
-    writes.send(tx).await?;
-    Ok(CompleteOutcome::Completed)
+
+    /// Takes another completion's writes into this batch.
+    fn absorb(&mut self, other: Described) {
+        self.writes.extend(other.writes);
+        for (product, (on_hand, reserved)) in other.stock {
+            let change = self.stock.entry(product).or_default();
+            change.0 += on_hand;
+            change.1 += reserved;
+        }
+    }
+
+    /// Adds everything to `writes`: one update per product (in id order), then the rest.
+    fn write_into(self, writes: &mut Writes, now: DateTime<Utc>) {
+        for (product, (on_hand, reserved)) in self.stock {
+            let mut stock = Write::new("UPDATE products SET on_hand = on_hand + ");
+            stock
+                .bind(on_hand)
+                .sql(", reserved = reserved + ")
+                .bind(reserved)
+                .sql(", version = version + 1, updated_at = ")
+                .bind(now)
+                .sql(" WHERE id = ")
+                .bind(product);
+            writes.push(stock);
+        }
+        for write in self.writes {
+            writes.push(write);
+        }
+    }
 }
 
 /// The columns of the order row a completion changes, written in one UPDATE (a batch of

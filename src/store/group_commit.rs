@@ -207,6 +207,20 @@ pub(super) trait CommitBatch: Send + Sync + 'static {
     async fn write(&self, batch: Vec<Pending>) -> (Vec<StoreResult<CompleteOutcome>>, Vec<&'static str>);
 }
 
+/// The completions of `group` that [`effects::apply_merged`] can write together: those
+/// [`effects::mergeable`], the first of each order (a later one of the same order goes after,
+/// in its own savepoint, and sees the first's writes).
+fn mergeable(group: &[Pending]) -> Vec<usize> {
+    let mut orders = std::collections::HashSet::new();
+    group
+        .iter()
+        .enumerate()
+        .filter(|(_, pending)| effects::mergeable(pending.lease.as_ref(), &pending.effects))
+        .filter(|(_, pending)| orders.insert(pending.effects.order_id))
+        .map(|(at, _)| at)
+        .collect()
+}
+
 macro_rules! commit_batch_for {
     ($db:ty) => {
         #[async_trait::async_trait]
@@ -224,15 +238,45 @@ macro_rules! commit_batch_for {
                     }
                 };
                 let alone = group.len() == 1;
-                let mut answers: Vec<StoreResult<CompleteOutcome>> = Vec::with_capacity(group.len());
+                let mut answers: Vec<Option<StoreResult<CompleteOutcome>>> = group.iter().map(|_| None).collect();
+                // Completions that need nothing but their order and job rows are written together,
+                // in a fixed number of statements ([`effects::apply_merged`]); the others each in
+                // a savepoint after them.
+                let merged = if alone { Vec::new() } else { mergeable(&group) };
+                if merged.len() > 1 {
+                    let completions: Vec<_> = merged
+                        .iter()
+                        .map(|&at| {
+                            let pending = &group[at];
+                            (pending.lease.expect("mergeable completions are leased"), &pending.effects, pending.now)
+                        })
+                        .collect();
+                    match effects::apply_merged(&mut tx, self.lock_order_row, &completions).await {
+                        Ok(written) => {
+                            for (&at, answer) in merged.iter().zip(written) {
+                                answers[at] = Some(answer);
+                            }
+                        }
+                        Err(error) => {
+                            // The shared write failed and took the transaction with it: each
+                            // completion is written on its own, so only the one at fault fails.
+                            tracing::debug!(%error, size = group.len(), "merged completions failed; writing each alone");
+                            drop(tx);
+                            return self.each_alone(group).await;
+                        }
+                    }
+                }
                 let mut broken: Option<String> = None;
-                for pending in &group {
+                for (pending, answer) in group.iter().zip(answers.iter_mut()) {
+                    if answer.is_some() {
+                        continue;
+                    }
                     if let Some(why) = &broken {
-                        answers.push(Err(StoreError::Unavailable(why.clone())));
+                        *answer = Some(Err(StoreError::Unavailable(why.clone())));
                         continue;
                     }
                     let lease = pending.lease.as_ref();
-                    let answer = if alone {
+                    *answer = Some(if alone {
                         effects::apply(&mut tx, self.lock_order_row, lease, &pending.effects, pending.now).await
                     } else {
                         match sqlx::Acquire::begin(&mut tx).await {
@@ -263,9 +307,10 @@ macro_rules! commit_batch_for {
                                 }
                             }
                         }
-                    };
-                    answers.push(answer);
+                    });
                 }
+                let answers: Vec<StoreResult<CompleteOutcome>> =
+                    answers.into_iter().map(|answer| answer.expect("every completion answered")).collect();
                 let committed = if let Some(why) = broken {
                     drop(tx);
                     Err(StoreError::Unavailable(format!(
@@ -292,6 +337,19 @@ macro_rules! commit_batch_for {
                         (_, other) => other,
                     })
                     .collect();
+                (answers, enqueued)
+            }
+        }
+
+        impl Batch<$db> {
+            /// Writes each completion in a transaction of its own.
+            async fn each_alone(&self, group: Vec<Pending>) -> (Vec<StoreResult<CompleteOutcome>>, Vec<&'static str>) {
+                let (mut answers, mut enqueued) = (Vec::with_capacity(group.len()), Vec::new());
+                for pending in group {
+                    let (answer, kinds) = CommitBatch::write(self, vec![pending]).await;
+                    answers.extend(answer);
+                    enqueued.extend(kinds);
+                }
                 (answers, enqueued)
             }
         }
