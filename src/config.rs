@@ -178,14 +178,16 @@ pub struct GlobalArgs {
     /// Most database connections this process holds.
     #[arg(long, env = "ORDERFLOW_DB_MAX_CONNECTIONS", default_value_t = 16, global = true)]
     pub db_max_connections: u32,
-    /// Most step completions committed in one transaction (group commit; each in its own
-    /// savepoint); 1 (the default) commits every completion alone. SQLite under sustained load:
-    /// try 64 (docs/BENCHMARKS.md, "Group commit").
+    /// Most step completions committed in one transaction (group commit: completions that wait
+    /// while a group is written share the next; those that touch only their order are written
+    /// together in a fixed number of statements, the rest each in a savepoint). Default 32; 1
+    /// commits every completion alone. Always 1 in the dsql profile (docs/BENCHMARKS.md,
+    /// "Completions written together").
     #[arg(long, env = "ORDERFLOW_COMMIT_BATCH", global = true,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub commit_batch: Option<u32>,
-    /// Group transactions written at once. Default: 1 on SQLite (one writer), the pool's size
-    /// (`--db-max-connections`) on PostgreSQL.
+    /// Group transactions written at once. Default: 1 on SQLite (one writer), 2 on PostgreSQL
+    /// (more committers make smaller groups: more statements per completion).
     #[arg(long, env = "ORDERFLOW_COMMIT_WRITERS", global = true,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub commit_writers: Option<u32>,

@@ -26,6 +26,7 @@ on_every_backend!(
     migrations_are_safe_to_rerun_concurrently,
     old_idempotency_keys_are_forgotten_in_bounded_batches,
     audit_sees_keys_forgotten_by_halves,
+    steps_reading_orders_at_once_each_get_theirs,
 );
 
 async fn product(store: &dyn Store, price: i64, stock: i64) -> ProductId {
@@ -710,5 +711,50 @@ mod dsql_profile {
             missing.is_empty() && extra.is_empty(),
             "the dsql schema differs from the postgres one:\nmissing {missing:#?}\nextra {extra:#?}"
         );
+    }
+}
+
+/// Steps that read their orders at the same time (on PostgreSQL coalesced into shared
+/// statements) each get their own order, the same order asked for twice (two steps of one order
+/// starting together) included, and nothing for an order that does not exist.
+async fn steps_reading_orders_at_once_each_get_theirs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let lamp = product(store.as_ref(), 100, 100).await;
+    let buyer = customer(store.as_ref()).await;
+    let mut orders = Vec::new();
+    for n in 0..6 {
+        let placed = store
+            .place_order(&request(buyer, &format!("read-{n}"), &[(lamp, n + 1)]))
+            .await
+            .unwrap();
+        let PlaceOrderOutcome::Created(order) = placed else {
+            panic!("expected an order, got {placed:?}")
+        };
+        orders.push(order);
+    }
+    let ghost = OrderId::new();
+    // Each order asked for by eight steps at once, the ghost by two.
+    let asked: Vec<OrderId> = (0..8)
+        .flat_map(|_| orders.iter().map(|order| order.id))
+        .chain([ghost, ghost])
+        .collect();
+    let mut reads = tokio::task::JoinSet::new();
+    for &id in &asked {
+        let store = store.clone();
+        reads.spawn(async move { (id, store.step_order(id).await) });
+    }
+    while let Some(joined) = reads.join_next().await {
+        let (id, read) = joined.unwrap();
+        let id = &id;
+        let read = read.unwrap();
+        if *id == ghost {
+            assert!(read.is_none(), "{read:?}");
+            continue;
+        }
+        let read = read.unwrap_or_else(|| panic!("order {id} not found"));
+        let placed = orders.iter().find(|order| order.id == *id).unwrap();
+        assert_eq!(read.order.id, placed.id);
+        assert_eq!(read.order.lines, placed.lines, "{id}: its own lines");
     }
 }

@@ -47,25 +47,34 @@ pub(super) struct GroupCommit {
 /// How completions are grouped; `None` takes the backend's default.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GroupCommitSettings {
-    /// Most completions in one transaction. Default 1 on both backends: every completion commits
-    /// alone in its caller's task, as without group commit. Measured (docs/BENCHMARKS.md, "Group
-    /// commit"): on SQLite groups of up to 64 carry 1.3–1.8× the fulfilled orders/s under load but
-    /// slow a lightly loaded pipeline (one client: p50 180 → 264 ms); on PostgreSQL grouping is
-    /// slower (a group holds the order and product rows it touched until it commits, so
-    /// checkouts of the same products wait; PostgreSQL already shares WAL flushes).
+    /// Most completions in one transaction. Default [`DEFAULT_MAX_BATCH`] on both backends: the
+    /// completions waiting while a group is written share the next one, and those that need only
+    /// their order and job rows are written together in a fixed number of statements
+    /// ([`effects::apply_merged`]). A completion that arrives while a committer is idle is written
+    /// at once, alone, so a quiet pipeline waits for nothing. 1 commits every completion alone in
+    /// its caller's task. Measured in docs/BENCHMARKS.md ("Completions written together").
     pub max_batch: Option<usize>,
-    /// Group transactions written at once (when grouping). SQLite: 1 (one writer). PostgreSQL:
-    /// the pool's size.
+    /// Group transactions written at once. SQLite: 1 (one writer). PostgreSQL:
+    /// [`DEFAULT_PG_COMMITTERS`] — more committers mean smaller groups, so more statements per
+    /// completion.
     pub committers: Option<usize>,
 }
+
+/// The default largest group.
+pub const DEFAULT_MAX_BATCH: usize = 32;
+/// The default number of PostgreSQL committers.
+pub const DEFAULT_PG_COMMITTERS: usize = 2;
 
 impl GroupCommitSettings {
     /// (largest group, committers) on SQLite (`single_writer`) or PostgreSQL with `pool` connections.
     pub fn resolve(self, single_writer: bool, pool: u32) -> (usize, usize) {
-        let committers = if single_writer { 1 } else { pool.max(1) as usize };
-        let batch = 1;
+        let committers = if single_writer {
+            1
+        } else {
+            DEFAULT_PG_COMMITTERS.min(pool.max(1) as usize)
+        };
         (
-            self.max_batch.unwrap_or(batch).max(1),
+            self.max_batch.unwrap_or(DEFAULT_MAX_BATCH).max(1),
             self.committers.unwrap_or(committers).max(1),
         )
     }

@@ -263,16 +263,51 @@ pub mod reads {
         for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         StepOrderLine: for<'r> sqlx::FromRow<'r, DB::Row>,
     {
-        // One statement: the order with its customer and payment, once per line (few).
-        let rows: Vec<StepOrderLine> = sqlx::query_as(STEP_ORDER_SQL)
-            .bind(order.as_uuid())
-            .fetch_all(pool)
-            .await?;
-        let mut rows = rows.into_iter();
-        let Some(first) = rows.next() else { return Ok(None) };
-        let mut items = vec![first.item];
-        items.extend(rows.map(|line| line.item));
-        first.order.into_step_order(&items).map(Some)
+        Ok(step_orders(pool, &[order]).await?.pop().flatten())
+    }
+
+    /// Several steps' orders in one statement (each with its customer and payment, once per
+    /// line), answered in the order asked; `None` for an order that does not exist.
+    pub async fn step_orders<DB>(pool: &sqlx::Pool<DB>, orders: &[OrderId]) -> StoreResult<Vec<Option<StepOrder>>>
+    where
+        DB: sqlx::Database,
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        StepOrderLine: for<'r> sqlx::FromRow<'r, DB::Row>,
+    {
+        let sql = if orders.len() == 1 {
+            format!("{STEP_ORDER_SQL} WHERE o.id = $1 ORDER BY i.line_no")
+        } else {
+            let ids = (1..=orders.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("{STEP_ORDER_SQL} WHERE o.id IN ({ids}) ORDER BY o.id, i.line_no")
+        };
+        let mut query = sqlx::query_as::<DB, StepOrderLine>(&sql);
+        for order in orders {
+            query = query.bind(order.as_uuid());
+        }
+        let mut found: std::collections::HashMap<Uuid, (StepOrderRow, Vec<OrderItemRow>)> =
+            std::collections::HashMap::with_capacity(orders.len());
+        for line in query.fetch_all(pool).await? {
+            match found.entry(line.order.order.id) {
+                std::collections::hash_map::Entry::Occupied(mut entry) => entry.get_mut().1.push(line.item),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    entry.insert((line.order, vec![line.item]));
+                }
+            }
+        }
+        let found: std::collections::HashMap<Uuid, StepOrder> = found
+            .into_iter()
+            .map(|(id, (row, items))| row.into_step_order(&items).map(|order| (id, order)))
+            .collect::<StoreResult<_>>()?;
+        // An order may be asked for twice (two steps of one order starting together).
+        Ok(orders
+            .iter()
+            .map(|order| found.get(&order.as_uuid()).cloned())
+            .collect())
     }
 
     const STEP_ORDER_SQL: &str = "SELECT o.id, o.customer_id, o.status, o.currency, o.total_minor, o.payment_token, \
@@ -283,7 +318,7 @@ pub mod reads {
          p.detail AS pay_detail, p.client_secret AS pay_client_secret, p.updated_at AS pay_updated_at, \
          i.order_id, i.product_id, i.quantity, i.unit_price_minor \
          FROM orders o JOIN order_items i ON i.order_id = o.id LEFT JOIN customers c ON c.id = o.customer_id \
-         LEFT JOIN payments p ON p.order_id = o.id WHERE o.id = $1 ORDER BY i.line_no";
+         LEFT JOIN payments p ON p.order_id = o.id";
 
     /// A row of [`STEP_ORDER_SQL`]: the order, its customer and payment, and one of its lines.
     #[derive(sqlx::FromRow)]

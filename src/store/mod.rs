@@ -27,6 +27,7 @@ mod rows;
 pub mod sandbox;
 pub mod signal;
 mod sqlite;
+mod step_reads;
 mod writes;
 
 use std::path::Path;

@@ -271,7 +271,7 @@ impl JobStore for PgStore {
     }
 
     async fn step_order(&self, order: OrderId) -> StoreResult<Option<StepOrder>> {
-        jobs_common::reads::step_order(&self.pool, order).await
+        self.step_reads.read(order).await
     }
 
     async fn payments_after(&self, after: Option<OrderId>, limit: u32) -> StoreResult<Vec<(OrderId, PaymentRecord)>> {

@@ -40,6 +40,7 @@ use super::reads;
 use super::retry;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::signal::{self, JobSignal};
+use super::step_reads::StepReads;
 use super::{
     AdjustOutcome, Backend, ConnectOptions, DatabaseProfile, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder,
     PlaceOrderOutcome, ProductQuery, Store, StoreError, StoreResult,
@@ -74,6 +75,8 @@ pub struct PgStore {
     after_sale: AfterSaleSql<Postgres>,
     /// The read replica for listings, reports and the audit (`--read-database-url`), if any.
     replica: Option<Arc<replica::Replica>>,
+    /// Steps' order reads, coalesced when many wait ([`StepReads`]).
+    step_reads: StepReads,
 }
 
 /// The channel every enqueue notifies, in the enqueuing transaction (delivered on commit).
@@ -306,10 +309,12 @@ impl PgStore {
             let (mut max_batch, committers) = options.group_commit.resolve(false, options.max_connections);
             if !profile.has_postgres_extras() && max_batch > 1 {
                 // A group shares one transaction through savepoints, which this profile lacks.
-                tracing::warn!(
-                    max_batch,
-                    "--commit-batch is 1 in the dsql profile (group commit needs SAVEPOINT)"
-                );
+                if options.group_commit.max_batch.is_some_and(|asked| asked > 1) {
+                    tracing::warn!(
+                        max_batch,
+                        "--commit-batch is 1 in the dsql profile (group commit needs SAVEPOINT)"
+                    );
+                }
                 max_batch = 1;
             }
             GroupCommit::start(
@@ -337,6 +342,7 @@ impl PgStore {
         };
         Ok(Self {
             after_sale: AfterSaleSql { read: pool.clone() },
+            step_reads: StepReads::start(pool.clone()),
             committer,
             checkouts,
             pool,
