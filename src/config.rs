@@ -15,7 +15,7 @@ use crate::domain::Currency;
 use crate::http::Secret;
 use crate::http::auth::parse_ttl;
 use crate::http::edge::{CorsSettings, EdgeSettings, Rate, RateLimits};
-use crate::store::{ConnectOptions, DatabaseProfile, SqliteDurability};
+use crate::store::{ConnectOptions, DatabasePooler, DatabaseProfile, SqliteDurability};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -168,6 +168,20 @@ pub struct GlobalArgs {
         global = true
     )]
     pub database_profile: DatabaseProfile,
+    /// What stands between orderflow and PostgreSQL: `none` (the server itself, or a pooler in
+    /// session mode) or `transaction` (a pooler that lends a server connection per transaction,
+    /// such as PgBouncer's `pool_mode = transaction`: then no statement cache, every statement in
+    /// an explicit transaction, job wake-ups polled instead of LISTEN/NOTIFY, migrations under a
+    /// transaction-scoped lock; docs/scale-out.md "PgBouncer and transaction poolers"). The read
+    /// replica's URL is taken to go through the same kind of pooler. Refused with a SQLite URL.
+    #[arg(
+        long,
+        env = "ORDERFLOW_DATABASE_POOLER",
+        value_enum,
+        default_value = "none",
+        global = true
+    )]
+    pub database_pooler: DatabasePooler,
     /// Directory for the embedded database and the generated token secret.
     #[arg(long, env = "ORDERFLOW_DATA_DIR", default_value = "orderflow-data", global = true)]
     pub data_dir: PathBuf,
@@ -819,6 +833,7 @@ impl GlobalArgs {
         }
         Ok(ConnectOptions {
             profile: self.database_profile,
+            pooler: self.database_pooler,
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
             sqlite_durability: self.sqlite_durability,
@@ -1043,6 +1058,37 @@ mod tests {
                 .global
                 .database_profile,
             DatabaseProfile::Postgres
+        );
+    }
+
+    #[test]
+    fn the_transaction_pooler_setting_needs_a_postgres_url() {
+        let cli = Cli::try_parse_from(["orderflow", "--database-pooler", "transaction", "migrate"]).unwrap();
+        assert_eq!(cli.global.database_pooler, DatabasePooler::Transaction);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let refused = runtime
+            .block_on(crate::store::connect(
+                "sqlite:///tmp/never-created-pooler.db",
+                &cli.global.connect_options().unwrap(),
+            ))
+            .err()
+            .expect("refused");
+        let message = refused.to_string();
+        assert!(
+            message.contains("--database-pooler transaction needs a postgres:// database URL"),
+            "{message}"
+        );
+        assert!(!std::path::Path::new("/tmp/never-created-pooler.db").exists());
+        let error = Cli::try_parse_from(["orderflow", "--database-pooler", "session", "migrate"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--database-pooler"), "{error}");
+        assert_eq!(
+            Cli::try_parse_from(["orderflow", "migrate"])
+                .unwrap()
+                .global
+                .database_pooler,
+            DatabasePooler::None
         );
     }
 

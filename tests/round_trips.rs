@@ -172,6 +172,53 @@ async fn a_checkout_takes_two_round_trips() {
     assert!(store.audit().await.unwrap().is_clean());
 }
 
+/// Behind a transaction pooler (`--database-pooler transaction`) every statement is prepared
+/// anew and runs in a transaction of its own: the claim is BEGIN, prepare, execute, COMMIT; the
+/// write the same. Counted here with the proxy in place of the pooler (docs/scale-out.md
+/// "PgBouncer and transaction poolers").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_a_transaction_pooler_a_checkout_takes_eight_round_trips() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = LatencyProxy::start(server_addr(&db), Duration::ZERO).await;
+    let options = store::ConnectOptions {
+        pooler: store::DatabasePooler::Transaction,
+        ..common::connect_options()
+    };
+    let store = store::connect(&proxy.url(db.url()), &options)
+        .await
+        .expect("connect to the test database through the proxy");
+    let (lamp, buyer) = (product(&*store, 250, 1000).await, customer(&*store).await);
+    for _ in 0..5 {
+        let outcome = store.place_order(&request(buyer, lamp, 1)).await.unwrap();
+        assert!(matches!(outcome, PlaceOrderOutcome::Created(_)), "{outcome:?}");
+    }
+    const CHECKOUTS: usize = 20;
+    let before = proxy.count();
+    for _ in 0..CHECKOUTS {
+        let outcome = store.place_order(&request(buyer, lamp, 2)).await.unwrap();
+        assert!(matches!(outcome, PlaceOrderOutcome::Created(_)), "{outcome:?}");
+    }
+    let trips: Vec<String> = proxy.round_trips()[before..]
+        .iter()
+        .filter(|trip| trip.as_str() != PING)
+        .map(|trip| trip.chars().take(60).collect())
+        .collect();
+    assert!(
+        !trips
+            .iter()
+            .any(|trip| trip.contains("pg_notify") || trip.contains("LISTEN")),
+        "{trips:#?}"
+    );
+    assert_eq!(
+        trips.len(),
+        8 * CHECKOUTS,
+        "{} checkouts took {} round trips (8 each expected): {trips:#?}",
+        CHECKOUTS,
+        trips.len()
+    );
+    assert!(store.audit().await.unwrap().is_clean());
+}
+
 /// A proxy that, the first time the checkout's write statement is about to be forwarded, runs
 /// `change` (on a store connected directly) and only then lets the write through.
 async fn proxy_changing_before_the_write(

@@ -163,6 +163,7 @@ fn server_settings(args: &Args) -> GlobalArgs {
         read_database_url: None,
         read_replica_max_lag: Duration::from_secs(5),
         database_profile: Default::default(),
+        database_pooler: Default::default(),
         data_dir: args.data_dir.clone(),
         jwt_secret: args.jwt_secret.clone(),
         db_max_connections: 2,

@@ -27,7 +27,7 @@ pub trait AfterSaleReads: Send + Sync {
 
 /// [`AfterSaleReads`] over one database's read pool.
 pub struct AfterSaleSql<DB: sqlx::Database> {
-    pub(super) read: sqlx::Pool<DB>,
+    pub(super) read: crate::store::DbPool<DB>,
 }
 
 type ShipmentRow = (Uuid, String, String, Option<String>, DateTime<Utc>);
@@ -50,7 +50,7 @@ fn items_of(owner: Uuid, rows: &[ItemRow]) -> StoreResult<Vec<ItemQuantity>> {
 impl<DB> AfterSaleReads for AfterSaleSql<DB>
 where
     DB: sqlx::Database,
-    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c crate::store::DbPool<DB>: sqlx::Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
     for<'q> String: sqlx::Decode<'q, DB> + sqlx::Type<DB>,

@@ -325,7 +325,7 @@ impl fmt::Display for AuditReport {
 /// Runs every check on `pool`, two at a time when the pool allows (each lane on a connection of
 /// its own for the whole audit), so one lane's single-threaded index scan overlaps the other's;
 /// the report lists the checks in [`CHECKS`] order.
-pub(super) async fn run<DB>(pool: &sqlx::Pool<DB>) -> StoreResult<AuditReport>
+pub(super) async fn run<DB>(pool: &crate::store::DbPool<DB>) -> StoreResult<AuditReport>
 where
     DB: sqlx::Database,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -334,15 +334,25 @@ where
 {
     // Each lane takes the next check not yet taken, so a slow check does not hold up the others.
     let next = std::sync::atomic::AtomicUsize::new(0);
+    // Behind a transaction pooler a held connection would not keep its server between checks:
+    // each check is run on the pool, in a transaction of its own.
     let lane = || async {
-        let mut conn = pool.acquire().await?;
+        let mut conn = if pool.behind_transaction_pooler() {
+            None
+        } else {
+            Some(pool.acquire().await?)
+        };
         let mut found = Vec::new();
         loop {
             let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(check) = CHECKS.get(index) else {
                 return StoreResult::Ok(found);
             };
-            let rows: Vec<CheckRow> = sqlx::query_as::<DB, CheckRow>(check.sql).fetch_all(&mut *conn).await?;
+            let check_rows = sqlx::query_as::<DB, CheckRow>(check.sql);
+            let rows: Vec<CheckRow> = match conn.as_mut() {
+                Some(conn) => check_rows.fetch_all(&mut **conn).await?,
+                None => check_rows.fetch_all(pool).await?,
+            };
             found.push((index, rows));
         }
     };

@@ -539,8 +539,8 @@ pub(super) fn render<'a>(
 /// The event store over one database: `write` takes every write (SQLite's single writer), `read`
 /// serves reads (SQLite's read-only pool; the same pool on PostgreSQL).
 pub struct EventsSql<DB: sqlx::Database> {
-    pub(super) write: sqlx::Pool<DB>,
-    pub(super) read: sqlx::Pool<DB>,
+    pub(super) write: crate::store::DbPool<DB>,
+    pub(super) read: crate::store::DbPool<DB>,
     /// `BEGIN IMMEDIATE` (SQLite: take the write lock at once) or `BEGIN`.
     pub(super) begin: &'static str,
     /// `FOR UPDATE` where row locks exist; empty on SQLite (the writer lock covers it).
@@ -597,7 +597,7 @@ macro_rules! events_sql_bounds {
         where
             DB: sqlx::Database,
             for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-            for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+            for<'c> &'c crate::store::DbPool<DB>: sqlx::Executor<'c, Database = DB>,
             for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
             for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
             for<'q> Option<Uuid>: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,

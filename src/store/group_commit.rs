@@ -85,7 +85,7 @@ impl GroupCommit {
     /// that opens a write transaction; `lock_order_row`: the dialect's row lock). `enqueued` is
     /// called after a commit that enqueued jobs, with their kinds (to wake those workers).
     pub(super) fn start<DB>(
-        pool: sqlx::Pool<DB>,
+        pool: crate::store::DbPool<DB>,
         begin: &'static str,
         lock_order_row: &'static str,
         (max_batch, committers): (usize, usize),
@@ -203,7 +203,7 @@ impl GroupWriter for Completions {
 
 /// What a committer writes with.
 pub(super) struct Batch<DB: sqlx::Database> {
-    pool: sqlx::Pool<DB>,
+    pool: crate::store::DbPool<DB>,
     begin: &'static str,
     lock_order_row: &'static str,
 }

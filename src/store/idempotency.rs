@@ -26,7 +26,7 @@ pub const MAX_BATCH: u32 = 1000;
 /// deletes the records and clears the keys on their orders, atomically. Returns how many were
 /// forgotten (0: none is that old).
 pub(super) async fn forget_keys<DB>(
-    pool: &sqlx::Pool<DB>,
+    pool: &crate::store::DbPool<DB>,
     begin: &'static str,
     before: DateTime<Utc>,
     batch: u32,

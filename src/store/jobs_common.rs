@@ -109,7 +109,7 @@ pub mod leases {
 
     /// [`JobStore::extend_lease`](crate::store::jobs::JobStore::extend_lease).
     pub async fn extend<DB>(
-        pool: &sqlx::Pool<DB>,
+        pool: &crate::store::DbPool<DB>,
         begin: &str,
         lease: &JobLease,
         until: DateTime<Utc>,
@@ -139,7 +139,7 @@ pub mod leases {
     /// [`JobStore::fail_job`](crate::store::jobs::JobStore::fail_job): the failure appended to the
     /// job's history, then retried at `retry_at` or dead.
     pub async fn fail<DB>(
-        pool: &sqlx::Pool<DB>,
+        pool: &crate::store::DbPool<DB>,
         (begin, lock_row): (&str, &str),
         lease: &JobLease,
         error: &str,
@@ -187,7 +187,7 @@ pub mod leases {
 
     /// [`JobStore::postpone_job`](crate::store::jobs::JobStore::postpone_job).
     pub async fn postpone<DB>(
-        pool: &sqlx::Pool<DB>,
+        pool: &crate::store::DbPool<DB>,
         lease: &JobLease,
         error: &str,
         run_at: DateTime<Utc>,
@@ -226,7 +226,7 @@ pub mod reads {
     };
     use crate::store::rows::{OrderItemRow, OrderRow};
 
-    pub async fn has_pending_work<DB>(pool: &sqlx::Pool<DB>) -> StoreResult<bool>
+    pub async fn has_pending_work<DB>(pool: &crate::store::DbPool<DB>) -> StoreResult<bool>
     where
         DB: sqlx::Database,
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -240,7 +240,7 @@ pub mod reads {
         Ok(pending)
     }
 
-    pub async fn payment<DB>(pool: &sqlx::Pool<DB>, order: OrderId) -> StoreResult<Option<PaymentRecord>>
+    pub async fn payment<DB>(pool: &crate::store::DbPool<DB>, order: OrderId) -> StoreResult<Option<PaymentRecord>>
     where
         DB: sqlx::Database,
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -255,7 +255,7 @@ pub mod reads {
     }
 
     /// [`JobStore::step_order`](crate::store::jobs::JobStore::step_order), for both backends.
-    pub async fn step_order<DB>(pool: &sqlx::Pool<DB>, order: OrderId) -> StoreResult<Option<StepOrder>>
+    pub async fn step_order<DB>(pool: &crate::store::DbPool<DB>, order: OrderId) -> StoreResult<Option<StepOrder>>
     where
         DB: sqlx::Database,
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -375,7 +375,10 @@ pub mod reads {
         }
     }
 
-    pub async fn notifications<DB>(pool: &sqlx::Pool<DB>, order: OrderId) -> StoreResult<Vec<NotificationRecord>>
+    pub async fn notifications<DB>(
+        pool: &crate::store::DbPool<DB>,
+        order: OrderId,
+    ) -> StoreResult<Vec<NotificationRecord>>
     where
         DB: sqlx::Database,
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -390,7 +393,7 @@ pub mod reads {
     }
 
     pub async fn expired_orders<DB>(
-        pool: &sqlx::Pool<DB>,
+        pool: &crate::store::DbPool<DB>,
         before: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<OrderId>>

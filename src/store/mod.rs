@@ -19,6 +19,7 @@ pub mod jobs;
 mod jobs_common;
 pub mod ops;
 mod outage;
+mod pool;
 mod postgres;
 mod reads;
 pub mod reports;
@@ -46,6 +47,7 @@ use crate::domain::{
 pub use audit::{AuditReport, Violation};
 pub use checkout_batch::CheckoutBatchSettings;
 pub use outage::WriteRefusal;
+pub(crate) use pool::DbPool;
 pub use postgres::PgStore;
 pub use reports::SalesPeriod;
 pub use sqlite::{SqliteDurability, SqliteStore};
@@ -410,11 +412,42 @@ impl DatabaseProfile {
     }
 }
 
+/// What stands between orderflow and PostgreSQL (`--database-pooler`).
+///
+/// `Transaction` is a pooler that lends a server connection for one transaction at a time
+/// (PgBouncer's `pool_mode = transaction`): no statement may rely on the server connection
+/// outliving its transaction (docs/scale-out.md "PgBouncer and transaction poolers"). Then the
+/// statement cache is off and every statement runs inside an explicit transaction
+/// ([`pool`]), job wake-ups are polled instead of LISTEN/NOTIFY, and migrations serialize on a
+/// transaction-scoped advisory lock instead of a session one. Session mode, or a pooler that
+/// keeps prepared statements per client, needs nothing: `None`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabasePooler {
+    /// Connected straight to the database, or through a session pooler.
+    #[default]
+    None,
+    /// Through a transaction pooler (PgBouncer `pool_mode = transaction`).
+    Transaction,
+}
+
+impl DatabasePooler {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatabasePooler::None => "none",
+            DatabasePooler::Transaction => "transaction",
+        }
+    }
+}
+
 /// Connection settings shared by both backends.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
     /// The engine family behind a PostgreSQL URL; only `postgres` is valid for SQLite.
     pub profile: DatabaseProfile,
+    /// A pooler in front of PostgreSQL whose limits to respect; only `none` for SQLite.
+    pub pooler: DatabasePooler,
     /// Largest number of connections this process holds (PostgreSQL) or readers (SQLite).
     pub max_connections: u32,
     /// How long a request waits for a free connection before getting 503.
@@ -432,6 +465,7 @@ impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
             profile: DatabaseProfile::Postgres,
+            pooler: DatabasePooler::None,
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
             sqlite_durability: SqliteDurability::Full,
@@ -457,6 +491,12 @@ pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Arc<
             options.profile == DatabaseProfile::Postgres,
             "--database-profile {} needs a postgres:// database URL, not `{}` (SQLite has one profile)",
             options.profile.name(),
+            redact_url(url)
+        );
+        anyhow::ensure!(
+            options.pooler == DatabasePooler::None,
+            "--database-pooler {} needs a postgres:// database URL, not `{}` (SQLite is embedded)",
+            options.pooler.name(),
             redact_url(url)
         );
         Ok(Arc::new(SqliteStore::open(Path::new(path), options).await?))

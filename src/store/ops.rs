@@ -97,7 +97,7 @@ pub(super) mod reads {
     use super::*;
 
     pub async fn stuck_orders<DB>(
-        pool: &sqlx::Pool<DB>,
+        pool: &crate::store::DbPool<DB>,
         unpaid_before: DateTime<Utc>,
         unfulfilled_before: DateTime<Utc>,
     ) -> StoreResult<StuckOrders>
@@ -119,7 +119,10 @@ pub(super) mod reads {
         })
     }
 
-    pub async fn step_outcomes<DB>(pool: &sqlx::Pool<DB>, since: DateTime<Utc>) -> StoreResult<Vec<StepOutcomes>>
+    pub async fn step_outcomes<DB>(
+        pool: &crate::store::DbPool<DB>,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<StepOutcomes>>
     where
         DB: sqlx::Database,
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -138,7 +141,7 @@ pub(super) mod reads {
             .collect())
     }
 
-    pub async fn alarm_states<DB>(pool: &sqlx::Pool<DB>) -> StoreResult<Vec<AlarmRecord>>
+    pub async fn alarm_states<DB>(pool: &crate::store::DbPool<DB>) -> StoreResult<Vec<AlarmRecord>>
     where
         DB: sqlx::Database,
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,

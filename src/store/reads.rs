@@ -9,7 +9,7 @@ use super::rows::{
 use super::{OrderDetails, OrderQuery, StoreResult};
 use crate::domain::{Customer, CustomerId, OrderEvent, OrderId, Product, ProductId};
 
-pub(super) async fn get_product<DB>(pool: &sqlx::Pool<DB>, id: ProductId) -> StoreResult<Option<Product>>
+pub(super) async fn get_product<DB>(pool: &crate::store::DbPool<DB>, id: ProductId) -> StoreResult<Option<Product>>
 where
     DB: sqlx::Database,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -24,7 +24,7 @@ where
     row.map(Product::try_from).transpose()
 }
 
-pub(super) async fn get_customer<DB>(pool: &sqlx::Pool<DB>, id: CustomerId) -> StoreResult<Option<Customer>>
+pub(super) async fn get_customer<DB>(pool: &crate::store::DbPool<DB>, id: CustomerId) -> StoreResult<Option<Customer>>
 where
     DB: sqlx::Database,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -40,7 +40,7 @@ where
 }
 
 /// An order with its lines and timeline.
-pub(super) async fn get_order<DB>(pool: &sqlx::Pool<DB>, id: OrderId) -> StoreResult<Option<OrderDetails>>
+pub(super) async fn get_order<DB>(pool: &crate::store::DbPool<DB>, id: OrderId) -> StoreResult<Option<OrderDetails>>
 where
     DB: sqlx::Database,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,

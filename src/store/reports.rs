@@ -44,7 +44,7 @@ pub struct SalesPeriod {
 
 /// Every period of `range`, oldest first (zeros where nothing sold).
 pub(super) async fn sales<DB>(
-    pool: &sqlx::Pool<DB>,
+    pool: &crate::store::DbPool<DB>,
     period: PeriodSql,
     range: &SalesRange,
     currency: Currency,

@@ -319,6 +319,7 @@ pub fn fast_queue_settings() -> orderflow::queue::QueueSettings {
 pub fn connect_options() -> ConnectOptions {
     ConnectOptions {
         profile: Default::default(),
+        pooler: Default::default(),
         max_connections: 10,
         acquire_timeout: Duration::from_secs(30),
         // Tests that need power-loss durability say so; kill -9 is survived by both settings.

@@ -26,6 +26,7 @@ use uuid::Uuid;
 mod dsql_migrate;
 mod jobs;
 mod ops;
+mod pooled_migrate;
 mod replica;
 
 use super::after_sale::{AfterSaleReads, AfterSaleSql};
@@ -36,14 +37,15 @@ use super::common::{is_foreign_key_violation, placed_data, replay_or_refuse, sto
 use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::idempotency;
+use super::pool::DbPool;
 use super::reads;
 use super::retry;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::signal::{self, JobSignal};
 use super::step_reads::StepReads;
 use super::{
-    AdjustOutcome, Backend, ConnectOptions, DatabaseProfile, JobSummary, OrderDetails, OrderQuery, Page, PlaceOrder,
-    PlaceOrderOutcome, ProductQuery, Store, StoreError, StoreResult,
+    AdjustOutcome, Backend, ConnectOptions, DatabasePooler, DatabaseProfile, JobSummary, OrderDetails, OrderQuery,
+    Page, PlaceOrder, PlaceOrderOutcome, ProductQuery, Store, StoreError, StoreResult,
 };
 use crate::domain::events::order_subject;
 use crate::domain::order::StockLevel;
@@ -64,7 +66,7 @@ const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 pub struct PgStore {
-    pool: PgPool,
+    pool: DbPool<Postgres>,
     profile: DatabaseProfile,
     /// Wakes job workers of the kinds our commits enqueued, here and in other processes.
     wakeups: Wakeups,
@@ -239,8 +241,18 @@ enum Claim {
 
 impl PgStore {
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Self> {
-        let connect: PgConnectOptions = url.parse().context("parsing the PostgreSQL URL")?;
         let profile = options.profile;
+        let behind_pooler = options.pooler == DatabasePooler::Transaction;
+        anyhow::ensure!(
+            !behind_pooler || profile == DatabaseProfile::Postgres,
+            "--database-pooler transaction is for PostgreSQL (--database-profile postgres), not --database-profile {}",
+            profile.name()
+        );
+        let mut connect: PgConnectOptions = url.parse().context("parsing the PostgreSQL URL")?;
+        if behind_pooler {
+            // A cached statement outlives its transaction, and so its server connection.
+            connect = connect.statement_cache_capacity(0);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -260,10 +272,22 @@ impl PgStore {
             .connect_with(connect.clone().application_name("orderflow"))
             .await
             .with_context(|| format!("connecting to PostgreSQL at {}", super::redact_url(url)))?;
+        let pool = DbPool::postgres(pool, behind_pooler);
         let wakeups = match profile {
+            // LISTEN needs its session for good, which a transaction pooler hands to other
+            // clients between transactions: workers poll, as in the dsql profile.
+            DatabaseProfile::Postgres if behind_pooler => {
+                pooled_migrate::run(&pool)
+                    .await
+                    .context("applying PostgreSQL migrations (behind a transaction pooler)")?;
+                Wakeups {
+                    local: JobSignal::polled(),
+                    others: None,
+                }
+            }
             DatabaseProfile::Postgres => {
                 sqlx::migrate!("migrations/postgres")
-                    .run(&pool)
+                    .run(pool.sqlx())
                     .await
                     .context("applying PostgreSQL migrations")?;
                 // LISTEN holds its connection for good: it gets one of its own, so it never takes
@@ -278,11 +302,11 @@ impl PgStore {
                 spawn_job_listener(listener_pool, Arc::downgrade(&local));
                 Wakeups {
                     local,
-                    others: Some(spawn_job_waker(pool.clone())),
+                    others: Some(spawn_job_waker(pool.sqlx().clone())),
                 }
             }
             DatabaseProfile::Dsql => {
-                dsql_migrate::run(&pool)
+                dsql_migrate::run(pool.sqlx())
                     .await
                     .context("applying the distributed-SQL migrations (migrations/dsql)")?;
                 Wakeups {
@@ -293,14 +317,21 @@ impl PgStore {
         };
         let replica = match &options.read_replica {
             Some(settings) => {
-                let connect: PgConnectOptions = settings.url.parse().context("parsing the read replica's URL")?;
+                let mut connect: PgConnectOptions = settings.url.parse().context("parsing the read replica's URL")?;
+                if behind_pooler {
+                    connect = connect.statement_cache_capacity(0);
+                }
                 // Short waits: a replica that does not answer is bypassed, not waited for.
                 let replica_pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
                     .acquire_timeout(options.acquire_timeout.min(Duration::from_secs(1)))
                     .max_lifetime(CONNECTION_LIFETIME)
                     .connect_lazy_with(connect.application_name("orderflow-replica"));
-                Some(replica::Replica::start(replica_pool, pool.clone(), settings.max_lag))
+                Some(replica::Replica::start(
+                    DbPool::postgres(replica_pool, behind_pooler),
+                    pool.clone(),
+                    settings.max_lag,
+                ))
             }
             None => None,
         };
@@ -357,7 +388,7 @@ impl PgStore {
     /// [`replica`]), else on the primary.
     async fn replica_read<T, F, Fut>(&self, read: F) -> StoreResult<T>
     where
-        F: Fn(PgPool) -> Fut,
+        F: Fn(DbPool<Postgres>) -> Fut,
         Fut: std::future::Future<Output = StoreResult<T>>,
     {
         match &self.replica {
@@ -367,7 +398,7 @@ impl PgStore {
     }
 
     /// The replica's pool, for the pool gauges.
-    fn replica_pool(&self) -> Option<&PgPool> {
+    fn replica_pool(&self) -> Option<&DbPool<Postgres>> {
         self.replica.as_ref().map(|replica| replica.pool())
     }
 
@@ -442,10 +473,6 @@ impl PgStore {
         .await
         .map_err(unique_is_conflict("email"))?;
         row.ok_or(StoreError::Conflict("customer_id"))?.try_into()
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
     }
 
     /// Phase 1 of placing an order, round trip 1 of 2: record that a request with this key is
@@ -610,7 +637,7 @@ impl PgStore {
     }
 }
 
-async fn release_key(pool: &PgPool, principal: &str, key: &str, lock_token: Uuid) -> StoreResult<()> {
+async fn release_key(pool: &DbPool<Postgres>, principal: &str, key: &str, lock_token: Uuid) -> StoreResult<()> {
     sqlx::query(
         "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND lock_token = $3 \
          AND state = 'in_flight'",
@@ -642,7 +669,7 @@ async fn release_key(pool: &PgPool, principal: &str, key: &str, lock_token: Uuid
 /// checkout is refused writes nothing at all: its answers come from the stock read with the
 /// claims. A group of one is a single checkout.
 struct PgCheckouts {
-    pool: PgPool,
+    pool: DbPool<Postgres>,
     wakeups: Wakeups,
 }
 
@@ -690,8 +717,15 @@ impl PgCheckouts {
             return Ok(outcomes(allocated));
         }
         // Autocommit: the statement is its own transaction, so a connection lost while it runs
-        // leaves its outcome unknown, as during a COMMIT.
-        match self.write_orders(connection, group, &levels, &allocated).await {
+        // leaves its outcome unknown, as during a COMMIT. Behind a transaction pooler it is
+        // given an explicit one (its two exchanges must reach the same server).
+        let written = if self.pool.behind_transaction_pooler() {
+            self.write_orders_in_transaction(connection, group, &levels, &allocated)
+                .await
+        } else {
+            self.write_orders(connection, group, &levels, &allocated).await
+        };
+        match written {
             Ok(Written::Orders) => {
                 self.enqueued(group);
                 return Ok(outcomes(allocated));
@@ -701,7 +735,7 @@ impl PgCheckouts {
             Err(GroupFailure::ConnectionLost(error)) => return Err(GroupFailure::at_commit(error)),
             Err(failure) => return Err(failure),
         }
-        let mut tx = sqlx::Acquire::begin(&mut **connection).await?;
+        let mut tx = self.pool.begin_on(connection).await?;
         let product_ids = checkout_batch::products_of(group.iter().map(|c| &c.request));
         let levels = sqlx::query_as::<_, (Uuid, i64, i64)>(
             "SELECT id, price_minor, on_hand - reserved FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
@@ -732,6 +766,28 @@ impl PgCheckouts {
             self.enqueued(group);
         }
         Ok(outcomes(allocated))
+    }
+
+    /// [`Self::write_orders`] in a transaction of its own, committed when it wrote the orders.
+    async fn write_orders_in_transaction(
+        &self,
+        connection: &mut sqlx::pool::PoolConnection<Postgres>,
+        group: &[Checkout],
+        levels: &[StockLevel],
+        allocated: &[Result<Order, CartRejection>],
+    ) -> Result<Written, GroupFailure> {
+        let mut tx = self.pool.begin_on(connection).await?;
+        let written = self.write_orders(&mut tx, group, levels, allocated).await?;
+        if matches!(written, Written::Orders) {
+            tx.commit().await.map_err(|error| {
+                if is_retryable(&error) {
+                    GroupFailure::Retry(error)
+                } else {
+                    GroupFailure::at_commit(error)
+                }
+            })?;
+        }
+        Ok(written)
     }
 
     fn enqueued(&self, group: &[Checkout]) {
@@ -1191,7 +1247,7 @@ impl Store for PgStore {
 
 /// An order listing's page: the orders, then all their lines, on one pool (the replica's or
 /// the primary's).
-async fn list_orders_on(pool: PgPool, query: &OrderQuery) -> StoreResult<Page<Order>> {
+async fn list_orders_on(pool: DbPool<Postgres>, query: &OrderQuery) -> StoreResult<Page<Order>> {
     let rows: Vec<OrderRow> = reads::list_orders_query::<Postgres>(query)
         .build_query_as()
         .fetch_all(&pool)

@@ -22,8 +22,8 @@ impl OpsStore for PgStore {
     }
 
     fn pool_stats(&self) -> Vec<PoolStats> {
-        let mut pools = vec![ops::pool_stats("main", &self.pool)];
-        pools.extend(self.replica_pool().map(|pool| ops::pool_stats("replica", pool)));
+        let mut pools = vec![ops::pool_stats("main", self.pool.sqlx())];
+        pools.extend(self.replica_pool().map(|pool| ops::pool_stats("replica", pool.sqlx())));
         pools
     }
 

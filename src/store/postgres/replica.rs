@@ -19,15 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::Postgres;
 
-use crate::store::{ReplicaState, ReplicaStatus, StoreResult};
+use crate::store::{DbPool, ReplicaState, ReplicaStatus, StoreResult};
 
 /// How often the replica's reachability and lag are checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Replica {
-    pool: PgPool,
+    pool: DbPool<Postgres>,
     max_lag: Duration,
     health: Mutex<Health>,
     served_by_replica: AtomicU64,
@@ -46,7 +46,7 @@ struct Health {
 impl Replica {
     /// The replica's pool (connected lazily: a standby that is down at start-up only means the
     /// primary serves everything until it answers) and its checker, which stops with the store.
-    pub(super) fn start(pool: PgPool, primary: PgPool, max_lag: Duration) -> Arc<Self> {
+    pub(super) fn start(pool: DbPool<Postgres>, primary: DbPool<Postgres>, max_lag: Duration) -> Arc<Self> {
         let replica = Arc::new(Replica {
             pool,
             max_lag,
@@ -68,9 +68,9 @@ impl Replica {
     }
 
     /// Runs `read` on the replica when it is in use, else (or when it fails there) on `primary`.
-    pub(super) async fn read<T, F, Fut>(&self, primary: &PgPool, read: F) -> StoreResult<T>
+    pub(super) async fn read<T, F, Fut>(&self, primary: &DbPool<Postgres>, read: F) -> StoreResult<T>
     where
-        F: Fn(PgPool) -> Fut,
+        F: Fn(DbPool<Postgres>) -> Fut,
         Fut: Future<Output = StoreResult<T>>,
     {
         if self.in_use() {
@@ -103,12 +103,12 @@ impl Replica {
         }
     }
 
-    pub(super) fn pool(&self) -> &PgPool {
+    pub(super) fn pool(&self) -> &DbPool<Postgres> {
         &self.pool
     }
 
     /// One check: the primary's position, then what the standby replayed.
-    async fn check(&self, primary: &PgPool) {
+    async fn check(&self, primary: &DbPool<Postgres>) {
         let now = Instant::now();
         let primary_lsn: Result<(String,), sqlx::Error> = sqlx::query_as("SELECT pg_current_wal_lsn()::text")
             .fetch_one(primary)
@@ -171,7 +171,7 @@ impl Replica {
     }
 }
 
-async fn check_periodically(replica: Weak<Replica>, primary: PgPool) {
+async fn check_periodically(replica: Weak<Replica>, primary: DbPool<Postgres>) {
     let mut every = tokio::time::interval(CHECK_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

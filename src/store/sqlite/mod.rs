@@ -20,7 +20,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 mod jobs;
@@ -34,6 +34,7 @@ use super::common::{is_foreign_key_violation, placed_data, replay_or_refuse, sto
 use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::idempotency;
+use super::pool::DbPool;
 use super::reads;
 use super::rows::{self, CUSTOMER_COLUMNS, CustomerRow, OrderItemRow, OrderRow, PRODUCT_COLUMNS, ProductRow};
 use super::signal::JobSignal;
@@ -59,9 +60,9 @@ pub enum SqliteDurability {
 
 pub struct SqliteStore {
     /// The single writer connection (see module docs).
-    writer: SqlitePool,
+    writer: DbPool<Sqlite>,
     /// Read-only connections for queries.
-    reader: SqlitePool,
+    reader: DbPool<Sqlite>,
     in_flight: InFlight,
     /// Wakes this process's job workers after jobs are enqueued or replayed.
     jobs_ready: Arc<JobSignal>,
@@ -121,6 +122,7 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.read_only(true))
             .await?;
+        let (writer, reader) = (DbPool::from(writer), DbPool::from(reader));
         let events = EventsSql {
             write: writer.clone(),
             read: reader.clone(),
@@ -558,7 +560,7 @@ impl Drop for InFlightClaim {
 /// ones before them left, one conditional stock write per product, then each accepted order's
 /// rows; one commit (one fsync) for all.
 struct SqliteCheckouts {
-    writer: SqlitePool,
+    writer: DbPool<Sqlite>,
     enqueued: Arc<JobSignal>,
 }
 

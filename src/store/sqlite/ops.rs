@@ -23,8 +23,8 @@ impl OpsStore for SqliteStore {
 
     fn pool_stats(&self) -> Vec<PoolStats> {
         vec![
-            ops::pool_stats("writer", &self.writer),
-            ops::pool_stats("reader", &self.reader),
+            ops::pool_stats("writer", self.writer.sqlx()),
+            ops::pool_stats("reader", self.reader.sqlx()),
         ]
     }
 
