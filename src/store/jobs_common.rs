@@ -268,7 +268,10 @@ pub mod reads {
 
     /// Several steps' orders in one statement (each with its customer and payment, once per
     /// line), answered in the order asked; `None` for an order that does not exist.
-    pub async fn step_orders<DB>(pool: &sqlx::Pool<DB>, orders: &[OrderId]) -> StoreResult<Vec<Option<StepOrder>>>
+    pub async fn step_orders<DB>(
+        pool: &crate::store::DbPool<DB>,
+        orders: &[OrderId],
+    ) -> StoreResult<Vec<Option<StepOrder>>>
     where
         DB: sqlx::Database,
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,

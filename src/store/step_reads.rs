@@ -8,12 +8,12 @@
 //! PostgreSQL only: SQLite is embedded, where a statement costs no round trip and little CPU.
 
 use async_trait::async_trait;
-use sqlx::PgPool;
+use sqlx::Postgres;
 
 use super::batcher::{Batcher, GroupWriter};
 use super::jobs::StepOrder;
 use super::jobs_common::reads;
-use super::{StoreError, StoreResult};
+use super::{DbPool, StoreError, StoreResult};
 use crate::domain::OrderId;
 
 /// Most reads in one statement.
@@ -27,7 +27,7 @@ pub(super) struct StepReads {
 }
 
 impl StepReads {
-    pub(super) fn start(pool: PgPool) -> Self {
+    pub(super) fn start(pool: DbPool<Postgres>) -> Self {
         Self {
             batcher: Batcher::start(Reader { pool }, MAX_GROUP, READERS),
         }
@@ -43,7 +43,7 @@ impl StepReads {
 }
 
 struct Reader {
-    pool: PgPool,
+    pool: DbPool<Postgres>,
 }
 
 #[async_trait]
