@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio::net::TcpListener;
 
-on_both_backends!(
+on_every_backend!(
     provider_outage_fires_and_replay_resolves_each_alarm_once,
     error_rate_and_stuck_orders_are_read_from_the_database,
     refused_deliveries_are_retried_and_counted,

@@ -1,4 +1,5 @@
-//! The HTTP contract of API.md over a real socket, on SQLite and on PostgreSQL.
+//! The HTTP contract of API.md over a real socket, on every backend (SQLite, PostgreSQL, the
+//! emulated DSQL).
 
 mod common;
 
@@ -13,7 +14,7 @@ use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-on_both_backends!(
+on_every_backend!(
     catalog_admin_crud_and_stock_ledger,
     catalog_list_filters_and_paginates,
     catalog_etag_round_trip,

@@ -1,7 +1,7 @@
-//! Events out over HTTP, on SQLite and on PostgreSQL: webhook endpoint management (create, list,
-//! get, patch, delete, secret rotation, the delivery log, replays) with every validation error,
-//! and the event feed (`GET /events`): CloudEvents in position order, its filters and
-//! `last_position`, long-polling, who may read it, and 410 once events were pruned.
+//! Events out over HTTP, on every backend (SQLite, PostgreSQL, the emulated DSQL): webhook endpoint
+//! management (create, list, get, patch, delete, secret rotation, the delivery log, replays) with
+//! every validation error, and the event feed (`GET /events`): CloudEvents in position order, its
+//! filters and `last_position`, long-polling, who may read it, and 410 once events were pruned.
 //!
 //! No relay runs here: the tests stamp positions themselves with `stamp_events`, as the relay's
 //! stamping loop does, so they decide when an event becomes visible.
@@ -17,7 +17,7 @@ use reqwest::{Method, Response};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-on_both_backends!(
+on_every_backend!(
     endpoints_are_created_listed_read_updated_and_deleted,
     secrets_rotate_with_a_grace_period,
     endpoint_validation_errors_name_the_field_and_change_nothing,

@@ -1,6 +1,6 @@
-//! The relay against the real components, on SQLite and PostgreSQL: a private `nats-server -js`
-//! started by each test, and a real webhook receiver that verifies every delivery with the official
-//! Standard Webhooks library. A fulfilled order's events reach JetStream, the endpoint and the
+//! The relay against the real components, on SQLite, PostgreSQL and the emulated DSQL: a private
+//! `nats-server -js` started by each test, and a real webhook receiver that verifies every
+//! delivery with the official Standard Webhooks library. A fulfilled order's events reach JetStream, the endpoint and the
 //! feed with the same ids and sequences 1..n; a declined order's are placed + cancelled; a failing
 //! endpoint is retried with its attempts logged while other orders flow, and an order's next
 //! event waits for the failing one; 410 disables; replay re-sends exactly a position range; NATS
@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 use webhook_receiver::{Received, WebhookReceiver};
 
-on_both_backends!(
+on_every_backend!(
     a_fulfilled_order_reaches_every_channel,
     a_failing_endpoint_holds_back_only_its_order,
     replay_resends_exactly_a_position_range,
@@ -474,6 +474,7 @@ async fn replay_resends_exactly_a_position_range(backend: Backend) {
     assert_eq!(positions, [3, 4, 5]);
     assert_eq!(lines[0]["id"], events[2].id.to_string());
     let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(app.backend.server_args())
         .args([
             "--database-url",
             app.db.url(),
@@ -490,9 +491,10 @@ async fn replay_resends_exactly_a_position_range(backend: Backend) {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--from-position"));
 }
 
-/// Runs the `orderflow` binary on the app's database; returns its standard output.
+/// Runs the `orderflow` binary on the app's database, in its profile; returns its standard output.
 async fn cli(app: &TestApp, args: &[&str]) -> String {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(app.backend.server_args())
         .args(["--database-url", app.db.url()])
         .args(args)
         .output()

@@ -1,8 +1,10 @@
-//! The events outbox at the store level, written once and run on SQLite and PostgreSQL: positions
+//! The events outbox at the store level, written once and run on SQLite, PostgreSQL and the
+//! emulated DSQL (conflicts injected into every table the events store writes): positions
 //! stay gap-free and in order for a reader polling while many writers commit and several stampers
 //! (relays) race; webhook deliveries keep each order's events in sequence without holding back
 //! other orders; leases fence the relay; 410 disables an endpoint with its own event; replay and
-//! pruning work on exact ranges; the audit catches a missing event.
+//! pruning work on exact ranges; deleting an endpoint and pruning stay within DSQL's 3,000 rows
+//! per transaction; the audit catches a missing event.
 
 mod common;
 
@@ -22,11 +24,12 @@ use orderflow::store::{NewJob, PlaceOrder, PlaceOrderOutcome, Store};
 use serde_json::json;
 use uuid::Uuid;
 
-on_both_backends!(
+on_every_backend!(
     positions_are_gap_free_for_a_concurrent_reader,
     deliveries_keep_each_order_in_sequence,
     gone_disables_the_endpoint_with_an_event,
     replay_and_pruning_take_exact_ranges,
+    deleting_and_pruning_stay_within_the_row_limit,
     audit_catches_missing_and_gapped_events,
 );
 
@@ -145,7 +148,14 @@ async fn positions_are_gap_free_for_a_concurrent_reader(backend: Backend) {
         stampers.spawn(async move {
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst);
-                let stamped = store.events().stamp_events(100, orderflow::clock::now()).await.unwrap();
+                let stamped = match store.events().stamp_events(100, orderflow::clock::now()).await {
+                    Ok(stamped) => stamped,
+                    // Lost every race for the counter within the retry budget (snapshot
+                    // isolation: the emulated DSQL), to stampers that did the work meanwhile; a
+                    // relay meets it the same way and stamps again.
+                    Err(error) if error.is_contention() => continue,
+                    Err(error) => panic!("stamping failed: {error}"),
+                };
                 if finished && stamped == 0 {
                     return;
                 }
@@ -538,6 +548,90 @@ async fn replay_and_pruning_take_exact_ranges(backend: Backend) {
         (latest[0].subject.clone(), latest[0].sequence),
         (format!("orders/{}", ids[0]), 2)
     );
+}
+
+/// An endpoint with 3,500 deliveries (some with failed attempts) is deleted and 3,510 events with
+/// their other 3,510 deliveries are pruned, each in transactions of at most 3,000 changed rows:
+/// on the emulated DSQL a transaction over the limit fails (checked first), so completing is the
+/// proof. Nothing is left behind, and the other endpoint keeps its deliveries until pruning.
+async fn deleting_and_pruning_stay_within_the_row_limit(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let events = store.events();
+    let ids = orders(store.as_ref(), 10).await;
+    assert_eq!(
+        stamp_all(store.as_ref()).await,
+        10,
+        "the orders' own events, before any endpoint"
+    );
+    let (doomed, kept) = (
+        endpoint(store.as_ref(), &["*"]).await,
+        endpoint(store.as_ref(), &["*"]).await,
+    );
+    for order in &ids {
+        // 350 events in one step's transaction.
+        let effects = StepEffects {
+            order_id: Some(*order),
+            emit: (0..350).map(|_| NewEvent::new(EventType::PaymentCaptured)).collect(),
+            ..Default::default()
+        };
+        store.complete_job(None, &effects, Utc::now()).await.unwrap();
+    }
+    assert_eq!(stamp_all(store.as_ref()).await, 3_500);
+    assert_eq!(db.count("SELECT count(*) FROM webhook_deliveries").await, 7_000);
+    // Three rounds of failed attempts on each endpoint (one delivery per order at a time).
+    for hook in [doomed, kept] {
+        for _ in 0..3 {
+            let claims = events
+                .claim_deliveries(hook, 100, Duration::from_secs(60), Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(claims.len(), ids.len());
+            for claim in &claims {
+                let retry = AttemptVerdict::RetryAt(Utc::now() - chrono::Duration::seconds(1));
+                let recorded = events.record_attempt(&record(claim, hook, retry), Utc::now()).await;
+                assert_eq!(recorded.unwrap(), AttemptRecorded::Recorded);
+            }
+        }
+    }
+    assert_eq!(db.count("SELECT count(*) FROM webhook_attempts").await, 60);
+    if backend == Backend::Dsql {
+        // The emulation's limit bites: one statement over it fails.
+        let mut conn = db.pg_connection().await;
+        sqlx::query(&format!("SET orderflow_test.row_limit = '{}'", common::ROW_LIMIT))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let over = sqlx::query("UPDATE webhook_deliveries SET updated_at = updated_at WHERE endpoint_id = $1")
+            .bind(doomed)
+            .execute(&mut conn)
+            .await
+            .expect_err("3,500 changed rows are over DSQL's limit");
+        assert!(over.to_string().contains("row limit exceeded"), "{over}");
+    }
+
+    assert!(events.delete_endpoint(doomed).await.unwrap());
+    assert!(events.get_endpoint(doomed).await.unwrap().is_none());
+    assert!(!events.delete_endpoint(doomed).await.unwrap(), "gone already");
+    assert_eq!(db.count("SELECT count(*) FROM webhook_deliveries").await, 3_500);
+    assert_eq!(db.count("SELECT count(*) FROM webhook_attempts").await, 30);
+
+    let future = Utc::now() + chrono::Duration::days(1);
+    let mut pruned = 0;
+    loop {
+        let deleted = events.prune_events(future, 1000).await.unwrap();
+        if deleted == 0 {
+            break;
+        }
+        pruned += deleted;
+    }
+    assert_eq!(pruned, 3_510);
+    for table in ["events", "webhook_deliveries", "webhook_attempts"] {
+        assert_eq!(db.count(&format!("SELECT count(*) FROM {table}")).await, 0, "{table}");
+    }
+    assert!(events.get_endpoint(kept).await.unwrap().is_some());
+    let report = store.audit().await.unwrap();
+    assert!(report.is_clean(), "{report}");
 }
 
 /// The audit's events checks: a deleted event and a renumbered position are both caught.

@@ -1,7 +1,7 @@
-//! After the payment, over the real API on both backends: external fulfilment (partial
-//! shipments, the first one capturing, the last one fulfilling; idempotent; refused beyond what
-//! is unshipped) and refunds after delivery (partial, bounded by the capture, restocking,
-//! idempotent, settled by a durable step at the provider).
+//! After the payment, over the real API on every backend (SQLite, PostgreSQL, the emulated DSQL):
+//! external fulfilment (partial shipments, the first one capturing, the last one fulfilling;
+//! idempotent; refused beyond what is unshipped) and refunds after delivery (partial, bounded by
+//! the capture, restocking, idempotent, settled by a durable step at the provider).
 
 mod common;
 
@@ -12,7 +12,7 @@ use orderflow::workflow::steps::{FulfilmentMode, SagaSettings};
 use reqwest::Response;
 use serde_json::{Value, json};
 
-on_both_backends!(
+on_every_backend!(
     partial_shipments_capture_first_and_fulfil_last,
     shipments_are_refused_when_not_ready_or_too_many,
     refunds_in_parts_up_to_the_capture_with_restock,

@@ -1,6 +1,6 @@
-//! The order lifecycle over HTTP on both backends: progress visible on GET /orders/{id}
-//! (payment, notifications, pending steps, timeline), long-polling, cancellation with
-//! compensation, and the admin queue/dead-letter routes.
+//! The order lifecycle over HTTP on every backend (SQLite, PostgreSQL, the emulated DSQL): progress
+//! visible on GET /orders/{id} (payment, notifications, pending steps, timeline), long-polling,
+//! cancellation with compensation, and the admin queue/dead-letter routes.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{Backend, TestApp, error_fields, expect_problem};
 use serde_json::{Value, json};
 
-on_both_backends!(
+on_every_backend!(
     progress_is_visible_on_the_order,
     long_poll_answers_when_the_status_moves,
     cancellation_over_http,

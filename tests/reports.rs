@@ -1,14 +1,14 @@
 //! The sales report (`GET /admin/reports/sales`): per UTC hour or day, the orders accepted in
 //! the period whose payment was taken, their units, gross, refunded (accepted refunds, settled
 //! or not) and net — cancelled and unpaid orders left out, empty periods listed as zeros — on
-//! both backends (their period SQL differs); and bad input answered 400 naming the parameter.
+//! every backend (their period SQL differs); and bad input answered 400 naming the parameter.
 
 mod common;
 
 use common::{Backend, TestApp, error_fields, expect_problem};
 use serde_json::{Value, json};
 
-on_both_backends!(
+on_every_backend!(
     periods_add_up_paid_orders_and_their_refunds,
     bad_report_queries_name_the_parameter
 );

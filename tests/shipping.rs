@@ -1,6 +1,6 @@
 //! The shipping address of POST /orders (API.md "Payments, fulfilment, refunds"): validated field
 //! by field, part of the order everywhere it is shown (the 202, GET, replays, listings, every
-//! event's `data.order`) and of the idempotency fingerprint; on SQLite and on PostgreSQL.
+//! event's `data.order`) and of the idempotency fingerprint; on every backend.
 
 mod common;
 
@@ -9,7 +9,7 @@ use orderflow::domain::shipping::{ADDRESS_LINE_MAX, CITY_MAX, POSTAL_CODE_MAX, R
 use orderflow::store::events::EventQuery;
 use serde_json::{Value, json};
 
-on_both_backends!(
+on_every_backend!(
     an_address_round_trips_through_every_view_and_event,
     every_bad_field_is_refused_by_name_and_nothing_is_written,
     another_address_under_the_same_key_is_key_reuse,

@@ -8,6 +8,10 @@ use super::{PlaceOrder, PlaceOrderOutcome, StoreError, StoreResult};
 use crate::domain::order::StockLevel;
 use crate::domain::{Money, Order, OrderLine, OrderStatus, ProductId};
 
+/// The most rows one pruning, replay or deletion transaction changes: within the distributed-SQL
+/// profile's 3,000 rows per transaction, with room to spare.
+pub(super) const CHUNK: i64 = 1000;
+
 /// Decides what an earlier, completed use of the key means for this request.
 pub(super) fn replay_or_refuse(
     request: &PlaceOrder,

@@ -24,7 +24,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{Page, StoreError, StoreResult};
+use super::common::CHUNK;
+use super::{Page, StoreError, StoreResult, retry};
 use crate::domain::events::{EventType, NewEvent, StoredEvent, TypePattern};
 
 /// The most events one feed page, one stamping round or one replay chunk handles.
@@ -630,57 +631,21 @@ events_sql_bounds! {
         if waiting.is_none() {
             return Ok(0);
         }
-        let mut tx = self.write.begin_with(self.begin).await?;
-        // The counter's row lock serializes stampers; every statement after it sees what the
-        // previous stamper committed.
-        let (last,): (i64,) = sqlx::query_as(&format!(
-            "SELECT last_position FROM event_counter WHERE id = 1 {}",
-            self.lock_rows
-        ))
-        .fetch_one(&mut *tx)
-        .await?;
-        let candidates: Vec<Candidate> = sqlx::query_as(
-            "SELECT e.id, e.subject, e.sequence, \
-             CAST(CASE WHEN p.id IS NOT NULL AND p.position IS NULL THEN 1 ELSE 0 END AS BIGINT) FROM events e \
-             LEFT JOIN events p ON p.subject = e.subject AND p.sequence = e.sequence - 1 \
-             WHERE e.position IS NULL ORDER BY e.id LIMIT $1",
-        )
-        .bind(i64::from(limit.clamp(1, MAX_BATCH)))
-        .fetch_all(&mut *tx)
-        .await?;
-        let order = stamping_order(candidates);
-        if order.is_empty() {
-            return Ok(0);
-        }
-        let positions: Vec<(Uuid, i64)> =
-            order.iter().enumerate().map(|(i, id)| (*id, last + 1 + i as i64)).collect();
-        for chunk in positions.chunks(200) {
-            let sql = format!(
-                "WITH v (id, pos) AS (VALUES {}) UPDATE events SET position = (SELECT v.pos FROM v WHERE v.id = events.id) \
-                 WHERE id IN (SELECT v.id FROM v) AND position IS NULL RETURNING id",
-                tuples(1, 2, chunk.len())
-            );
-            let mut update = sqlx::query_as::<DB, (Uuid,)>(&sql);
-            for (id, position) in chunk {
-                update = update.bind(*id).bind(*position);
-            }
-            let updated = update.fetch_all(&mut *tx).await?;
-            if updated.len() != chunk.len() {
-                return Err(StoreError::Corrupt("events were stamped by two stampers at once".into()));
-            }
-        }
-        let new_last = last + positions.len() as i64;
-        sqlx::query("UPDATE event_counter SET last_position = $1 WHERE id = 1")
-            .bind(new_last)
-            .execute(&mut *tx)
+        retry::transaction(|| async {
+            let mut tx = self.write.begin_with(self.begin).await?;
+            // The counter's row lock serializes stampers; every statement after it sees what the
+            // previous stamper committed.
+            let (last,): (i64,) = sqlx::query_as(&format!(
+                "SELECT last_position FROM event_counter WHERE id = 1 {}",
+                self.lock_rows
+            ))
+            .fetch_one(&mut *tx)
             .await?;
-
-        // Fan out to the enabled endpoints whose filters match.
-        let endpoints: Vec<(Uuid, String)> =
-            sqlx::query_as("SELECT id, enabled_events FROM webhook_endpoints WHERE status = 'enabled'")
-                .fetch_all(&mut *tx)
-                .await?;
-        if !endpoints.is_empty() {
+            // The enabled endpoints whose filters match get one delivery each.
+            let endpoints: Vec<(Uuid, String)> =
+                sqlx::query_as("SELECT id, enabled_events FROM webhook_endpoints WHERE status = 'enabled'")
+                    .fetch_all(&mut *tx)
+                    .await?;
             let endpoints: Vec<(Uuid, Vec<TypePattern>)> = endpoints
                 .into_iter()
                 .map(|(id, patterns)| {
@@ -688,27 +653,87 @@ events_sql_bounds! {
                     (id, patterns.iter().filter_map(|p| TypePattern::parse(p).ok()).collect())
                 })
                 .collect();
-            let stamped: Vec<(Uuid, String, String, i64, i64)> = sqlx::query_as(
-                "SELECT id, subject, event_type, sequence, position FROM events WHERE position > $1 \
-                 AND position <= $2 ORDER BY position",
+            let rows: Vec<(Uuid, String, i64, i64, String)> = sqlx::query_as(
+                "SELECT e.id, e.subject, e.sequence, \
+                 CAST(CASE WHEN p.id IS NOT NULL AND p.position IS NULL THEN 1 ELSE 0 END AS BIGINT), e.event_type \
+                 FROM events e LEFT JOIN events p ON p.subject = e.subject AND p.sequence = e.sequence - 1 \
+                 WHERE e.position IS NULL ORDER BY e.id LIMIT $1",
             )
-            .bind(last)
-            .bind(new_last)
+            .bind(i64::from(limit.clamp(1, MAX_BATCH)))
             .fetch_all(&mut *tx)
             .await?;
-            let deliveries: Vec<(Uuid, &(Uuid, String, String, i64, i64))> = stamped
+            let fan_out: HashMap<Uuid, usize> = rows
                 .iter()
-                .flat_map(|event| {
-                    endpoints
+                .map(|row| {
+                    let matching = endpoints
                         .iter()
-                        .filter(|(_, patterns)| TypePattern::any_matches(patterns, &event.2))
-                        .map(move |(endpoint, _)| (*endpoint, event))
+                        .filter(|(_, patterns)| TypePattern::any_matches(patterns, &row.4))
+                        .count();
+                    (row.0, matching)
                 })
                 .collect();
-            insert_deliveries(&mut tx, &deliveries, now).await?;
-        }
-        tx.commit().await?;
-        Ok(positions.len())
+            let mut order = stamping_order(rows.into_iter().map(|(id, subject, sequence, waiting, _)| (id, subject, sequence, waiting)).collect());
+            // A round changes each event, its deliveries and the counter: at most CHUNK rows (the
+            // distributed-SQL profile's limit), however many endpoints match. A prefix of the order
+            // still respects every subject's sequence; the rest waits for the next round.
+            let mut changed = 1;
+            let within = order
+                .iter()
+                .take_while(|id| {
+                    changed += 1 + fan_out[id];
+                    changed <= CHUNK as usize
+                })
+                .count();
+            order.truncate(within.max(1));
+            if order.is_empty() {
+                return Ok(0);
+            }
+            let positions: Vec<(Uuid, i64)> =
+                order.iter().enumerate().map(|(i, id)| (*id, last + 1 + i as i64)).collect();
+            for chunk in positions.chunks(200) {
+                let sql = format!(
+                    "WITH v (id, pos) AS (VALUES {}) UPDATE events SET position = (SELECT v.pos FROM v WHERE v.id = events.id) \
+                     WHERE id IN (SELECT v.id FROM v) AND position IS NULL RETURNING id",
+                    tuples(1, 2, chunk.len())
+                );
+                let mut update = sqlx::query_as::<DB, (Uuid,)>(&sql);
+                for (id, position) in chunk {
+                    update = update.bind(*id).bind(*position);
+                }
+                let updated = update.fetch_all(&mut *tx).await?;
+                if updated.len() != chunk.len() {
+                    return Err(StoreError::Corrupt("events were stamped by two stampers at once".into()));
+                }
+            }
+            let new_last = last + positions.len() as i64;
+            sqlx::query("UPDATE event_counter SET last_position = $1 WHERE id = 1")
+                .bind(new_last)
+                .execute(&mut *tx)
+                .await?;
+            if !endpoints.is_empty() {
+                let stamped: Vec<(Uuid, String, String, i64, i64)> = sqlx::query_as(
+                    "SELECT id, subject, event_type, sequence, position FROM events WHERE position > $1 \
+                     AND position <= $2 ORDER BY position",
+                )
+                .bind(last)
+                .bind(new_last)
+                .fetch_all(&mut *tx)
+                .await?;
+                let deliveries: Vec<(Uuid, &(Uuid, String, String, i64, i64))> = stamped
+                    .iter()
+                    .flat_map(|event| {
+                        endpoints
+                            .iter()
+                            .filter(|(_, patterns)| TypePattern::any_matches(patterns, &event.2))
+                            .map(move |(endpoint, _)| (*endpoint, event))
+                    })
+                    .collect();
+                insert_deliveries(&mut tx, &deliveries, now).await?;
+            }
+            tx.commit().await?;
+            Ok(positions.len())
+        })
+        .await
     }
 
     async fn events_after(&self, query: &EventQuery) -> StoreResult<Vec<StoredEvent>> {
@@ -779,6 +804,7 @@ events_sql_bounds! {
         now: DateTime<Utc>,
     ) -> StoreResult<Option<i64>> {
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
+        retry::transaction(|| async {
         let mut tx = self.write.begin_with(self.begin).await?;
         sqlx::query(
             "INSERT INTO event_channels (channel, published_through, updated_at) VALUES ($1, 0, $2) \
@@ -801,9 +827,12 @@ events_sql_bounds! {
         .await?;
         tx.commit().await?;
         Ok(claimed.map(|(through,)| through))
+        })
+        .await
     }
 
     async fn advance_channel(&self, channel: &str, token: Uuid, through: i64, now: DateTime<Utc>) -> StoreResult<bool> {
+        retry::transaction(|| async {
         let mut tx = self.write.begin_with(self.begin).await?;
         let advanced: Vec<(i64,)> = sqlx::query_as(
             "UPDATE event_channels SET published_through = $1, updated_at = $2 \
@@ -817,6 +846,8 @@ events_sql_bounds! {
         .await?;
         tx.commit().await?;
         Ok(advanced.len() == 1)
+        })
+        .await
     }
 
     async fn channel_backlog(&self, channel: &str, now: DateTime<Utc>) -> StoreResult<Option<ChannelBacklog>> {
@@ -849,6 +880,7 @@ events_sql_bounds! {
 
     async fn create_endpoint(&self, endpoint: &NewEndpoint, now: DateTime<Utc>) -> StoreResult<WebhookEndpoint> {
         let patterns: Vec<&str> = endpoint.enabled_events.iter().map(TypePattern::as_str).collect();
+        retry::transaction(|| async {
         let mut tx = self.write.begin_with(self.begin).await?;
         let row: EndpointRow = sqlx::query_as(&format!(
             "INSERT INTO webhook_endpoints (id, url, description, enabled_events, status, secret, created_at, \
@@ -864,6 +896,8 @@ events_sql_bounds! {
         .await?;
         tx.commit().await?;
         row.try_into()
+        })
+        .await
     }
 
     async fn list_endpoints(&self) -> StoreResult<Vec<WebhookEndpoint>> {
@@ -899,6 +933,7 @@ events_sql_bounds! {
             None => (None, None),
         };
         // $n IS NULL: "leave it". Re-enabling clears the failure clock.
+        retry::transaction(|| async {
         let mut tx = self.write.begin_with(self.begin).await?;
         let row: Option<EndpointRow> = sqlx::query_as(&format!(
             "UPDATE webhook_endpoints SET updated_at = $1, url = coalesce($2, url), \
@@ -912,7 +947,7 @@ events_sql_bounds! {
         .bind(patch.url.clone())
         .bind(i64::from(patch.description.is_some()))
         .bind(patch.description.clone().flatten())
-        .bind(patterns)
+        .bind(patterns.clone())
         .bind(status.map(str::to_string))
         .bind(reason.map(str::to_string))
         .bind(id)
@@ -920,6 +955,8 @@ events_sql_bounds! {
         .await?;
         tx.commit().await?;
         row.map(WebhookEndpoint::try_from).transpose()
+        })
+        .await
     }
 
     async fn rotate_secret(
@@ -929,6 +966,7 @@ events_sql_bounds! {
         previous_valid_until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<WebhookEndpoint>> {
+        retry::transaction(|| async {
         let mut tx = self.write.begin_with(self.begin).await?;
         let row: Option<EndpointRow> = sqlx::query_as(&format!(
             "UPDATE webhook_endpoints SET previous_secret = secret, previous_secret_expires_at = $1, secret = $2, \
@@ -942,28 +980,34 @@ events_sql_bounds! {
         .await?;
         tx.commit().await?;
         row.map(WebhookEndpoint::try_from).transpose()
+        })
+        .await
     }
 
     async fn delete_endpoint(&self, id: Uuid) -> StoreResult<bool> {
-        let mut tx = self.write.begin_with(self.begin).await?;
-        // Its deliveries and their attempts go with it, deleted here rather than by the foreign
-        // keys' ON DELETE CASCADE, which the distributed-SQL schema has not (migrations/dsql).
-        sqlx::query(
-            "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE endpoint_id = $1)",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM webhook_deliveries WHERE endpoint_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
+        // Its deliveries and their attempts go first — deleted here rather than by the foreign
+        // keys' ON DELETE CASCADE, which the distributed-SQL schema has not (migrations/dsql) —
+        // in transactions of at most CHUNK changed rows, however many it has; the endpoint goes in
+        // the one that finds none left. An answer lost half-way leaves the endpoint for the retry.
+        loop {
+            let deleted = retry::transaction(|| async {
+                let mut tx = self.write.begin_with(self.begin).await?;
+                if !delete_deliveries(&mut tx, Deliveries::OfEndpoint(id), CHUNK as usize - 1).await? {
+                    tx.commit().await?;
+                    return Ok(None);
+                }
+                let deleted: Vec<(Uuid,)> = sqlx::query_as("DELETE FROM webhook_endpoints WHERE id = $1 RETURNING id")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Some(deleted.len() == 1))
+            })
             .await?;
-        let deleted: Vec<(Uuid,)> = sqlx::query_as("DELETE FROM webhook_endpoints WHERE id = $1 RETURNING id")
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(deleted.len() == 1)
+            if let Some(deleted) = deleted {
+                return Ok(deleted);
+            }
+        }
     }
 
     async fn claim_deliveries(
@@ -975,6 +1019,7 @@ events_sql_bounds! {
     ) -> StoreResult<Vec<DeliveryClaim>> {
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
         let token = Uuid::now_v7();
+        let claimed: Vec<(Uuid, Uuid, i32)> = retry::transaction(|| async {
         let mut tx = self.write.begin_with(self.begin).await?;
         let (in_flight,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = $1 AND state = 'pending' \
@@ -1008,6 +1053,9 @@ events_sql_bounds! {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        Ok(claimed)
+        })
+        .await?;
         if claimed.is_empty() {
             return Ok(Vec::new());
         }
@@ -1047,6 +1095,7 @@ events_sql_bounds! {
             AttemptVerdict::Gone => ("pending", now, None),
         };
         let status_code = record.status_code.map(i32::from);
+        retry::transaction(|| async {
         let mut tx = self.write.begin_with(self.begin).await?;
         let updated: Vec<(Uuid,)> = sqlx::query_as(
             "UPDATE webhook_deliveries SET state = $1, attempts = attempts + 1, next_attempt_at = $2, \
@@ -1117,6 +1166,8 @@ events_sql_bounds! {
         }
         tx.commit().await?;
         Ok(outcome)
+        })
+        .await
     }
 
     async fn next_delivery_due(&self, endpoint: Uuid) -> StoreResult<Option<DateTime<Utc>>> {
@@ -1231,16 +1282,35 @@ events_sql_bounds! {
                 .filter(|event| TypePattern::any_matches(&patterns, &event.2))
                 .map(|event| (endpoint, event))
                 .collect();
-            let mut tx = self.write.begin_with(self.begin).await?;
-            match insert_deliveries(&mut tx, &deliveries, now).await {
-                Ok(()) => {}
-                // The endpoint was deleted meanwhile: nothing more to queue for it.
-                Err(StoreError::Database(error)) if super::common::is_foreign_key_violation(&error) => {
-                    return Ok(queued);
+            let endpoint_kept = retry::transaction(|| async {
+                let mut tx = self.write.begin_with(self.begin).await?;
+                // Checked under the endpoint row's lock (a conflict with its deletion where
+                // there is no foreign key to catch it: the distributed-SQL schema).
+                let kept: Option<(Uuid,)> = sqlx::query_as(&format!(
+                    "SELECT id FROM webhook_endpoints WHERE id = $1 {}",
+                    self.lock_rows
+                ))
+                .bind(endpoint)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if kept.is_none() {
+                    return Ok(false);
                 }
-                Err(error) => return Err(error),
+                match insert_deliveries(&mut tx, &deliveries, now).await {
+                    Ok(()) => {}
+                    Err(StoreError::Database(error)) if super::common::is_foreign_key_violation(&error) => {
+                        return Ok(false);
+                    }
+                    Err(error) => return Err(error),
+                }
+                tx.commit().await?;
+                Ok(true)
+            })
+            .await?;
+            if !endpoint_kept {
+                // The endpoint was deleted meanwhile: nothing more to queue for it.
+                return Ok(queued);
             }
-            tx.commit().await?;
             queued += deliveries.len() as u64;
         }
         Ok(queued)
@@ -1280,44 +1350,53 @@ events_sql_bounds! {
     }
 
     async fn prune_events(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
-        let mut tx = self.write.begin_with(self.begin).await?;
-        // Never prune what an ordered channel has yet to publish.
-        let (published,): (Option<i64>,) = sqlx::query_as("SELECT min(published_through) FROM event_channels")
-            .fetch_one(&mut *tx)
-            .await?;
-        let doomed: Vec<(Uuid,)> = sqlx::query_as(
-            "SELECT id FROM events WHERE position IS NOT NULL AND position <= $1 AND created_at < $2 \
-             ORDER BY position LIMIT $3",
-        )
-        .bind(published.unwrap_or(i64::MAX))
-        .bind(before)
-        .bind(i64::from(batch.clamp(1, MAX_BATCH)))
-        .fetch_all(&mut *tx)
-        .await?;
-        if doomed.is_empty() {
-            return Ok(0);
-        }
         // The events' deliveries and their attempts go with them, deleted here rather than by
-        // ON DELETE CASCADE, which the distributed-SQL schema has not (migrations/dsql).
-        let ids = format!("({})", tuples(1, 1, doomed.len()).replace(['(', ')'], ""));
-        for sql in [
-            format!("DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE event_id IN {ids})"),
-            format!("DELETE FROM webhook_deliveries WHERE event_id IN {ids}"),
-        ] {
-            let mut delete = sqlx::query::<DB>(&sql);
-            for (id,) in &doomed {
-                delete = delete.bind(*id);
+        // ON DELETE CASCADE, which the distributed-SQL schema has not (migrations/dsql). A
+        // transaction changes at most CHUNK rows: the events (at most half of it) and as many of
+        // their deliveries as fit; the events go in the one that finds none of theirs left.
+        loop {
+            let pruned = retry::transaction(|| async {
+                let mut tx = self.write.begin_with(self.begin).await?;
+                // Never prune what an ordered channel has yet to publish.
+                let (published,): (Option<i64>,) =
+                    sqlx::query_as("SELECT min(published_through) FROM event_channels")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let doomed: Vec<(Uuid,)> = sqlx::query_as(
+                    "SELECT id FROM events WHERE position IS NOT NULL AND position <= $1 AND created_at < $2 \
+                     ORDER BY position LIMIT $3",
+                )
+                .bind(published.unwrap_or(i64::MAX))
+                .bind(before)
+                .bind(i64::from(batch.clamp(1, MAX_BATCH)).min(CHUNK / 2))
+                .fetch_all(&mut *tx)
+                .await?;
+                if doomed.is_empty() {
+                    return Ok(Some(0));
+                }
+                let doomed: Vec<Uuid> = doomed.into_iter().map(|(id,)| id).collect();
+                let budget = CHUNK as usize - doomed.len();
+                if !delete_deliveries(&mut tx, Deliveries::OfEvents(&doomed), budget).await? {
+                    tx.commit().await?;
+                    return Ok(None);
+                }
+                let sql = format!(
+                    "DELETE FROM events WHERE id IN ({}) RETURNING id",
+                    tuples(1, 1, doomed.len()).replace(['(', ')'], "")
+                );
+                let mut delete = sqlx::query_as::<DB, (Uuid,)>(&sql);
+                for id in &doomed {
+                    delete = delete.bind(*id);
+                }
+                let deleted = delete.fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(Some(deleted.len() as u64))
+            })
+            .await?;
+            if let Some(pruned) = pruned {
+                return Ok(pruned);
             }
-            delete.execute(&mut *tx).await?;
         }
-        let sql = format!("DELETE FROM events WHERE id IN {ids} RETURNING id");
-        let mut delete = sqlx::query_as::<DB, (Uuid,)>(&sql);
-        for (id,) in &doomed {
-            delete = delete.bind(*id);
-        }
-        let deleted = delete.fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(deleted.len() as u64)
     }
 }
 
@@ -1372,6 +1451,83 @@ where
         insert.execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// Whose deliveries [`delete_deliveries`] deletes.
+#[derive(Clone, Copy)]
+enum Deliveries<'a> {
+    OfEndpoint(Uuid),
+    OfEvents(&'a [Uuid]),
+}
+
+/// Deletes, in `tx`, whole deliveries of `owner` with their attempts, oldest first, changing at
+/// most `budget` (≥ 1) rows. True when none of `owner`'s is left; otherwise the caller commits
+/// and calls again. (A delivery with more attempts than the budget loses its oldest attempts
+/// first, so every call makes progress.)
+async fn delete_deliveries<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    owner: Deliveries<'_>,
+    budget: usize,
+) -> StoreResult<bool>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    let budget = budget.max(1);
+    let (filter, keys): (String, Vec<Uuid>) = match owner {
+        Deliveries::OfEndpoint(endpoint) => ("d.endpoint_id = $1".into(), vec![endpoint]),
+        Deliveries::OfEvents(events) => (
+            format!("d.event_id IN ({})", tuples(1, 1, events.len()).replace(['(', ')'], "")),
+            events.to_vec(),
+        ),
+    };
+    // One more than can fit says whether more are left.
+    let sql = format!(
+        "SELECT d.id, CAST((SELECT count(*) FROM webhook_attempts a WHERE a.delivery_id = d.id) AS BIGINT) \
+         FROM webhook_deliveries d WHERE {filter} ORDER BY d.id LIMIT {}",
+        budget + 1
+    );
+    let mut select = sqlx::query_as::<DB, (Uuid, i64)>(&sql);
+    for key in &keys {
+        select = select.bind(*key);
+    }
+    let found: Vec<(Uuid, i64)> = select.fetch_all(&mut **tx).await?;
+    let Some(&(first, _)) = found.first() else {
+        return Ok(true);
+    };
+    let mut changed = 0;
+    let chosen: Vec<Uuid> = found
+        .iter()
+        .take_while(|(_, attempts)| {
+            changed += 1 + (*attempts).max(0) as usize;
+            changed <= budget
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    if chosen.is_empty() {
+        let sql = format!(
+            "DELETE FROM webhook_attempts WHERE id IN \
+             (SELECT id FROM webhook_attempts WHERE delivery_id = $1 ORDER BY id LIMIT {budget})"
+        );
+        sqlx::query::<DB>(&sql).bind(first).execute(&mut **tx).await?;
+        return Ok(false);
+    }
+    let ids = tuples(1, 1, chosen.len()).replace(['(', ')'], "");
+    for sql in [
+        format!("DELETE FROM webhook_attempts WHERE delivery_id IN ({ids})"),
+        format!("DELETE FROM webhook_deliveries WHERE id IN ({ids})"),
+    ] {
+        let mut delete = sqlx::query::<DB>(&sql);
+        for id in &chosen {
+            delete = delete.bind(*id);
+        }
+        delete.execute(&mut **tx).await?;
+    }
+    Ok(chosen.len() == found.len())
 }
 
 /// Disables an enabled endpoint and records its `webhook_endpoint.disabled` event. False when it

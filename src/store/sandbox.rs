@@ -2,6 +2,7 @@
 //! convenience, but are written in their own transactions, never inside the shop's: to the shop
 //! they are a remote provider's ledger. The SQL is shared by both backends (numbered parameters in
 //! first-use order work in both dialects), and [`impl_sandbox_books`] implements the trait on each.
+//! Each write is one transaction, retried whole when it lost a race (`store::retry`).
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -144,11 +145,14 @@ macro_rules! impl_sandbox_books {
         #[async_trait::async_trait]
         impl $crate::store::sandbox::SandboxBooks for $store {
             async fn count_call(&self, idempotency_key: &str) -> $crate::store::StoreResult<i64> {
-                let (calls,): (i64,) = sqlx::query_as($crate::store::sandbox::COUNT_CALL)
-                    .bind(idempotency_key)
-                    .fetch_one(&self.$writer)
-                    .await?;
-                Ok(calls)
+                $crate::store::retry::transaction(|| async {
+                    let (calls,): (i64,) = sqlx::query_as($crate::store::sandbox::COUNT_CALL)
+                        .bind(idempotency_key)
+                        .fetch_one(&self.$writer)
+                        .await?;
+                    Ok(calls)
+                })
+                .await
             }
 
             async fn create_intent(
@@ -166,24 +170,27 @@ macro_rules! impl_sandbox_books {
                     .then(|| format!("{id}_secret_{}", uuid::Uuid::now_v7().simple()));
                 // The intent as stored (new, or the first call's with its count), in the same
                 // statement.
-                let found: $crate::store::sandbox::SandboxIntent = sqlx::query_as(&format!(
-                    "{}{}",
-                    $crate::store::sandbox::CREATE_INTENT,
-                    $crate::store::sandbox::INTENT_COLUMNS
-                ))
-                .bind(&id)
-                .bind(&intent.idempotency_key)
-                .bind(&intent.payment_method)
-                .bind(intent.amount_minor)
-                .bind(&intent.currency)
-                .bind(&intent.order_id)
-                .bind(intent.capture_method)
-                .bind(intent.status)
-                .bind(captured)
-                .bind(&intent.decline_code)
-                .bind(secret)
-                .bind(now)
-                .fetch_one(&self.$writer)
+                let found: $crate::store::sandbox::SandboxIntent = $crate::store::retry::transaction(|| async {
+                    Ok(sqlx::query_as(&format!(
+                        "{}{}",
+                        $crate::store::sandbox::CREATE_INTENT,
+                        $crate::store::sandbox::INTENT_COLUMNS
+                    ))
+                    .bind(&id)
+                    .bind(&intent.idempotency_key)
+                    .bind(&intent.payment_method)
+                    .bind(intent.amount_minor)
+                    .bind(&intent.currency)
+                    .bind(&intent.order_id)
+                    .bind(intent.capture_method)
+                    .bind(intent.status)
+                    .bind(captured)
+                    .bind(&intent.decline_code)
+                    .bind(&secret)
+                    .bind(now)
+                    .fetch_one(&self.$writer)
+                    .await?)
+                })
                 .await?;
                 let first = found.calls == 1;
                 Ok((found, first))
@@ -209,18 +216,22 @@ macro_rules! impl_sandbox_books {
                 to: &str,
                 captured_minor: Option<i64>,
             ) -> $crate::store::StoreResult<Option<$crate::store::sandbox::SandboxIntent>> {
-                let moved: Option<$crate::store::sandbox::SandboxIntent> = sqlx::query_as(&format!(
-                    "{}{}",
-                    $crate::store::sandbox::TRANSITION_INTENT,
-                    $crate::store::sandbox::INTENT_COLUMNS
-                ))
-                .bind(to)
-                .bind(captured_minor)
-                .bind($crate::clock::now())
-                .bind(id)
-                .bind(from)
-                .fetch_optional(&self.$writer)
-                .await?;
+                let moved: Option<$crate::store::sandbox::SandboxIntent> =
+                    $crate::store::retry::transaction(|| async {
+                        Ok(sqlx::query_as(&format!(
+                            "{}{}",
+                            $crate::store::sandbox::TRANSITION_INTENT,
+                            $crate::store::sandbox::INTENT_COLUMNS
+                        ))
+                        .bind(to)
+                        .bind(captured_minor)
+                        .bind($crate::clock::now())
+                        .bind(id)
+                        .bind(from)
+                        .fetch_optional(&self.$writer)
+                        .await?)
+                    })
+                    .await?;
                 match moved {
                     Some(intent) => Ok(Some(intent)),
                     // Not in `from` (or unknown): as it is.
@@ -235,15 +246,19 @@ macro_rules! impl_sandbox_books {
                 captured_minor: i64,
                 decline_code: Option<&str>,
             ) -> $crate::store::StoreResult<Option<$crate::store::sandbox::SandboxIntent>> {
-                let moved = sqlx::query($crate::store::sandbox::AUTHENTICATE_INTENT)
-                    .bind(to)
-                    .bind(captured_minor)
-                    .bind(decline_code)
-                    .bind($crate::clock::now())
-                    .bind(id)
-                    .execute(&self.$writer)
-                    .await?;
-                if moved.rows_affected() != 1 {
+                let moved = $crate::store::retry::transaction(|| async {
+                    Ok(sqlx::query($crate::store::sandbox::AUTHENTICATE_INTENT)
+                        .bind(to)
+                        .bind(captured_minor)
+                        .bind(decline_code)
+                        .bind($crate::clock::now())
+                        .bind(id)
+                        .execute(&self.$writer)
+                        .await?
+                        .rows_affected())
+                })
+                .await?;
+                if moved != 1 {
                     return Ok(None);
                 }
                 self.intent(id).await
@@ -257,43 +272,46 @@ macro_rules! impl_sandbox_books {
                 reason: Option<&str>,
             ) -> $crate::store::StoreResult<$crate::store::sandbox::SandboxRefundOutcome> {
                 use $crate::store::sandbox::SandboxRefundOutcome;
-                let mut tx = self.$writer.begin().await?;
-                let earlier: Option<(String, i64)> = sqlx::query_as($crate::store::sandbox::FIND_INTENT_REFUND)
-                    .bind(idempotency_key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if let Some((id, amount_minor)) = earlier {
-                    return Ok(SandboxRefundOutcome::Refunded { id, amount_minor });
-                }
-                let now = $crate::clock::now();
-                let taken = sqlx::query($crate::store::sandbox::TAKE_REFUND)
-                    .bind(amount_minor)
-                    .bind(now)
-                    .bind(intent_id)
-                    .execute(&mut *tx)
-                    .await?;
-                if taken.rows_affected() != 1 {
-                    drop(tx);
-                    return Ok(match self.intent(intent_id).await? {
-                        None => SandboxRefundOutcome::NoSuchIntent,
-                        Some(intent) if intent.status != "succeeded" => SandboxRefundOutcome::NotCaptured,
-                        Some(intent) => SandboxRefundOutcome::Exceeds {
-                            refundable_minor: intent.captured_minor - intent.refunded_minor,
-                        },
-                    });
-                }
-                let id = format!("re_{}", uuid::Uuid::now_v7().simple());
-                sqlx::query($crate::store::sandbox::RECORD_INTENT_REFUND)
-                    .bind(&id)
-                    .bind(idempotency_key)
-                    .bind(intent_id)
-                    .bind(amount_minor)
-                    .bind(reason)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(SandboxRefundOutcome::Refunded { id, amount_minor })
+                $crate::store::retry::transaction(|| async {
+                    let mut tx = self.$writer.begin().await?;
+                    let earlier: Option<(String, i64)> = sqlx::query_as($crate::store::sandbox::FIND_INTENT_REFUND)
+                        .bind(idempotency_key)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if let Some((id, amount_minor)) = earlier {
+                        return Ok(SandboxRefundOutcome::Refunded { id, amount_minor });
+                    }
+                    let now = $crate::clock::now();
+                    let taken = sqlx::query($crate::store::sandbox::TAKE_REFUND)
+                        .bind(amount_minor)
+                        .bind(now)
+                        .bind(intent_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    if taken.rows_affected() != 1 {
+                        drop(tx);
+                        return Ok(match self.intent(intent_id).await? {
+                            None => SandboxRefundOutcome::NoSuchIntent,
+                            Some(intent) if intent.status != "succeeded" => SandboxRefundOutcome::NotCaptured,
+                            Some(intent) => SandboxRefundOutcome::Exceeds {
+                                refundable_minor: intent.captured_minor - intent.refunded_minor,
+                            },
+                        });
+                    }
+                    let id = format!("re_{}", uuid::Uuid::now_v7().simple());
+                    sqlx::query($crate::store::sandbox::RECORD_INTENT_REFUND)
+                        .bind(&id)
+                        .bind(idempotency_key)
+                        .bind(intent_id)
+                        .bind(amount_minor)
+                        .bind(reason)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(SandboxRefundOutcome::Refunded { id, amount_minor })
+                })
+                .await
             }
 
             async fn intents(

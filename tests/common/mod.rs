@@ -10,8 +10,10 @@
 //! (`--database-profile dsql`, schema from `migrations/dsql`), on a database whose transactions
 //! default to `repeatable read` (snapshot isolation, as DSQL's), where a deferred constraint
 //! trigger — created here, never by the migrations — fails a share of the commits that change
-//! the hot tables with DSQL's own conflict error (SQLSTATE 40001, "(OC000)"), so the store must
-//! retry whole transactions ([`CONFLICT_RATE`], [`TestDb::new_with_conflicts`]).
+//! the tables it watches ([`CONFLICT_TABLES`]) with DSQL's own conflict error (SQLSTATE 40001,
+//! "(OC000)"), so the store must retry whole transactions ([`CONFLICT_RATE`],
+//! [`TestDb::new_with_conflicts`]); and a row trigger on every table fails a transaction that
+//! changes more than DSQL's [`ROW_LIMIT`] rows.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -104,9 +106,30 @@ impl Backend {
 /// The share of commits changing a hot table that the emulated DSQL fails with a conflict.
 pub const CONFLICT_RATE: f64 = 0.1;
 
-/// The hot tables of the emulation's conflict injector: the rows concurrent transactions fight
-/// over (stock, the queue, orders, idempotency claims).
-const CONFLICT_TABLES: [&str; 4] = ["products", "jobs", "orders", "idempotency_keys"];
+/// The tables of the emulation's conflict injector: the rows concurrent transactions fight over
+/// (stock, the queue, orders, idempotency claims), and every table the store writes outside
+/// those transactions — the events outbox and its counter, ordered channels, webhook endpoints,
+/// deliveries and attempts, alarm states, the sandbox provider's books — so each of the store's
+/// own transactions meets the conflicts DSQL would raise.
+const CONFLICT_TABLES: [&str; 14] = [
+    "products",
+    "jobs",
+    "orders",
+    "idempotency_keys",
+    "events",
+    "event_counter",
+    "event_channels",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
+    "alarm_state",
+    "sandbox_intents",
+    "sandbox_attempts",
+    "sandbox_intent_refunds",
+];
+
+/// The most rows one transaction may change on the emulated DSQL, as on Aurora DSQL.
+pub const ROW_LIMIT: i64 = 3000;
 
 /// A database that exists for one test.
 pub enum TestDb {
@@ -193,6 +216,7 @@ impl TestDb {
         for setting in [
             "default_transaction_isolation = 'repeatable read'".to_string(),
             format!("orderflow_test.conflict_rate = '{conflict_rate}'"),
+            format!("orderflow_test.row_limit = '{ROW_LIMIT}'"),
         ] {
             sqlx::query(&format!("ALTER DATABASE {name} SET {setting}"))
                 .execute(&mut *server)
@@ -217,6 +241,43 @@ impl TestDb {
             .await
             .expect("install the conflict injector");
         }
+        // DSQL refuses a transaction that changes more than ROW_LIMIT rows: each changed row of
+        // any table counts (a setting local to the transaction), the one over fails it.
+        sqlx::raw_sql(
+            "CREATE OR REPLACE FUNCTION orderflow_test_count_rows() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             DECLARE \
+               lim bigint := coalesce(nullif(current_setting('orderflow_test.row_limit', true), '')::bigint, 0); \
+               n bigint; \
+             BEGIN \
+               IF lim <= 0 THEN RETURN NULL; END IF; \
+               n := coalesce(nullif(current_setting('orderflow_test.changed_rows', true), '')::bigint, 0) + 1; \
+               PERFORM set_config('orderflow_test.changed_rows', n::text, true); \
+               IF n > lim THEN \
+                 RAISE EXCEPTION 'transaction row limit exceeded: more than % changed rows', lim \
+                   USING ERRCODE = '54000'; \
+               END IF; \
+               RETURN NULL; \
+             END $$",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("create the row counter");
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' \
+             AND table_type = 'BASE TABLE' AND table_name NOT LIKE '\\_%'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("list the tables");
+        for table in tables {
+            sqlx::raw_sql(&format!(
+                "CREATE TRIGGER orderflow_test_row_limit AFTER INSERT OR UPDATE OR DELETE ON {table} \
+                 FOR EACH ROW EXECUTE FUNCTION orderflow_test_count_rows()"
+            ))
+            .execute(&mut conn)
+            .await
+            .expect("install the row counter");
+        }
     }
 
     /// `ALTER DATABASE <this one> SET <setting>`: for the sessions opened from now on.
@@ -238,10 +299,11 @@ impl TestDb {
         }
     }
 
-    /// A direct connection outside the store (never failed by the conflict injector).
+    /// A direct connection outside the store (never failed by the conflict injector, nor by the
+    /// row limit).
     pub async fn pg_connection(&self) -> sqlx::PgConnection {
         let mut conn = sqlx::PgConnection::connect(self.url()).await.unwrap();
-        sqlx::query("SET orderflow_test.conflict_rate = '0'")
+        sqlx::raw_sql("SET orderflow_test.conflict_rate = '0'; SET orderflow_test.row_limit = '0'")
             .execute(&mut conn)
             .await
             .unwrap();

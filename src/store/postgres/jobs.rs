@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::domain::OrderId;
+use crate::store::common::CHUNK;
 use crate::store::jobs::{
     ClaimedJob, CompleteOutcome, FailOutcome, JobFilter, JobLease, JobRecord, JobStore, NotificationRecord,
     NotificationSlot, PaymentRecord, QueueStats, ReplaySelector, StepEffects, StepOrder,
@@ -24,10 +25,6 @@ use crate::store::jobs::{
 use crate::store::jobs::{PAYMENTS_AFTER_SQL, PAYMENTS_FIRST_SQL, PaymentRow};
 use crate::store::jobs_common::{self, ClaimedRow, JobRow, StatsRow};
 use crate::store::{Page, StoreResult, retry};
-
-/// The most rows one pruning or replay transaction changes: within the distributed-SQL profile's
-/// 3,000 rows per transaction.
-const CHUNK: i64 = 1000;
 
 /// The claim of the distributed-SQL profile (no `SKIP LOCKED`): up to $5 jobs picked at random
 /// among the oldest few times as many claimable ones — ready and due, or running with a lease that

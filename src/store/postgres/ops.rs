@@ -4,8 +4,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::PgStore;
-use crate::store::StoreResult;
 use crate::store::ops::{self, AlarmRecord, AlarmTransition, OpsStore, PoolStats, StepOutcomes, StuckOrders};
+use crate::store::{StoreResult, retry};
 
 #[async_trait]
 impl OpsStore for PgStore {
@@ -32,9 +32,13 @@ impl OpsStore for PgStore {
     }
 
     async fn transition_alarm(&self, transition: &AlarmTransition) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        let changed = ops::transition(&mut tx, transition).await?;
-        tx.commit().await?;
+        let changed = retry::transaction(|| async {
+            let mut tx = self.pool.begin().await?;
+            let changed = ops::transition(&mut tx, transition).await?;
+            tx.commit().await?;
+            Ok(changed)
+        })
+        .await?;
         if changed && !transition.deliveries.is_empty() {
             self.jobs_enqueued();
         }
