@@ -167,6 +167,7 @@ pub(super) async fn apply_merged<DB>(
     tx: &mut sqlx::Transaction<'_, DB>,
     lock_rows: &str,
     completions: &[(JobLease, &StepEffects, DateTime<Utc>)],
+    more_orders: &[Uuid],
 ) -> StoreResult<Vec<StoreResult<CompleteOutcome>>>
 where
     DB: sqlx::Database,
@@ -201,11 +202,18 @@ where
         held = held.bind(lease.job_id).bind(lease.token);
     }
     let held: std::collections::HashMap<Uuid, Option<String>> = held.fetch_all(&mut **tx).await?.into_iter().collect();
-    let orders: Vec<Uuid> = completions
+    // Every order the group's transaction will touch is locked here, in one statement in id
+    // order, before any stock is written: the orders of the completions written after these
+    // (`more_orders`) too. A transaction that locked an order after writing stock could wait for
+    // another group that holds that order and waits for the same stock (a deadlock).
+    let mut orders: Vec<Uuid> = completions
         .iter()
         .filter(|(lease, _, _)| held.contains_key(&lease.job_id))
         .filter_map(|(_, effects, _)| effects.order_id.map(|id| id.as_uuid()))
+        .chain(more_orders.iter().copied())
         .collect();
+    orders.sort();
+    orders.dedup();
     let mut locked: std::collections::HashMap<Uuid, LockedOrder> = if orders.is_empty() {
         Default::default()
     } else {
@@ -279,6 +287,35 @@ impl LockedOrder {
     fn status(&self) -> StoreResult<OrderStatus> {
         self.row.status().parse().map_err(StoreError::Corrupt)
     }
+}
+
+/// Locks the order rows of a group's completions, in id order, before any of them writes stock
+/// (see [`apply_merged`]); nothing on SQLite, whose single writer holds the database.
+pub(super) async fn lock_group_orders<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    lock_rows: &str,
+    orders: &[Uuid],
+) -> StoreResult<()>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    if lock_rows.is_empty() || orders.len() < 2 {
+        return Ok(());
+    }
+    let ids = (1..=orders.len())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("SELECT id FROM orders WHERE id IN ({ids}) ORDER BY id {lock_rows}");
+    let mut query = sqlx::query::<DB>(&sql);
+    for order in orders {
+        query = query.bind(*order);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// Locks the order rows (in id order) and reads them with their lines, which never change after

@@ -252,6 +252,22 @@ macro_rules! commit_batch_for {
                 // in a fixed number of statements ([`effects::apply_merged`]); the others each in
                 // a savepoint after them.
                 let merged = if alone { Vec::new() } else { mergeable(&group) };
+                // The orders of the completions written one by one after the merged ones: locked
+                // with them, before any stock is written (see `effects::apply_merged`).
+                let mut others: Vec<uuid::Uuid> = group
+                    .iter()
+                    .enumerate()
+                    .filter(|(at, _)| merged.len() < 2 || !merged.contains(at))
+                    .filter_map(|(_, pending)| pending.effects.order_id.map(|id| id.as_uuid()))
+                    .collect();
+                others.sort();
+                others.dedup();
+                if merged.len() < 2 && !alone {
+                    if let Err(error) = effects::lock_group_orders(&mut tx, self.lock_order_row, &others).await {
+                        let answers = group.iter().map(|_| Err(error.outage_copy())).collect();
+                        return (answers, Vec::new());
+                    }
+                }
                 if merged.len() > 1 {
                     let completions: Vec<_> = merged
                         .iter()
@@ -260,7 +276,7 @@ macro_rules! commit_batch_for {
                             (pending.lease.expect("mergeable completions are leased"), &pending.effects, pending.now)
                         })
                         .collect();
-                    match effects::apply_merged(&mut tx, self.lock_order_row, &completions).await {
+                    match effects::apply_merged(&mut tx, self.lock_order_row, &completions, &others).await {
                         Ok(written) => {
                             for (&at, answer) in merged.iter().zip(written) {
                                 answers[at] = Some(answer);
