@@ -15,6 +15,7 @@ use crate::domain::Currency;
 use crate::http::Secret;
 use crate::http::auth::parse_ttl;
 use crate::http::edge::{CorsSettings, EdgeSettings, Rate, RateLimits};
+use crate::store::dsql_auth::{DsqlAuth, IamSettings};
 use crate::store::{ConnectOptions, DatabasePooler, DatabaseProfile, SqliteDurability};
 
 #[derive(Debug, Parser)]
@@ -182,6 +183,18 @@ pub struct GlobalArgs {
         global = true
     )]
     pub database_pooler: DatabasePooler,
+    /// Aurora DSQL IAM authentication: the cluster's AWS region (e.g. `us-east-1`). The host of
+    /// `--database-url` is the cluster endpoint and every new connection's password is an IAM
+    /// authentication token from the AWS credential chain (`DbConnectAdmin` for the user `admin`,
+    /// `DbConnect` for any other), renewed before it expires; TLS is required (`sslmode`
+    /// defaults to `verify-full`). Needs `--database-profile dsql` (docs/scale-out.md
+    /// "Connecting to Aurora DSQL").
+    #[arg(long, env = "ORDERFLOW_DSQL_REGION", global = true)]
+    pub dsql_region: Option<String>,
+    /// How long each IAM authentication token is valid (1m to 7d); a new one is installed at
+    /// half of it.
+    #[arg(long, env = "ORDERFLOW_DSQL_TOKEN_TTL", default_value = "15m", value_parser = parse_token_ttl, global = true)]
+    pub dsql_token_ttl: Duration,
     /// Directory for the embedded database and the generated token secret.
     #[arg(long, env = "ORDERFLOW_DATA_DIR", default_value = "orderflow-data", global = true)]
     pub data_dir: PathBuf,
@@ -831,7 +844,23 @@ impl GlobalArgs {
         if self.db_max_connections == 0 {
             bail!("--db-max-connections must be at least 1");
         }
+        let dsql_auth = match self.dsql_region.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(region) => {
+                if self.database_profile != DatabaseProfile::Dsql {
+                    bail!(
+                        "--dsql-region (Aurora DSQL IAM authentication) needs --database-profile dsql; without \
+                         --dsql-region the password is the one in --database-url"
+                    );
+                }
+                Some(DsqlAuth::Iam(IamSettings {
+                    region: region.to_string(),
+                    token_ttl: self.dsql_token_ttl,
+                }))
+            }
+        };
         Ok(ConnectOptions {
+            dsql_auth,
             profile: self.database_profile,
             pooler: self.database_pooler,
             max_connections: self.db_max_connections,
@@ -908,6 +937,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .map_err(|_| format!("`{text}` is not a duration"));
     }
     parse_ttl(text)
+}
+
+/// `--dsql-token-ttl`: within what Aurora DSQL accepts.
+fn parse_token_ttl(text: &str) -> Result<Duration, String> {
+    use crate::store::dsql_auth::{MAX_TOKEN_TTL, MIN_TOKEN_TTL};
+    let ttl = parse_duration(text)?;
+    if ttl < MIN_TOKEN_TTL || ttl > MAX_TOKEN_TTL {
+        return Err(format!("`{text}` is out of range: a token lives from 1m to 7d"));
+    }
+    Ok(ttl)
 }
 
 /// `--idempotency-retention`: a duration no shorter than
@@ -1090,6 +1129,65 @@ mod tests {
                 .database_pooler,
             DatabasePooler::None
         );
+    }
+
+    #[test]
+    fn dsql_region_turns_iam_tokens_on_in_the_dsql_profile_only() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["orderflow"], args, &["migrate"]].concat()).unwrap();
+        let url = "postgres://admin@abc.dsql.us-east-1.on.aws/postgres";
+        let cli = parse(&[
+            "--database-url",
+            url,
+            "--database-profile",
+            "dsql",
+            "--dsql-region",
+            "us-east-1",
+        ]);
+        match cli.global.connect_options().unwrap().dsql_auth {
+            Some(DsqlAuth::Iam(settings)) => {
+                assert_eq!(settings.region, "us-east-1");
+                assert_eq!(settings.token_ttl, Duration::from_secs(15 * 60));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = parse(&[
+            "--database-profile",
+            "dsql",
+            "--dsql-region",
+            "us-east-1",
+            "--dsql-token-ttl",
+            "1h",
+        ]);
+        match cli.global.connect_options().unwrap().dsql_auth {
+            Some(DsqlAuth::Iam(settings)) => assert_eq!(settings.token_ttl, Duration::from_secs(3600)),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            parse(&["--database-profile", "dsql"])
+                .global
+                .connect_options()
+                .unwrap()
+                .dsql_auth
+                .is_none()
+        );
+        let error = parse(&["--database-url", url, "--dsql-region", "us-east-1"])
+            .global
+            .connect_options()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--dsql-region") && error.contains("--database-profile dsql"),
+            "{error}"
+        );
+        for ttl in ["30s", "8d"] {
+            let error = Cli::try_parse_from(["orderflow", "--dsql-token-ttl", ttl, "migrate"])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("--dsql-token-ttl") && error.contains("1m to 7d"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -164,6 +164,8 @@ fn server_settings(args: &Args) -> GlobalArgs {
         read_replica_max_lag: Duration::from_secs(5),
         database_profile: Default::default(),
         database_pooler: Default::default(),
+        dsql_region: None,
+        dsql_token_ttl: orderflow::store::dsql_auth::DEFAULT_TOKEN_TTL,
         data_dir: args.data_dir.clone(),
         jwt_secret: args.jwt_secret.clone(),
         db_max_connections: 2,

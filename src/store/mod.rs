@@ -11,6 +11,7 @@ mod audit;
 mod batcher;
 mod checkout_batch;
 mod common;
+pub mod dsql_auth;
 mod effects;
 pub mod events;
 pub mod group_commit;
@@ -459,6 +460,9 @@ pub struct ConnectOptions {
     pub checkout_batch: CheckoutBatchSettings,
     /// A read replica for listings, reports and the audit (PostgreSQL only).
     pub read_replica: Option<ReadReplicaSettings>,
+    /// Passwords that are short-lived tokens, renewed before they expire: Aurora DSQL's IAM
+    /// authentication (`--dsql-region`; the dsql profile only).
+    pub dsql_auth: Option<dsql_auth::DsqlAuth>,
 }
 
 impl Default for ConnectOptions {
@@ -472,6 +476,7 @@ impl Default for ConnectOptions {
             group_commit: Default::default(),
             checkout_batch: Default::default(),
             read_replica: None,
+            dsql_auth: None,
         }
     }
 }
@@ -487,6 +492,10 @@ pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<Arc<
                  already never wait for the writer); leave it unset or use a postgres:// --database-url"
             );
         }
+        anyhow::ensure!(
+            options.dsql_auth.is_none(),
+            "--dsql-region needs a postgres:// database URL: the cluster's endpoint"
+        );
         anyhow::ensure!(
             options.profile == DatabaseProfile::Postgres,
             "--database-profile {} needs a postgres:// database URL, not `{}` (SQLite has one profile)",

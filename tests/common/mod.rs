@@ -389,6 +389,7 @@ pub fn connect_options() -> ConnectOptions {
         group_commit: Default::default(),
         checkout_batch: Default::default(),
         read_replica: None,
+        dsql_auth: None,
     }
 }
 

@@ -147,6 +147,18 @@ impl PrivatePostgres {
         );
     }
 
+    /// Makes `role` log in over TCP with its password (`scram-sha-256`) instead of being trusted:
+    /// the line goes before initdb's, so it is the one that matches; the server reloads its
+    /// configuration.
+    pub fn require_password_for(&self, role: &str) {
+        let hba = self.data_dir().join("pg_hba.conf");
+        let existing = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        // Rewritten in place, so the file keeps its owner.
+        std::fs::write(&hba, format!("host all {role} 127.0.0.1/32 scram-sha-256\n{existing}")).expect("pg_hba.conf");
+        let data = self.data_dir();
+        self.pg_ctl(&["reload", "-D", path(&data)]);
+    }
+
     /// The server's log (`pg_ctl -l`): its stderr, every statement when `log_statement` is `all`.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

@@ -34,6 +34,7 @@ use super::audit::{self, AuditReport};
 use super::batcher::Batcher;
 use super::checkout_batch::{self, Checkout, CheckoutTransaction, Checkouts, GroupFailure};
 use super::common::{is_foreign_key_violation, placed_data, replay_or_refuse, stock_levels, unique_is_conflict};
+use super::dsql_auth::{self, DsqlAuth, DsqlTokenSource, PoolAuth, TokenRefresher};
 use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::idempotency;
@@ -79,6 +80,8 @@ pub struct PgStore {
     replica: Option<Arc<replica::Replica>>,
     /// Steps' order reads, coalesced when many wait ([`StepReads`]).
     step_reads: StepReads,
+    /// Renew the pools' authentication tokens (`--dsql-region`); stopped on drop.
+    _token_refreshers: Vec<TokenRefresher>,
 }
 
 /// The channel every enqueue notifies, in the enqueuing transaction (delivered on commit).
@@ -253,6 +256,30 @@ impl PgStore {
             // A cached statement outlives its transaction, and so its server connection.
             connect = connect.statement_cache_capacity(0);
         }
+        // Token authentication (Aurora DSQL IAM): the first token now, a refresher per pool below.
+        let aws = match &options.dsql_auth {
+            Some(auth) => {
+                anyhow::ensure!(
+                    profile == DatabaseProfile::Dsql,
+                    "--dsql-region (IAM authentication tokens) needs --database-profile dsql"
+                );
+                match auth {
+                    DsqlAuth::Iam(settings) => Some(DsqlTokenSource::aws_config(&settings.region).await),
+                    DsqlAuth::Source(_) => None,
+                }
+            }
+            None => None,
+        };
+        let (connect, primary_auth) = match &options.dsql_auth {
+            Some(auth) => {
+                let (connect, pool_auth) = PoolAuth::start(auth, aws.as_ref(), url, connect)
+                    .await
+                    .context("preparing the database authentication token")?;
+                (connect, Some(pool_auth))
+            }
+            None => (dsql_auth::plain_unless_asked(url, connect), None),
+        };
+        let mut token_refreshers = Vec::new();
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -271,7 +298,17 @@ impl PgStore {
             })
             .connect_with(connect.clone().application_name("orderflow"))
             .await
-            .with_context(|| format!("connecting to PostgreSQL at {}", super::redact_url(url)))?;
+            .with_context(|| match &options.dsql_auth {
+                Some(auth) => format!(
+                    "connecting to PostgreSQL at {} {}",
+                    super::redact_url(url),
+                    PoolAuth::describe(auth, &connect)
+                ),
+                None => format!("connecting to PostgreSQL at {}", super::redact_url(url)),
+            })?;
+        if let Some(auth) = primary_auth {
+            token_refreshers.push(TokenRefresher::spawn(pool.clone(), auth.source, auth.first.valid_for));
+        }
         let pool = DbPool::postgres(pool, behind_pooler);
         let wakeups = match profile {
             // LISTEN needs its session for good, which a transaction pooler hands to other
@@ -321,12 +358,29 @@ impl PgStore {
                 if behind_pooler {
                     connect = connect.statement_cache_capacity(0);
                 }
+                // Its own tokens: its endpoint (and maybe user) is its own.
+                let (connect, replica_auth) = match &options.dsql_auth {
+                    Some(auth) => {
+                        let (connect, pool_auth) = PoolAuth::start(auth, aws.as_ref(), &settings.url, connect)
+                            .await
+                            .context("preparing the read replica's authentication token")?;
+                        (connect, Some(pool_auth))
+                    }
+                    None => (dsql_auth::plain_unless_asked(&settings.url, connect), None),
+                };
                 // Short waits: a replica that does not answer is bypassed, not waited for.
                 let replica_pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
                     .acquire_timeout(options.acquire_timeout.min(Duration::from_secs(1)))
                     .max_lifetime(CONNECTION_LIFETIME)
                     .connect_lazy_with(connect.application_name("orderflow-replica"));
+                if let Some(auth) = replica_auth {
+                    token_refreshers.push(TokenRefresher::spawn(
+                        replica_pool.clone(),
+                        auth.source,
+                        auth.first.valid_for,
+                    ));
+                }
                 Some(replica::Replica::start(
                     DbPool::postgres(replica_pool, behind_pooler),
                     pool.clone(),
@@ -381,6 +435,7 @@ impl PgStore {
             wakeups,
             events,
             replica,
+            _token_refreshers: token_refreshers,
         })
     }
 
