@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::jobs::{CompleteOutcome, JobLease, Refusal, StepEffects};
+use super::jobs::{CompleteOutcome, JobLease, PaymentState, Refusal, StepEffects};
 use super::jobs_common::{inventory_plan, next_status};
 use super::rows::{ORDER_COLUMNS, OrderItemRow, OrderRow};
 use super::writes::{Write, Writes};
@@ -85,6 +85,17 @@ where
         if effects.unless_shipped && after_sale::has_shipments(tx, order).await? {
             return Ok(CompleteOutcome::Refused(Refusal::AlreadyShipped));
         }
+        if !effects.expect_payment.is_empty() {
+            // Read under the order's lock, which every payment write takes first.
+            let stored: Option<(String,)> = sqlx::query_as("SELECT state FROM payments WHERE order_id = $1")
+                .bind(order)
+                .fetch_optional(&mut **tx)
+                .await?;
+            let state = stored.and_then(|(state,)| PaymentState::parse(&state));
+            if !state.is_some_and(|state| effects.expect_payment.contains(&state)) {
+                return Ok(CompleteOutcome::UnexpectedPayment(state));
+            }
+        }
         let mut new_status = effects.new_status;
         if let Some(settlement) = &effects.refund_settled {
             match after_sale::settle_refund(tx, order, status, settlement, now).await? {
@@ -144,7 +155,7 @@ fn unexpected_status(effects: &StepEffects, status: OrderStatus) -> Option<Compl
 
 /// Whether a completion can be written together with others in [`apply_merged`]: it is fenced
 /// by a lease, belongs to an order, and needs no read or write beyond the order row, its lines
-/// and the job row (no shipment, refund, settlement, shipment check or stored payment).
+/// and the job row (no shipment, refund, settlement, shipment or payment check, or stored payment).
 pub(super) fn mergeable(lease: Option<&JobLease>, effects: &StepEffects) -> bool {
     lease.is_some()
         && effects.order_id.is_some()
@@ -152,6 +163,7 @@ pub(super) fn mergeable(lease: Option<&JobLease>, effects: &StepEffects) -> bool
         && effects.refund.is_none()
         && effects.refund_settled.is_none()
         && !effects.unless_shipped
+        && effects.expect_payment.is_empty()
         && !needs_stored_payment(effects)
 }
 

@@ -61,6 +61,9 @@ pub enum CompleteOutcome {
     LeaseLost,
     /// The order was not in an expected status: nothing was written; the step should look again.
     UnexpectedStatus(OrderStatus),
+    /// The order's payment was not in a state the effects expect (another step moved it
+    /// meanwhile; `None`: there is no payment): nothing was written.
+    UnexpectedPayment(Option<PaymentState>),
     /// A shipment or refund request with this Idempotency-Key was recorded before, with the same
     /// body: nothing was written; this is the first one's id.
     Replayed(Uuid),
@@ -209,6 +212,10 @@ pub struct StepEffects {
     pub order_id: Option<OrderId>,
     /// When not empty, the order must be in one of these statuses or nothing is written.
     pub expect_status: Vec<OrderStatus>,
+    /// When not empty, the order's payment must be recorded in one of these states or nothing is
+    /// written ([`CompleteOutcome::UnexpectedPayment`]): a step that acted on the payment it read
+    /// does not overwrite what another step recorded since.
+    pub expect_payment: Vec<PaymentState>,
     /// The order's new status; must be a legal transition (checked against the domain).
     pub new_status: Option<OrderStatus>,
     /// Timeline entries (kind, detail), recorded with the order's resulting status (I7).

@@ -290,6 +290,15 @@ macro_rules! impl_sandbox_books {
                         .await?;
                     if taken.rows_affected() != 1 {
                         drop(tx);
+                        // A concurrent call with this key may have refunded while this one waited
+                        // for the intent's row: its refund is the answer, as a retry would find it.
+                        let earlier: Option<(String, i64)> = sqlx::query_as($crate::store::sandbox::FIND_INTENT_REFUND)
+                            .bind(idempotency_key)
+                            .fetch_optional(&self.$writer)
+                            .await?;
+                        if let Some((id, amount_minor)) = earlier {
+                            return Ok(SandboxRefundOutcome::Refunded { id, amount_minor });
+                        }
                         return Ok(match self.intent(intent_id).await? {
                             None => SandboxRefundOutcome::NoSuchIntent,
                             Some(intent) if intent.status != "succeeded" => SandboxRefundOutcome::NotCaptured,

@@ -337,13 +337,11 @@ impl Saga {
                 return match self.complete(job, waiting).await? {
                     // Cancelled while we were asking: record the intent and void it.
                     CompleteOutcome::UnexpectedStatus(OrderStatus::Cancelled) => {
-                        let give_back = StepEffects {
-                            order_id: Some(order.id),
-                            events: vec![("payment_after_cancel".into(), Some(intent.id.clone()))],
-                            payment: Some(payment(PaymentState::RequiresAction, Some(&intent), None)),
-                            enqueue: vec![self.job(REFUND_PAYMENT, order.id)],
-                            ..Default::default()
-                        };
+                        let give_back = self.payment_after_cancel(
+                            order.id,
+                            &intent.id,
+                            payment(PaymentState::RequiresAction, Some(&intent), None),
+                        );
                         self.complete(job, give_back).await.map(|_| ())
                     }
                     CompleteOutcome::UnexpectedStatus(_) => self.nothing_to_do(job).await,
@@ -394,21 +392,28 @@ impl Saga {
             CompleteOutcome::UnexpectedStatus(_) => {
                 // Cancelled while we were authorizing: keep the record and give it back (void or
                 // refund, by the compensation).
-                let give_back = StepEffects {
-                    order_id: Some(order.id),
-                    events: vec![("payment_after_cancel".into(), Some(intent.id.clone()))],
-                    payment: Some(payment(state, Some(&intent), None)),
-                    emit: if state == PaymentState::Captured {
-                        vec![NewEvent::new(EventType::PaymentCaptured)]
-                    } else {
-                        Vec::new()
-                    },
-                    enqueue: vec![self.job(REFUND_PAYMENT, order.id)],
-                    ..Default::default()
-                };
+                let give_back = self.payment_after_cancel(order.id, &intent.id, payment(state, Some(&intent), None));
                 self.complete(job, give_back).await.map(|_| ())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// What a step records when it finds the order cancelled after the provider authorized or
+    /// captured its payment: the payment as the provider left it (`payment.captured` when money
+    /// was taken), and the compensation that gives it back (void or refund).
+    fn payment_after_cancel(&self, order: OrderId, intent_id: &str, payment: PaymentChange) -> StepEffects {
+        StepEffects {
+            order_id: Some(order),
+            events: vec![("payment_after_cancel".into(), Some(intent_id.to_string()))],
+            emit: if payment.state == PaymentState::Captured {
+                vec![NewEvent::new(EventType::PaymentCaptured)]
+            } else {
+                Vec::new()
+            },
+            payment: Some(payment),
+            enqueue: vec![self.job(REFUND_PAYMENT, order)],
+            ..Default::default()
         }
     }
 
@@ -474,6 +479,8 @@ impl Saga {
             effects.emit.push(NewEvent::new(EventType::OrderFulfilled));
             effects.enqueue.push(self.job(SEND_CONFIRMATION, order.id));
         }
+        // The capture this run made: (intent, payment), recorded even if the order was cancelled.
+        let mut captured_now = None;
         if let Some(payment) = payment.filter(|p| p.state() == Some(PaymentState::Authorized)) {
             let intent_id = payment
                 .provider_ref
@@ -485,24 +492,32 @@ impl Saga {
                 amount_minor: payment.amount_minor,
                 correlation_id: job.correlation_id.clone(),
             };
-            let captured = match self.provider_call("capture", self.payments.capture(&request)).await {
-                Ok(intent) if intent.status == IntentStatus::Succeeded => intent,
+            let capture = match self.provider_call("capture", self.payments.capture(&request)).await {
+                Ok(intent) if intent.status == IntentStatus::Succeeded => Ok(intent),
                 // Some providers answer a capture of a cancelled intent with the intent as it
                 // is: no money moved, so nothing may be recorded as captured.
-                Ok(intent) => {
-                    return Err(StepError::Fatal(format!(
-                        "capturing the payment left payment intent {} {}",
-                        intent.id,
-                        intent.status.as_str()
-                    )));
-                }
+                Ok(intent) => Err(format!(
+                    "capturing the payment left payment intent {} {}",
+                    intent.id,
+                    intent.status.as_str()
+                )),
                 Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
+                Err(error) => Err(format!("capturing the payment failed: {error}")),
+            };
+            let captured = match capture {
+                Ok(intent) => intent,
+                // The buyer cancelled meanwhile and the cancellation's refund_payment voided the
+                // authorization first: nothing was taken, nothing is left to do.
+                Err(_) if self.order(job).await?.order.status == OrderStatus::Cancelled => {
+                    return self.nothing_to_do(job).await;
+                }
                 // An authorization that can no longer be captured (expired, voided elsewhere):
                 // parked for an operator (docs/fulfilment.md: a new payment is needed).
-                Err(error) => return Err(StepError::Fatal(format!("capturing the payment failed: {error}"))),
+                Err(error) => return Err(StepError::Fatal(error)),
             };
             let mut change = payment.change(PaymentState::Captured);
             change.captured_minor = captured.amount_captured_minor;
+            captured_now = Some((captured.id.clone(), change.clone()));
             effects.payment = Some(change);
             effects.events.insert(
                 0,
@@ -516,8 +531,22 @@ impl Saga {
             // A later partial shipment: the money was taken with the first one.
             return self.nothing_to_do(job).await;
         }
-        match self.complete(job, effects).await? {
-            CompleteOutcome::UnexpectedStatus(_) => self.nothing_to_do(job).await,
+        match (self.complete(job, effects).await?, captured_now) {
+            // The buyer cancelled while the capture was on the wire: the money was taken, so it
+            // is recorded and given back — unless the cancellation's refund_payment found the
+            // capture first and recorded it refunded (the payment is no longer the authorization
+            // this run read).
+            (CompleteOutcome::UnexpectedStatus(OrderStatus::Cancelled), Some((intent_id, change))) => {
+                let give_back = StepEffects {
+                    expect_payment: vec![PaymentState::Authorized],
+                    ..self.payment_after_cancel(order.id, &intent_id, change)
+                };
+                match self.complete(job, give_back).await? {
+                    CompleteOutcome::UnexpectedPayment(_) => self.nothing_to_do(job).await,
+                    _ => Ok(()),
+                }
+            }
+            (CompleteOutcome::UnexpectedStatus(_), _) => self.nothing_to_do(job).await,
             _ => Ok(()),
         }
     }
@@ -612,62 +641,126 @@ impl Saga {
         };
         let state = payment.as_ref().and_then(|p| p.state());
         match (payment, state) {
-            (Some(payment), Some(PaymentState::Authorized | PaymentState::RequiresAction)) => {
+            (Some(payment), Some(state @ (PaymentState::Authorized | PaymentState::RequiresAction))) => {
                 let request = VoidRequest {
                     idempotency_key: void_key(order.id),
                     intent_id: intent_of(&payment)?,
                     correlation_id: job.correlation_id.clone(),
                 };
-                let voided = self.provider_call("void", self.payments.void(&request)).await;
-                match voided {
+                effects.expect_payment = vec![state];
+                let refused = match self.provider_call("void", self.payments.void(&request)).await {
                     Ok(intent) => {
                         effects
                             .events
                             .push(("payment_voided".into(), Some(format!("payment intent {}", intent.id))));
                         effects.payment = Some(payment.change(PaymentState::Voided));
+                        None
                     }
                     Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
-                    Err(error) => return Err(StepError::Fatal(error.to_string())),
+                    Err(error) => Some(error),
+                };
+                if let Some(refused) = refused {
+                    // Too late to void: fulfil_order captured while the buyer cancelled, and has
+                    // not recorded it yet (docs/payments.md). The provider's intent says what
+                    // happened; captured money is refunded instead.
+                    let intent = match self
+                        .provider_call("retrieve", self.payments.retrieve(&request.intent_id))
+                        .await
+                    {
+                        Ok(intent) => intent,
+                        Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
+                        Err(error) => {
+                            return Err(StepError::Fatal(format!(
+                                "{refused}; reading the payment intent failed: {error}"
+                            )));
+                        }
+                    };
+                    match intent.status {
+                        IntentStatus::Succeeded => {
+                            let mut captured = payment.change(PaymentState::Captured);
+                            captured.captured_minor = intent.amount_captured_minor;
+                            effects.events.push((
+                                "payment_captured".into(),
+                                Some(format!("payment intent {} was captured before the void", intent.id)),
+                            ));
+                            effects.emit.push(NewEvent::new(EventType::PaymentCaptured));
+                            self.refund_in_full(job, &order, captured, &mut effects).await?;
+                        }
+                        IntentStatus::Processing => {
+                            return Err(StepError::Retry("the provider is still processing".into()));
+                        }
+                        _ => return Err(StepError::Fatal(refused.to_string())),
+                    }
                 }
             }
-            (Some(payment), Some(PaymentState::Captured | PaymentState::PartiallyRefunded)) => {
-                let amount = payment.captured_minor - payment.refunded_minor;
-                let request = RefundRequest {
-                    idempotency_key: refund_key(order.id),
-                    intent_id: intent_of(&payment)?,
-                    amount_minor: amount,
-                    reason: Some("requested_by_customer".into()),
-                    correlation_id: job.correlation_id.clone(),
-                };
-                let refund = match self.provider_call("refund", self.payments.refund(&request)).await {
-                    Ok(refund) => refund,
-                    Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
-                    Err(error) => return Err(StepError::Fatal(error.to_string())),
-                };
-                effects
-                    .events
-                    .push(("payment_refunded".into(), Some(format!("refund {}", refund.id))));
-                effects.emit.push(NewEvent::new(EventType::PaymentRefunded).with(
-                    "refund",
-                    json!({
-                        "refund_id": refund.id,
-                        "provider_refund_id": refund.id,
-                        "reason": "cancelled",
-                        "amount": crate::domain::Money::from_minor(refund.amount_minor)
-                            .unwrap_or_default()
-                            .to_json_number(order.currency),
-                    }),
-                ));
-                let mut change = payment.change(PaymentState::Refunded);
-                change.refunded_minor = payment.refunded_minor + refund.amount_minor;
-                change.detail = Some(format!("refund {}", refund.id));
-                effects.payment = Some(change);
+            (Some(payment), Some(state @ (PaymentState::Captured | PaymentState::PartiallyRefunded))) => {
+                effects.expect_payment = vec![state];
+                self.refund_in_full(job, &order, payment.change(state), &mut effects)
+                    .await?;
             }
+            // Given back by an earlier run (a second refund_payment, e.g. enqueued by fulfil_order
+            // after a capture that met the cancellation): that run finished the cancellation.
+            (Some(_), Some(PaymentState::Voided | PaymentState::Refunded)) => return self.nothing_to_do(job).await,
             _ => effects
                 .events
                 .push(("cancelled".into(), Some("nothing to give back".into()))),
         }
-        self.complete(job, effects).await.map(|_| ())
+        match self.complete(job, effects).await? {
+            // Another step recorded the payment since we read it (fulfil_order's capture that
+            // met the cancellation): look again; the provider calls carry the same keys.
+            CompleteOutcome::UnexpectedPayment(_) => Err(StepError::Retry(
+                "the payment was recorded anew while giving it back".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refunds what is left of a cancelled order's captured `payment` (key [`refund_key`], so a
+    /// retry finds the same refund, never a second one) and records it in `effects`: the payment
+    /// refunded in full, `payment.refunded` emitted.
+    async fn refund_in_full(
+        &self,
+        job: &ClaimedJob,
+        order: &Order,
+        payment: PaymentChange,
+        effects: &mut StepEffects,
+    ) -> Result<(), StepError> {
+        let request = RefundRequest {
+            idempotency_key: refund_key(order.id),
+            intent_id: payment
+                .provider_ref
+                .clone()
+                .ok_or_else(|| StepError::Fatal("the payment has no payment intent".into()))?,
+            amount_minor: payment.captured_minor - payment.refunded_minor,
+            reason: Some("requested_by_customer".into()),
+            correlation_id: job.correlation_id.clone(),
+        };
+        let refund = match self.provider_call("refund", self.payments.refund(&request)).await {
+            Ok(refund) => refund,
+            Err(PaymentError::Transient(error)) => return Err(StepError::Retry(error)),
+            Err(error) => return Err(StepError::Fatal(error.to_string())),
+        };
+        effects
+            .events
+            .push(("payment_refunded".into(), Some(format!("refund {}", refund.id))));
+        effects.emit.push(NewEvent::new(EventType::PaymentRefunded).with(
+            "refund",
+            json!({
+                "refund_id": refund.id,
+                "provider_refund_id": refund.id,
+                "reason": "cancelled",
+                "amount": Money::from_minor(refund.amount_minor)
+                    .unwrap_or_default()
+                    .to_json_number(order.currency),
+            }),
+        ));
+        effects.payment = Some(PaymentChange {
+            state: PaymentState::Refunded,
+            refunded_minor: payment.refunded_minor + refund.amount_minor,
+            detail: Some(format!("refund {}", refund.id)),
+            ..payment
+        });
+        Ok(())
     }
 
     async fn send(&self, job: &ClaimedJob, kind: &str) -> Result<(), StepError> {
