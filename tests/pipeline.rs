@@ -33,6 +33,7 @@ on_every_backend!(
     a_job_whose_workers_keep_dying_is_dead_lettered_as_poison,
     concurrent_runners_never_repeat_effects,
     audit_catches_pipeline_violations,
+    a_provider_call_not_yet_recorded_is_not_a_violation_while_its_step_is_queued,
     unpaid_orders_expire_and_release_stock,
 );
 
@@ -671,6 +672,58 @@ async fn audit_catches_pipeline_violations(backend: Backend) {
             .any(|v| v.check == "captured_payment_has_order"),
         "{report}"
     );
+}
+
+/// A step's provider call commits at the provider before the step records it: on a live system
+/// the provider's books are briefly ahead of ours. The audit accepts that while the step is queued
+/// or running (its retry records what the provider did), and flags it once the step is dead.
+async fn a_provider_call_not_yet_recorded_is_not_a_violation_while_its_step_is_queued(backend: Backend) {
+    use orderflow::adapters::payment::intents::{CaptureRequest, PaymentProvider};
+    use orderflow::workflow::steps::capture_key;
+    let p = Pipeline::new(backend).await;
+    let order = p.place("tok_visa", 1).await;
+    assert_eq!(p.runner.run_batch(CHARGE_PAYMENT, 10).await.unwrap(), 1);
+    let intent = p
+        .sandbox
+        .books()
+        .intents_for(&order.to_string())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(intent.status, "requires_capture");
+    // What fulfil_order's capture does at the provider, before its completion commits.
+    p.sandbox
+        .capture(&CaptureRequest {
+            idempotency_key: capture_key(order),
+            intent_id: intent.id.clone(),
+            amount_minor: intent.amount_minor,
+            correlation_id: None,
+        })
+        .await
+        .unwrap();
+    p.assert_audit_clean().await;
+
+    tamper(
+        &p,
+        backend,
+        "UPDATE jobs SET state = 'dead' WHERE kind = 'fulfil_order'",
+    )
+    .await;
+    let report = p.store.audit().await.unwrap();
+    assert!(
+        report.violations.iter().any(|v| v.check == "payment_in_provider_books"),
+        "a dead step's unrecorded capture is caught:\n{report}"
+    );
+    tamper(
+        &p,
+        backend,
+        "UPDATE jobs SET state = 'ready' WHERE kind = 'fulfil_order'",
+    )
+    .await;
+    // The step's capture (same key) finds the provider's answer and records it.
+    p.drain().await;
+    assert_eq!(p.status(order).await, OrderStatus::Fulfilled);
+    p.assert_audit_clean().await;
 }
 
 async fn unpaid_orders_expire_and_release_stock(backend: Backend) {
