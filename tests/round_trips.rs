@@ -5,7 +5,10 @@
 //! written then charges the price it was written with, never oversells, and a checkout refused
 //! against the first read is accepted when stock came back before the write.
 //!
-//! PostgreSQL only: SQLite is embedded, no round trips.
+//! The writes a step's completion sends together lock their product rows in id order first, as
+//! checkout does (no deadlock between them).
+//!
+//! PostgreSQL only: SQLite is embedded, no round trips, one writer.
 
 mod common;
 #[path = "support/latency_proxy.rs"]
@@ -78,18 +81,27 @@ async fn customer(store: &dyn Store) -> CustomerId {
 }
 
 fn request(customer: CustomerId, product: ProductId, quantity: i64) -> PlaceOrder {
+    request_cart(customer, &[(product, quantity)])
+}
+
+fn request_cart(customer: CustomerId, lines: &[(ProductId, i64)]) -> PlaceOrder {
     let now = orderflow::clock::now();
     let order_id = OrderId::new();
     PlaceOrder {
         principal: customer.to_string(),
         idempotency_key: uuid::Uuid::now_v7().to_string(),
-        fingerprint: format!("{product}:{quantity}"),
+        fingerprint: format!("{lines:?}"),
         order_id,
         customer_id: customer,
-        cart: Cart::new(vec![CartLine {
-            product_id: product,
-            quantity: Quantity::parse(quantity).unwrap(),
-        }])
+        cart: Cart::new(
+            lines
+                .iter()
+                .map(|&(product_id, quantity)| CartLine {
+                    product_id,
+                    quantity: Quantity::parse(quantity).unwrap(),
+                })
+                .collect(),
+        )
         .unwrap(),
         payment_token: PaymentToken::default_sandbox(),
         shipping: None,
@@ -341,8 +353,7 @@ async fn a_refusal_is_rechecked_when_stock_came_back_before_the_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_group_of_step_completions_takes_five_round_trips() {
     use orderflow::domain::OrderStatus;
-    use orderflow::domain::events::{EventType, NewEvent};
-    use orderflow::store::jobs::{CompleteOutcome, InventoryAction, PaymentChange, PaymentState, StepEffects};
+    use orderflow::store::jobs::CompleteOutcome;
 
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = LatencyProxy::start(server_addr(&db), Duration::ZERO).await;
@@ -358,37 +369,6 @@ async fn a_group_of_step_completions_takes_five_round_trips() {
         .await
         .unwrap();
     assert_eq!(jobs.len(), GROUP);
-    let paid = |order: Option<OrderId>| StepEffects {
-        order_id: order,
-        expect_status: vec![OrderStatus::PendingPayment],
-        new_status: Some(OrderStatus::Paid),
-        events: vec![
-            ("payment_authorized".into(), None),
-            ("inventory_committed".into(), None),
-        ],
-        inventory: Some(InventoryAction::Commit),
-        payment: Some(PaymentChange {
-            // Not the sandbox, whose own books the audit holds these payments against.
-            provider: "outside".into(),
-            idempotency_key: format!("charge-{}", order.unwrap()),
-            state: PaymentState::Authorized,
-            provider_ref: Some(format!("pi_{}", order.unwrap().as_uuid().simple())),
-            amount_minor: 250,
-            captured_minor: 0,
-            refunded_minor: 0,
-            currency: "USD".into(),
-            detail: None,
-            client_secret: None,
-        }),
-        emit: vec![NewEvent::new(EventType::OrderPaid)],
-        enqueue: vec![NewJob {
-            kind: "send_receipt",
-            payload: json!({ "order_id": order }),
-            run_at: Utc::now(),
-            max_attempts: 3,
-        }],
-        ..Default::default()
-    };
     let completions: Vec<_> = jobs.iter().map(|job| (Some(job.lease), paid(job.order_id))).collect();
     let before = proxy.count();
     let answers = store.complete_jobs(&completions, Utc::now()).await;
@@ -419,6 +399,132 @@ async fn a_group_of_step_completions_takes_five_round_trips() {
         .await
         .unwrap();
     assert_eq!(receipts.len(), GROUP, "each completion enqueued its next job");
+    let audit = store.audit().await.unwrap();
+    assert!(audit.is_clean(), "{audit:#?}");
+}
+
+/// What the payment step's completion writes: the order paid, its stock committed (sold), its
+/// payment recorded (not the sandbox's, whose own books the audit holds payments against), its
+/// event and its next job.
+fn paid(order: Option<OrderId>) -> orderflow::store::jobs::StepEffects {
+    use orderflow::domain::OrderStatus;
+    use orderflow::domain::events::{EventType, NewEvent};
+    use orderflow::store::jobs::{InventoryAction, PaymentChange, PaymentState, StepEffects};
+    StepEffects {
+        order_id: order,
+        expect_status: vec![OrderStatus::PendingPayment],
+        new_status: Some(OrderStatus::Paid),
+        events: vec![
+            ("payment_authorized".into(), None),
+            ("inventory_committed".into(), None),
+        ],
+        inventory: Some(InventoryAction::Commit),
+        payment: Some(PaymentChange {
+            provider: "outside".into(),
+            idempotency_key: format!("charge-{}", order.unwrap()),
+            state: PaymentState::Authorized,
+            provider_ref: Some(format!("pi_{}", order.unwrap().as_uuid().simple())),
+            amount_minor: 250,
+            captured_minor: 0,
+            refunded_minor: 0,
+            currency: "USD".into(),
+            detail: None,
+            client_secret: None,
+        }),
+        emit: vec![NewEvent::new(EventType::OrderPaid)],
+        enqueue: vec![NewJob {
+            kind: "send_receipt",
+            payload: json!({ "order_id": order }),
+            run_at: Utc::now(),
+            max_attempts: 3,
+        }],
+        ..Default::default()
+    }
+}
+
+/// A completion's writes are sent together, and PostgreSQL runs the statements of one batch in
+/// an order it does not promise; checkout locks product rows in id order. A completion writing
+/// two products must lock them in that order first, or it deadlocks with a checkout that holds
+/// the first and wants the second (found only after `deadlock_timeout`). Here a transaction
+/// stands in for that checkout: it holds the lower product while the payment step of an order of
+/// both products (alone, then in a group with an order of the higher one) is written, and must
+/// still find the higher one free. Without the lock the completion held it, waiting for the lower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn completions_lock_their_products_in_id_order_before_writing_stock() {
+    use orderflow::store::jobs::CompleteOutcome;
+    use sqlx::Connection;
+
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.connect().await;
+    let buyer = customer(&*store).await;
+    let mut products = [product(&*store, 250, 100).await, product(&*store, 250, 100).await];
+    products.sort_by_key(|product| product.as_uuid());
+    let [low, high] = products;
+    for group in [
+        vec![vec![(low, 1), (high, 1)]],
+        vec![vec![(low, 1), (high, 1)], vec![(high, 2)]],
+    ] {
+        for cart in &group {
+            let outcome = store.place_order(&request_cart(buyer, cart)).await.unwrap();
+            assert!(matches!(outcome, PlaceOrderOutcome::Created(_)), "{outcome:?}");
+        }
+        let jobs = store
+            .claim_jobs("charge_payment", 10, Duration::from_secs(60), Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), group.len());
+
+        let mut checkout = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut checkout).await.unwrap();
+        sqlx::query("SELECT id FROM products WHERE id = $1 FOR UPDATE")
+            .bind(low.as_uuid())
+            .execute(&mut checkout)
+            .await
+            .unwrap();
+        let completing = {
+            let store = store.clone();
+            let completions: Vec<_> = jobs.iter().map(|job| (Some(job.lease), paid(job.order_id))).collect();
+            tokio::spawn(async move { store.complete_jobs(&completions, Utc::now()).await })
+        };
+        // The completion now waits for the lower product's lock.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while db
+            .count(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the completion never waited for the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let second = sqlx::query("SELECT id FROM products WHERE id = $1 FOR UPDATE NOWAIT")
+            .bind(high.as_uuid())
+            .execute(&mut checkout)
+            .await;
+        assert!(
+            second.is_ok(),
+            "a group of {}: the completion took the higher product before the lower: {second:?}",
+            group.len()
+        );
+        sqlx::query("COMMIT").execute(&mut checkout).await.unwrap();
+        let answers = completing.await.unwrap();
+        assert!(
+            answers
+                .iter()
+                .all(|answer| matches!(answer, Ok(CompleteOutcome::Completed))),
+            "{answers:?}"
+        );
+    }
+    let (low_now, high_now) = (
+        store.get_product(low).await.unwrap().unwrap(),
+        store.get_product(high).await.unwrap().unwrap(),
+    );
+    assert_eq!((low_now.on_hand, low_now.reserved), (98, 0));
+    assert_eq!((high_now.on_hand, high_now.reserved), (96, 0));
     let audit = store.audit().await.unwrap();
     assert!(audit.is_clean(), "{audit:#?}");
 }

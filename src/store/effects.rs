@@ -18,10 +18,14 @@ use crate::domain::events::{PaymentFacts, order_subject};
 
 /// Applies `effects` (and completes the leased job) in `tx`. The caller commits; on any outcome
 /// other than `Completed` it must not (dropping the transaction rolls it back).
+///
+/// `stock_locked`: the caller has locked the product rows the effects may write (a group does, for
+/// all its completions at once); otherwise they are locked here when the order has several.
 pub(super) async fn apply<DB>(
     tx: &mut sqlx::Transaction<'_, DB>,
     lock_order_row: &str,
     lease: Option<&JobLease>,
+    stock_locked: bool,
     effects: &StepEffects,
     now: DateTime<Utc>,
 ) -> StoreResult<CompleteOutcome>
@@ -64,6 +68,12 @@ where
             .await?
             .pop()
             .ok_or_else(|| StoreError::Corrupt(format!("job for missing order {order_id}")))?;
+        // Product rows are locked in id order, as checkout locks them: the stock writes sent at
+        // the end run in an order PostgreSQL does not promise (data-modifying CTEs), and two
+        // transactions locking two products in opposite orders deadlock.
+        if !stock_locked && effects.inventory.is_some() && locked.products() > 1 {
+            lock_stock(tx, lock_order_row, &[order]).await?;
+        }
         let status = locked.status()?;
         correlation_id = correlation_id.or(locked.row.correlation_id().map(str::to_string));
         // Requests that carry their own idempotency answer before the status is looked at: a
@@ -180,6 +190,7 @@ pub(super) async fn apply_merged<DB>(
     lock_rows: &str,
     completions: &[(JobLease, &StepEffects, DateTime<Utc>)],
     more_orders: &[Uuid],
+    more_stock: &[Uuid],
 ) -> StoreResult<Vec<StoreResult<CompleteOutcome>>>
 where
     DB: sqlx::Database,
@@ -235,6 +246,24 @@ where
             .map(|order| (order.row.id, order))
             .collect()
     };
+    // Then the product rows of every order whose stock may change, in id order (see [`apply`]):
+    // skipped when the group's merged orders share one product and no other order writes stock.
+    let mut stock_of: Vec<Uuid> = completions
+        .iter()
+        .filter(|(_, effects, _)| effects.inventory.is_some())
+        .filter_map(|(_, effects, _)| effects.order_id.map(|id| id.as_uuid()))
+        .filter(|order| locked.contains_key(order))
+        .collect();
+    let merged_products: std::collections::BTreeSet<Uuid> = stock_of
+        .iter()
+        .flat_map(|order| locked[order].lines.iter().map(|line| line.product_id))
+        .collect();
+    if !more_stock.is_empty() || merged_products.len() > 1 {
+        stock_of.extend_from_slice(more_stock);
+        stock_of.sort();
+        stock_of.dedup();
+        lock_stock(tx, lock_rows, &stock_of).await?;
+    }
     let mut described = Described::default();
     let mut fenced = Vec::new();
     let mut answers = Vec::with_capacity(completions.len());
@@ -299,14 +328,29 @@ impl LockedOrder {
     fn status(&self) -> StoreResult<OrderStatus> {
         self.row.status().parse().map_err(StoreError::Corrupt)
     }
+
+    /// How many different products its lines hold.
+    fn products(&self) -> usize {
+        let mut products: Vec<Uuid> = self.lines.iter().map(|line| line.product_id).collect();
+        products.sort();
+        products.dedup();
+        products.len()
+    }
 }
 
-/// Locks the order rows of a group's completions, in id order, before any of them writes stock
-/// (see [`apply_merged`]); nothing on SQLite, whose single writer holds the database.
+/// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values.
+pub(super) fn placeholders(n: usize) -> String {
+    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Locks the order rows of a group's completions in id order, then the product rows of the
+/// orders in `stock_of` (those whose stock may change), before any of them writes stock (see
+/// [`apply_merged`]); nothing on SQLite, whose single writer holds the database.
 pub(super) async fn lock_group_orders<DB>(
     tx: &mut sqlx::Transaction<'_, DB>,
     lock_rows: &str,
     orders: &[Uuid],
+    stock_of: &[Uuid],
 ) -> StoreResult<()>
 where
     DB: sqlx::Database,
@@ -314,14 +358,41 @@ where
     for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
-    if lock_rows.is_empty() || orders.len() < 2 {
+    if lock_rows.is_empty() {
         return Ok(());
     }
-    let ids = (1..=orders.len())
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!("SELECT id FROM orders WHERE id IN ({ids}) ORDER BY id {lock_rows}");
+    if orders.len() > 1 {
+        let sql = format!(
+            "SELECT id FROM orders WHERE id IN ({}) ORDER BY id {lock_rows}",
+            placeholders(orders.len())
+        );
+        let mut query = sqlx::query::<DB>(&sql);
+        for order in orders {
+            query = query.bind(*order);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    lock_stock(tx, lock_rows, stock_of).await
+}
+
+/// Locks the product rows of the orders' lines in id order — the order checkout locks them in —
+/// so that stock writes sent together (in an order the database chooses) cannot deadlock with
+/// another transaction's; nothing on SQLite or for no orders.
+async fn lock_stock<DB>(tx: &mut sqlx::Transaction<'_, DB>, lock_rows: &str, orders: &[Uuid]) -> StoreResult<()>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    if lock_rows.is_empty() || orders.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "SELECT id FROM products WHERE id IN (SELECT product_id FROM order_items WHERE order_id IN ({})) \
+         ORDER BY id {lock_rows}",
+        placeholders(orders.len())
+    );
     let mut query = sqlx::query::<DB>(&sql);
     for order in orders {
         query = query.bind(*order);
@@ -345,10 +416,7 @@ where
     for<'q> Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     LockedOrderLine: for<'r> sqlx::FromRow<'r, DB::Row>,
 {
-    let ids = (1..=orders.len())
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let ids = placeholders(orders.len());
     let sql = format!(
         "SELECT o.*, i.order_id, i.product_id, i.quantity, i.unit_price_minor FROM \
          (SELECT {ORDER_COLUMNS}, inventory_state, last_event_sequence FROM orders WHERE id IN ({ids}) \

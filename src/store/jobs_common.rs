@@ -282,10 +282,7 @@ pub mod reads {
         let sql = if orders.len() == 1 {
             format!("{STEP_ORDER_SQL} WHERE o.id = $1 ORDER BY i.line_no")
         } else {
-            let ids = (1..=orders.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let ids = crate::store::effects::placeholders(orders.len());
             format!("{STEP_ORDER_SQL} WHERE o.id IN ({ids}) ORDER BY o.id, i.line_no")
         };
         let mut query = sqlx::query_as::<DB, StepOrderLine>(&sql);
