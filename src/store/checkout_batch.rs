@@ -122,8 +122,13 @@ pub(super) trait CheckoutTransaction: Send + Sync + 'static {
 }
 
 /// The batcher's writer: a dialect's transaction, retried when it lost a race, split when one
-/// checkout would fail the rest.
-pub(super) struct Checkouts<T>(pub T);
+/// checkout would fail the rest, and cut into parts that each change at most `max_changed_rows`
+/// rows (`None`: no limit; the distributed-SQL profile's transactions change at most
+/// [`super::MAX_CHANGED_ROWS`]).
+pub(super) struct Checkouts<T> {
+    pub transaction: T,
+    pub max_changed_rows: Option<usize>,
+}
 
 #[async_trait::async_trait]
 impl<T: CheckoutTransaction> GroupWriter for Checkouts<T> {
@@ -131,6 +136,52 @@ impl<T: CheckoutTransaction> GroupWriter for Checkouts<T> {
     type Answer = StoreResult<PlaceOrderOutcome>;
 
     async fn write(&self, group: Vec<Checkout>) -> Vec<Self::Answer> {
+        let mut answers = Vec::with_capacity(group.len());
+        for part in within_row_limit(group, self.max_changed_rows) {
+            answers.extend(self.write_part(part).await);
+        }
+        answers
+    }
+}
+
+/// The rows a group's transaction changes: per checkout its order, timeline entry, outbox
+/// event, first job and idempotency key, and its lines; once per product its stock row.
+fn changed_rows(products: &std::collections::HashSet<ProductId>, checkouts: usize, lines: usize) -> usize {
+    5 * checkouts + lines + products.len()
+}
+
+/// `group` cut, in order, into consecutive parts whose transactions each change at most `limit`
+/// rows ([`changed_rows`]); one part without a limit. A checkout alone always fits (at most
+/// [`crate::domain::order::MAX_LINES`] lines).
+fn within_row_limit(group: Vec<Checkout>, limit: Option<usize>) -> Vec<Vec<Checkout>> {
+    let Some(limit) = limit else {
+        return vec![group];
+    };
+    let mut parts: Vec<Vec<Checkout>> = Vec::new();
+    let (mut part, mut products, mut lines) = (Vec::new(), std::collections::HashSet::new(), 0);
+    for checkout in group {
+        let cart = checkout.request.cart.lines();
+        let mut with = products.clone();
+        with.extend(cart.iter().map(|line| line.product_id));
+        if !part.is_empty() && changed_rows(&with, part.len() + 1, lines + cart.len()) > limit {
+            parts.push(std::mem::take(&mut part));
+            with = cart.iter().map(|line| line.product_id).collect();
+            lines = 0;
+        }
+        products = with;
+        lines += cart.len();
+        part.push(checkout);
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
+impl<T: CheckoutTransaction> Checkouts<T> {
+    /// Writes one part of a group in one transaction, or each of its checkouts alone when one
+    /// would fail the rest.
+    async fn write_part(&self, group: Vec<Checkout>) -> Vec<StoreResult<PlaceOrderOutcome>> {
         match self.retrying(&group).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             Err(failure) if group.len() == 1 => vec![Err(alone(failure))],
@@ -152,13 +203,11 @@ impl<T: CheckoutTransaction> GroupWriter for Checkouts<T> {
             }
         }
     }
-}
 
-impl<T: CheckoutTransaction> Checkouts<T> {
     async fn retrying(&self, group: &[Checkout]) -> Result<Vec<PlaceOrderOutcome>, GroupFailure> {
         let (mut backoff, mut reconnected) = (retry::Backoff::new(), false);
         loop {
-            match self.0.write_group(group).await {
+            match self.transaction.write_group(group).await {
                 Err(GroupFailure::Retry(error)) => {
                     if !backoff.wait().await {
                         tracing::warn!(%error, size = group.len(), "checkout transaction kept losing races; giving up");
@@ -338,6 +387,49 @@ mod tests {
             },
             now,
         }
+    }
+
+    fn big_checkout(products: &[ProductId]) -> Checkout {
+        let mut request = request(products[0], 1);
+        request.cart = Cart::new(
+            products
+                .iter()
+                .map(|&product_id| CartLine {
+                    product_id,
+                    quantity: Quantity::parse(1).unwrap(),
+                })
+                .collect(),
+        )
+        .unwrap();
+        Checkout {
+            request,
+            lock_token: Uuid::now_v7(),
+            stock: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn groups_are_cut_to_the_row_limit_in_order() {
+        let shared: Vec<ProductId> = (0..100).map(|_| ProductId::new()).collect();
+        let group: Vec<Checkout> = (0..40).map(|_| big_checkout(&shared)).collect();
+        let keys: Vec<String> = group.iter().map(|c| c.request.idempotency_key.clone()).collect();
+        assert_eq!(within_row_limit(group.clone(), None).len(), 1, "no limit: one part");
+        // The 100 shared stock rows once, then 105 rows per checkout: 27 fit in 3,000.
+        let parts = within_row_limit(group, Some(3000));
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![27, 13]);
+        let order: Vec<String> = parts
+            .iter()
+            .flatten()
+            .map(|c| c.request.idempotency_key.clone())
+            .collect();
+        assert_eq!(order, keys, "in the order they came");
+        // Products of their own: 205 rows per checkout, 14 fit; a checkout alone always fits.
+        let own: Vec<Checkout> = (0..20)
+            .map(|_| big_checkout(&(0..100).map(|_| ProductId::new()).collect::<Vec<_>>()))
+            .collect();
+        let parts = within_row_limit(own, Some(3000));
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![14, 6]);
+        assert_eq!(within_row_limit(vec![big_checkout(&shared)], Some(10)).len(), 1);
     }
 
     #[test]

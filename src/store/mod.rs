@@ -382,6 +382,9 @@ pub struct ReplicaStatus {
     pub fallbacks: u64,
 }
 
+/// The most rows one transaction may change in the distributed-SQL profile (Aurora DSQL's limit).
+pub(crate) const MAX_CHANGED_ROWS: usize = 3000;
+
 /// Which engine family a `postgres://` URL points at (`--database-profile`).
 ///
 /// `Dsql` is PostgreSQL-compatible distributed SQL with Aurora DSQL's limits (DESIGN.md

@@ -413,10 +413,13 @@ impl PgStore {
         };
         let checkouts = {
             let (max_batch, writers) = options.checkout_batch.resolve();
-            let writer = Checkouts(PgCheckouts {
-                pool: pool.clone(),
-                wakeups: wakeups.clone(),
-            });
+            let writer = Checkouts {
+                transaction: PgCheckouts {
+                    pool: pool.clone(),
+                    wakeups: wakeups.clone(),
+                },
+                max_changed_rows: (!profile.has_postgres_extras()).then_some(super::MAX_CHANGED_ROWS),
+            };
             Batcher::start(writer, max_batch, writers)
         };
         let events = EventsSql {

@@ -142,10 +142,13 @@ impl SqliteStore {
         };
         let checkouts = {
             let (max_batch, writers) = options.checkout_batch.resolve();
-            let writer = Checkouts(SqliteCheckouts {
-                writer: writer.clone(),
-                enqueued: jobs_ready.clone(),
-            });
+            let writer = Checkouts {
+                transaction: SqliteCheckouts {
+                    writer: writer.clone(),
+                    enqueued: jobs_ready.clone(),
+                },
+                max_changed_rows: None,
+            };
             Batcher::start(writer, max_batch, writers)
         };
         Ok(Self {
