@@ -281,14 +281,25 @@ async fn a_full_disk_refuses_writes_with_503_and_recovers_by_itself() {
     );
 
     let audit = cli(&db_url, SECRET, &["audit"]).await;
-    assert!(
-        audit.status.success(),
-        "audit after the full disk:\n{}",
-        String::from_utf8_lossy(&audit.stdout)
-    );
     let mut db = sqlx::SqliteConnection::connect(&db_url)
         .await
         .expect("open the database");
+    if !audit.status.success() {
+        // The books of both sides, to tell which write the full disk took.
+        let books: Vec<(String, String, i64, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT p.order_id, p.state, p.captured_minor, i.status, i.captured_minor, \
+             (SELECT group_concat(j.kind || ':' || j.state || ':' || j.attempts, ' ') FROM jobs j WHERE j.order_id = p.order_id) \
+             FROM payments p LEFT JOIN sandbox_intents i ON i.id = p.provider_ref ORDER BY p.order_id",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        panic!(
+            "audit after the full disk:\n{}\npayments and intents:\n{books:#?}\nthe server's log:\n{}",
+            String::from_utf8_lossy(&audit.stdout),
+            log.lock().unwrap().join("\n")
+        );
+    }
     let (integrity,): (String,) = sqlx::query_as("PRAGMA integrity_check")
         .fetch_one(&mut db)
         .await

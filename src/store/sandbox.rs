@@ -140,16 +140,22 @@ pub(super) const COUNT_CALL: &str = "INSERT INTO sandbox_attempts (idempotency_k
 
 /// Implements [`SandboxBooks`] for a store type whose `$writer` pool takes writes and `$reader`
 /// pool takes reads.
+///
+/// A write with `RETURNING` outside a transaction is read with `fetch_all`, never `fetch_one` or
+/// `fetch_optional`: on SQLite its autocommit happens when the statement finishes, and sqlx stops
+/// those after the first row and resets the statement, dropping the reset's error — on a full
+/// disk the provider answered "captured" for a capture it never booked (tests/disk_full.rs).
 macro_rules! impl_sandbox_books {
     ($store:ty, $writer:ident, $reader:ident) => {
         #[async_trait::async_trait]
         impl $crate::store::sandbox::SandboxBooks for $store {
             async fn count_call(&self, idempotency_key: &str) -> $crate::store::StoreResult<i64> {
                 $crate::store::retry::transaction(|| async {
-                    let (calls,): (i64,) = sqlx::query_as($crate::store::sandbox::COUNT_CALL)
+                    let counted: Vec<(i64,)> = sqlx::query_as($crate::store::sandbox::COUNT_CALL)
                         .bind(idempotency_key)
-                        .fetch_one(&self.$writer)
+                        .fetch_all(&self.$writer)
                         .await?;
+                    let (calls,) = counted.into_iter().next().ok_or(sqlx::Error::RowNotFound)?;
                     Ok(calls)
                 })
                 .await
@@ -171,7 +177,7 @@ macro_rules! impl_sandbox_books {
                 // The intent as stored (new, or the first call's with its count), in the same
                 // statement.
                 let found: $crate::store::sandbox::SandboxIntent = $crate::store::retry::transaction(|| async {
-                    Ok(sqlx::query_as(&format!(
+                    let stored: Vec<$crate::store::sandbox::SandboxIntent> = sqlx::query_as(&format!(
                         "{}{}",
                         $crate::store::sandbox::CREATE_INTENT,
                         $crate::store::sandbox::INTENT_COLUMNS
@@ -188,8 +194,9 @@ macro_rules! impl_sandbox_books {
                     .bind(&intent.decline_code)
                     .bind(&secret)
                     .bind(now)
-                    .fetch_one(&self.$writer)
-                    .await?)
+                    .fetch_all(&self.$writer)
+                    .await?;
+                    Ok(stored.into_iter().next().ok_or(sqlx::Error::RowNotFound)?)
                 })
                 .await?;
                 let first = found.calls == 1;
@@ -218,7 +225,7 @@ macro_rules! impl_sandbox_books {
             ) -> $crate::store::StoreResult<Option<$crate::store::sandbox::SandboxIntent>> {
                 let moved: Option<$crate::store::sandbox::SandboxIntent> =
                     $crate::store::retry::transaction(|| async {
-                        Ok(sqlx::query_as(&format!(
+                        let moved: Vec<$crate::store::sandbox::SandboxIntent> = sqlx::query_as(&format!(
                             "{}{}",
                             $crate::store::sandbox::TRANSITION_INTENT,
                             $crate::store::sandbox::INTENT_COLUMNS
@@ -228,8 +235,9 @@ macro_rules! impl_sandbox_books {
                         .bind($crate::clock::now())
                         .bind(id)
                         .bind(from)
-                        .fetch_optional(&self.$writer)
-                        .await?)
+                        .fetch_all(&self.$writer)
+                        .await?;
+                        Ok(moved.into_iter().next())
                     })
                     .await?;
                 match moved {
