@@ -26,7 +26,7 @@ use orderflow::workflow::steps::refund_key;
 use orderflow::workflow::{CHARGE_PAYMENT, REFUND_PAYMENT};
 use serde_json::{Value, json};
 
-on_both_backends!(
+on_every_backend!(
     cancel_while_capturing_refunds_the_capture,
     refund_before_the_capture_is_recorded_refunds_once,
     void_before_the_capture_leaves_nothing_dead,

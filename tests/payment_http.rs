@@ -30,7 +30,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-on_both_backends!(
+on_every_backend!(
     visa_over_http_is_fulfilled_with_one_charge,
     timeout_over_http_charges_exactly_once,
     decline_over_http_cancels_without_a_charge,

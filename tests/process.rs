@@ -21,7 +21,7 @@ use tokio::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 const SECRET: &str = "process-test-secret-process-test-secret";
 
-on_both_backends!(
+on_every_backend!(
     accepted_orders_survive_sigkill,
     audit_command_reports_and_exits_nonzero,
     jobs_command_lists_and_replays_dead_jobs,
@@ -321,6 +321,7 @@ async fn http_payment_provider_across_processes() {
         .unwrap()
         .port();
     let mut provider = Command::new(BIN)
+        .envs(common::profile_env(provider_db.url()))
         .arg("--database-url")
         .arg(provider_db.url())
         .args([

@@ -42,7 +42,7 @@ const JOB_LEASE: &str = "1s";
 /// The deadline of every wait on the processes.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-on_both_backends!(kill_nine_during_refund_refunds_exactly_once);
+on_every_backend!(kill_nine_during_refund_refunds_exactly_once);
 
 /// One `POST /v1/refunds` the proxy forwarded.
 #[derive(Clone, Debug)]
@@ -191,6 +191,7 @@ impl Shop<'_> {
     fn command(&self) -> Command {
         let mut command = Command::new(BIN);
         command
+            .envs(common::profile_env(self.db.url()))
             .arg("--database-url")
             .arg(self.db.url())
             .arg("--data-dir")
@@ -285,6 +286,7 @@ async fn kill_nine_during_refund_refunds_exactly_once(backend: Backend) {
 
     // The provider: `orderflow sandbox-provider` over its own database.
     let mut provider = Command::new(BIN)
+        .envs(common::profile_env(provider_db.url()))
         .arg("--database-url")
         .arg(provider_db.url())
         .args([
@@ -467,6 +469,7 @@ async fn kill_nine_during_refund_refunds_exactly_once(backend: Backend) {
 
     // The audit, with the provider's books, is clean.
     let audit = Command::new(BIN)
+        .envs(common::profile_env(db.url()))
         .arg("--database-url")
         .arg(db.url())
         .args([

@@ -13,7 +13,7 @@ use orderflow::workflow::checkout::CheckoutSettings;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-on_both_backends!(orders_record_the_accepting_region, orders_without_a_region_say_null);
+on_every_backend!(orders_record_the_accepting_region, orders_without_a_region_say_null);
 
 const REGION: &str = "eu-test-1";
 

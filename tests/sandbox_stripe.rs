@@ -27,7 +27,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-on_both_backends!(
+on_every_backend!(
     in_process_sandbox_behaves,
     stripe_client_over_http_behaves,
     intents_are_listed_in_pages,

@@ -34,7 +34,7 @@ use orderflow::workflow::reconcile::{
 use orderflow::workflow::steps::{CancelOutcome, CaptureMode, Saga, SagaSettings, cancel_order};
 use orderflow::workflow::{CHARGE_PAYMENT, FULFIL_ORDER};
 
-on_both_backends!(stripe_books_are_reconciled, audit_command_reads_stripe_books);
+on_every_backend!(stripe_books_are_reconciled, audit_command_reads_stripe_books);
 
 /// The price of the seeded lamp (one per order).
 const PRICE: i64 = 2500;
@@ -266,6 +266,7 @@ impl Shop {
     async fn audit_cli(&self, api_base: &str, json: bool) -> std::process::Output {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderflow"));
         command
+            .envs(common::profile_env(self.db.url()))
             .args(["--database-url", self.db.url(), "audit", "--payment-provider", "stripe"])
             .args([
                 "--stripe-api-base",
@@ -425,6 +426,7 @@ async fn audit_command_reads_stripe_books(backend: Backend) {
 
     // Without the Stripe flags the audit does not ask Stripe.
     let plain = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .envs(common::profile_env(shop.db.url()))
         .args(["--database-url", shop.db.url(), "audit"])
         .env("ORDERFLOW_LOG", "warn")
         .env_remove("ORDERFLOW_PAYMENT_PROVIDER")
@@ -503,6 +505,7 @@ async fn audit_command_reads_stripe_books(backend: Backend) {
 
     // No key: a configuration error, exit 2.
     let keyless = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .envs(common::profile_env(shop.db.url()))
         .args(["--database-url", shop.db.url(), "audit", "--payment-provider", "stripe"])
         .args(["--stripe-api-base", &shop.ls.base_url()])
         .env("ORDERFLOW_LOG", "warn")

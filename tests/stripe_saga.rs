@@ -35,7 +35,7 @@ use orderflow::workflow::steps::{CaptureMode, FulfilmentMode, SagaSettings};
 use reqwest::Response;
 use serde_json::{Value, json};
 
-on_both_backends!(
+on_every_backend!(
     authorize_ship_in_parts_capture_once_then_refund_part,
     cancelling_an_authorized_order_voids_it_and_restocks,
     a_declined_card_cancels_the_order_and_releases_stock,

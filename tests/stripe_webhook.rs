@@ -22,7 +22,7 @@ use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-on_both_backends!(
+on_every_backend!(
     a_successful_authentication_and_its_event_pay_the_order,
     a_failed_authentication_and_its_event_cancel_the_order,
     unverified_events_change_nothing,

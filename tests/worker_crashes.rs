@@ -20,7 +20,7 @@ use orderflow::workflow::CHARGE_PAYMENT;
 use orderflow::workflow::checkout::{self, CheckoutRequest, CheckoutSettings};
 use tokio::process::{Child, Command};
 
-on_both_backends!(
+on_every_backend!(
     ten_kills_of_the_worker_dead_letter_nothing,
     a_step_that_kills_its_worker_is_dead_lettered_after_the_lease_expiry_limit
 );
@@ -75,6 +75,7 @@ impl Shop {
     /// `orderflow serve --mode worker` with a one-second lease, plus `args`.
     fn worker(&self, args: &[&str]) -> Child {
         Command::new(BIN)
+            .envs(common::profile_env(self.db.url()))
             .arg("--database-url")
             .arg(self.db.url())
             .arg("--mail-dir")

@@ -48,6 +48,17 @@ macro_rules! on_every_backend {
     };
 }
 
+/// Marks the name of a test database in the distributed-SQL profile.
+const DSQL_NAME_MARK: &str = "dsql_";
+
+/// The environment that gives an `orderflow` process started by a test on `db_url` the profile of
+/// that database (none for SQLite and plain PostgreSQL): `.envs(common::profile_env(url))`.
+pub fn profile_env(db_url: &str) -> Option<(&'static str, &'static str)> {
+    let name = db_url.rsplit('/').next().unwrap_or_default();
+    name.starts_with(&format!("orderflow_test_{DSQL_NAME_MARK}"))
+        .then_some(("ORDERFLOW_DATABASE_PROFILE", "dsql"))
+}
+
 /// Runs each named `async fn name(backend: Backend)` once per backend, as `sqlite::name` and
 /// `postgres::name`.
 #[macro_export]
@@ -193,7 +204,10 @@ impl TestDb {
                  or point ORDERFLOW_TEST_DATABASE_URL at a server where this user may create databases."
             )
         });
-        let name = format!("orderflow_test_{}", Uuid::now_v7().simple());
+        // A distributed-SQL profile database says so in its name: processes a test starts on it
+        // take the profile from there (`profile_env`).
+        let kind = if backend == Backend::Dsql { DSQL_NAME_MARK } else { "" };
+        let name = format!("orderflow_test_{kind}{}", Uuid::now_v7().simple());
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut conn)
             .await

@@ -19,6 +19,7 @@ pub fn command(db_url: &str, secret: &str) -> Command {
         .arg("--jwt-secret")
         .arg(secret)
         .env("ORDERFLOW_LOG", "warn")
+        .envs(crate::common::profile_env(db_url))
         .kill_on_drop(true);
     command
 }
