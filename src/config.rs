@@ -207,9 +207,9 @@ pub struct GlobalArgs {
     pub db_max_connections: u32,
     /// Most step completions committed in one transaction (group commit: completions that wait
     /// while a group is written share the next; those that touch only their order are written
-    /// together in a fixed number of statements, the rest each in a savepoint). Default 1: every
-    /// completion commits alone (docs/BENCHMARKS.md, "Completions written together", says why).
-    /// Always 1 in the dsql profile.
+    /// together in a fixed number of statements, the rest each in a savepoint). Default: 32 on
+    /// SQLite, 1 on PostgreSQL, where every completion commits alone (docs/BENCHMARKS.md, "Group
+    /// commit after the lock-order fix", says why). Always 1 in the dsql profile.
     #[arg(long, env = "ORDERFLOW_COMMIT_BATCH", global = true,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub commit_batch: Option<u32>,
