@@ -35,6 +35,7 @@ on_every_backend!(
     a_wrong_api_key_is_rejected,
     three_d_secure_is_authenticated_in_process,
     three_d_secure_is_authenticated_over_http,
+    a_capture_whose_commit_fails_is_not_answered_as_captured,
 );
 
 const API_KEY: &str = "sk_test_orderflow_sandbox_stripe";
@@ -468,6 +469,48 @@ async fn in_process_sandbox_behaves(backend: Backend) {
     let books: Arc<dyn SandboxBooks> = store;
     let sandbox = Sandbox::new(books);
     behaves(&sandbox, &sandbox, Transport::InProcess).await;
+}
+
+/// The provider answers only for what its books hold: a capture whose commit fails (here refused
+/// at commit by the test database — SQLite: a deferred foreign key, PostgreSQL: a deferred
+/// constraint trigger; in production a full disk) is answered with an error, never "captured"
+/// for a capture that was rolled back. (On SQLite sqlx drops the error of a `RETURNING` write's
+/// autocommit when only its first row is fetched.)
+async fn a_capture_whose_commit_fails_is_not_answered_as_captured(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let books: Arc<dyn SandboxBooks> = store;
+    let sandbox = Sandbox::new(books.clone());
+    let order = new_order();
+    let intent = sandbox
+        .authorize(&authorize(&order, "tok_visa", CaptureMethod::Manual, 500))
+        .await
+        .unwrap();
+    let refuse_captures_at_commit: &[&str] = match backend {
+        Backend::Sqlite => &[
+            "CREATE TABLE commit_guard (id TEXT PRIMARY KEY)",
+            "ALTER TABLE sandbox_intents ADD COLUMN guard TEXT REFERENCES commit_guard (id) DEFERRABLE INITIALLY DEFERRED",
+            "CREATE TRIGGER refuse_captures AFTER UPDATE OF status ON sandbox_intents WHEN NEW.status = 'succeeded' \
+             BEGIN UPDATE sandbox_intents SET guard = 'missing' WHERE id = NEW.id; END",
+        ],
+        Backend::Postgres | Backend::Dsql => &[
+            "CREATE FUNCTION refuse_capture() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = '23514'; END $$",
+            "CREATE CONSTRAINT TRIGGER refuse_captures AFTER UPDATE ON sandbox_intents \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.status = 'succeeded') \
+             EXECUTE FUNCTION refuse_capture()",
+        ],
+    };
+    for sql in refuse_captures_at_commit {
+        db.tamper(sql).await;
+    }
+    let answer = sandbox.capture(&capture(&intent.id, 500)).await;
+    let booked = books.intent(&intent.id).await.unwrap().unwrap();
+    assert_eq!(booked.status, "requires_capture", "the capture was rolled back");
+    assert!(
+        answer.is_err(),
+        "answered {answer:?} for a capture the books do not hold"
+    );
 }
 
 async fn stripe_client_over_http_behaves(backend: Backend) {

@@ -144,7 +144,9 @@ pub(super) const COUNT_CALL: &str = "INSERT INTO sandbox_attempts (idempotency_k
 /// A write with `RETURNING` outside a transaction is read with `fetch_all`, never `fetch_one` or
 /// `fetch_optional`: on SQLite its autocommit happens when the statement finishes, and sqlx stops
 /// those after the first row and resets the statement, dropping the reset's error — on a full
-/// disk the provider answered "captured" for a capture it never booked (tests/disk_full.rs).
+/// disk the provider answered "captured" for a capture it never booked (seen in
+/// tests/disk_full.rs; pinned by tests/sandbox_stripe.rs
+/// `a_capture_whose_commit_fails_is_not_answered_as_captured`).
 macro_rules! impl_sandbox_books {
     ($store:ty, $writer:ident, $reader:ident) => {
         #[async_trait::async_trait]
