@@ -528,3 +528,57 @@ async fn completions_lock_their_products_in_id_order_before_writing_stock() {
     let audit = store.audit().await.unwrap();
     assert!(audit.is_clean(), "{audit:#?}");
 }
+
+/// Checkouts arriving together share their idempotency claims' statement: 49 at once through a
+/// proxy with 5 ms each way cost a handful of claim statements, not 49, and each claim is still
+/// decided alone — a key sent twice in the burst makes one order (the other is told it is in use,
+/// or replays it), a key used before replays its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkouts_arriving_together_share_their_claims() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = LatencyProxy::start(server_addr(&db), Duration::from_millis(5)).await;
+    let store = through(&proxy, &db).await;
+    let (lamp, buyer) = (product(&*store, 250, 1000).await, customer(&*store).await);
+    let earlier = request(buyer, lamp, 1);
+    let PlaceOrderOutcome::Created(first) = store.place_order(&earlier).await.unwrap() else {
+        panic!("the first order was not placed")
+    };
+    let twice = request(buyer, lamp, 2);
+    let mut burst: Vec<PlaceOrder> = (0..46).map(|_| request(buyer, lamp, 1)).collect();
+    burst.extend([twice.clone(), twice.clone(), earlier.clone()]);
+    let before = proxy.count();
+    let tasks: Vec<_> = burst
+        .iter()
+        .map(|checkout| {
+            let (store, checkout) = (store.clone(), checkout.clone());
+            tokio::spawn(async move { store.place_order(&checkout).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap().unwrap());
+    }
+    let claims = proxy.round_trips()[before..]
+        .iter()
+        .filter(|trip| trip.contains("INSERT INTO idempotency_keys"))
+        .count();
+    assert!(
+        claims <= burst.len() / 4,
+        "{} checkouts arriving together took {claims} claim statements",
+        burst.len()
+    );
+    let created = |answer: &PlaceOrderOutcome| matches!(answer, PlaceOrderOutcome::Created(_));
+    assert!(answers[..46].iter().all(created), "{answers:?}");
+    let pair = &answers[46..48];
+    assert_eq!(pair.iter().filter(|answer| created(answer)).count(), 1, "{pair:?}");
+    assert!(
+        pair.iter()
+            .any(|answer| matches!(answer, PlaceOrderOutcome::KeyInUse | PlaceOrderOutcome::Replayed(_))),
+        "{pair:?}"
+    );
+    assert_eq!(answers[48], PlaceOrderOutcome::Replayed(first));
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 48);
+    let stock = store.get_product(lamp).await.unwrap().unwrap();
+    assert_eq!(stock.reserved, 1 + 46 + 2);
+    assert!(store.audit().await.unwrap().is_clean());
+}

@@ -18,6 +18,7 @@ pub mod group_commit;
 pub mod idempotency;
 pub mod jobs;
 mod jobs_common;
+mod key_claims;
 pub mod ops;
 mod outage;
 mod pool;
