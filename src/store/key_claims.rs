@@ -154,10 +154,8 @@ async fn claim_one(pool: &DbPool<Postgres>, claim: &KeyClaim) -> StoreResult<Cla
 }
 
 /// Many claims in one statement: each row of `v` is a claim, numbered in arrival order; it is ours
-/// when the row inserted for its key carries its lock token. What each key held before is looked
-/// up by its primary key, one index probe per claim (`LATERAL`: a semi-join over `v` let the
-/// planner scan the whole table, and checkout at 16 clients fell to half its rate). The stock of
-/// every claim's products is read once and comes back on the first row.
+/// when the row inserted for its key carries its lock token. The stock of every claim's products
+/// is read once and comes back on the first row.
 async fn claim_many(pool: &DbPool<Postgres>, group: &[KeyClaim]) -> StoreResult<Vec<ClaimRead>> {
     let mut products: Vec<Uuid> = group.iter().flat_map(|claim| claim.products.iter().copied()).collect();
     products.sort();
@@ -189,6 +187,9 @@ async fn claim_many(pool: &DbPool<Postgres>, group: &[KeyClaim]) -> StoreResult<
             SELECT v.principal, v.key, v.fingerprint, 'in_flight', v.lock_token, v.at, v.at \
             FROM v CROSS JOIN relaxed ORDER BY v.n \
             ON CONFLICT (principal, key) DO NOTHING RETURNING lock_token), \
+         earlier AS ( \
+            SELECT k.principal, k.key, k.fingerprint, k.state, k.response_body, k.lock_token, k.updated_at \
+            FROM idempotency_keys k WHERE (k.principal, k.key) IN (SELECT principal, key FROM v)), \
          stock AS ( \
             SELECT array_agg(id ORDER BY id) AS ids, array_agg(price_minor ORDER BY id) AS prices, \
                 array_agg(on_hand - reserved ORDER BY id) AS available \
@@ -197,9 +198,7 @@ async fn claim_many(pool: &DbPool<Postgres>, group: &[KeyClaim]) -> StoreResult<
             e.response_body, e.lock_token, e.updated_at, \
             CASE WHEN v.n = 0 THEN s.ids END, CASE WHEN v.n = 0 THEN s.prices END, \
             CASE WHEN v.n = 0 THEN s.available END \
-         FROM v CROSS JOIN stock s LEFT JOIN LATERAL ( \
-            SELECT k.fingerprint, k.state, k.response_body, k.lock_token, k.updated_at FROM idempotency_keys k \
-            WHERE k.principal = v.principal AND k.key = v.key) e ON true \
+         FROM v CROSS JOIN stock s LEFT JOIN earlier e ON e.principal = v.principal AND e.key = v.key \
          ORDER BY v.n",
     )
     .bind(&numbers)
