@@ -18,7 +18,6 @@ pub mod group_commit;
 pub mod idempotency;
 pub mod jobs;
 mod jobs_common;
-mod key_claims;
 pub mod ops;
 mod outage;
 mod pool;

@@ -38,7 +38,6 @@ use super::dsql_auth::{self, DsqlAuth, DsqlTokenSource, PoolAuth, TokenRefresher
 use super::events::{EventStore, EventsSql};
 use super::group_commit::GroupCommit;
 use super::idempotency;
-use super::key_claims::{ClaimRead, KeyClaim, KeyClaims};
 use super::pool::DbPool;
 use super::reads;
 use super::retry;
@@ -81,8 +80,6 @@ pub struct PgStore {
     replica: Option<Arc<replica::Replica>>,
     /// Steps' order reads, coalesced when many wait ([`StepReads`]).
     step_reads: StepReads,
-    /// Checkouts' idempotency claims, coalesced when many wait ([`KeyClaims`]).
-    key_claims: KeyClaims,
     /// Renew the pools' authentication tokens (`--dsql-region`); stopped on drop.
     _token_refreshers: Vec<TokenRefresher>,
 }
@@ -434,7 +431,6 @@ impl PgStore {
         Ok(Self {
             after_sale: AfterSaleSql { read: pool.clone() },
             step_reads: StepReads::start(pool.clone()),
-            key_claims: KeyClaims::start(pool.clone(), profile.has_postgres_extras()),
             committer,
             checkouts,
             pool,
@@ -547,26 +543,52 @@ impl PgStore {
     async fn claim_key(&self, request: &PlaceOrder, lock_token: Uuid) -> StoreResult<Claim> {
         let products = checkout_batch::products_of(std::iter::once(request));
         for _ in 0..3 {
-            let ClaimRead {
-                claimed,
-                fingerprint,
-                state,
-                body,
-                old_token,
-                updated_at,
-                stock,
-            } = self
-                .key_claims
-                .claim(KeyClaim {
-                    principal: request.principal.clone(),
-                    key: request.idempotency_key.clone(),
-                    fingerprint: request.fingerprint.clone(),
-                    lock_token,
-                    at: request.now,
-                    products: products.clone(),
-                })
-                .await?;
-            let levels = || stock_levels(stock.clone());
+            // The sibling CTE `earlier` reads the statement's snapshot: the row the INSERT
+            // collided with when it was committed before the statement began (else nothing, and
+            // the claim is tried again).
+            #[allow(clippy::type_complexity)]
+            let (claimed, fingerprint, state, body, old_token, updated_at, ids, prices, available): (
+                bool,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<Uuid>,
+                Option<DateTime<Utc>>,
+                Option<Vec<Uuid>>,
+                Option<Vec<i64>>,
+                Option<Vec<i64>>,
+            ) = sqlx::query_as(
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), \
+                 claimed AS ( \
+                    INSERT INTO idempotency_keys (principal, key, fingerprint, state, lock_token, created_at, updated_at) \
+                    SELECT $1, $2, $3, 'in_flight', $4, $5, $5 FROM relaxed \
+                    ON CONFLICT (principal, key) DO NOTHING RETURNING 1), \
+                 earlier AS ( \
+                    SELECT fingerprint, state, response_body, lock_token, updated_at FROM idempotency_keys \
+                    WHERE principal = $1 AND key = $2), \
+                 stock AS ( \
+                    SELECT array_agg(id ORDER BY id) AS ids, array_agg(price_minor ORDER BY id) AS prices, \
+                        array_agg(on_hand - reserved ORDER BY id) AS available \
+                    FROM products WHERE id = ANY($6)) \
+                 SELECT EXISTS (SELECT 1 FROM claimed), e.fingerprint, e.state, e.response_body, e.lock_token, \
+                    e.updated_at, s.ids, s.prices, s.available \
+                 FROM stock s LEFT JOIN earlier e ON true",
+            )
+            .bind(&request.principal)
+            .bind(&request.idempotency_key)
+            .bind(&request.fingerprint)
+            .bind(lock_token)
+            .bind(request.now)
+            .bind(&products)
+            .fetch_one(&self.pool)
+            .await?;
+            let levels = || {
+                let rows = ids.clone().unwrap_or_default().into_iter();
+                let rows = rows
+                    .zip(prices.clone().unwrap_or_default())
+                    .zip(available.clone().unwrap_or_default());
+                stock_levels(rows.map(|((id, price), available)| (id, price, available)).collect())
+            };
             if claimed {
                 return Ok(Claim::Acquired(levels()?));
             }
