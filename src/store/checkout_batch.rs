@@ -144,32 +144,29 @@ impl<T: CheckoutTransaction> GroupWriter for Checkouts<T> {
     }
 }
 
-/// The rows a group's transaction changes: per checkout its order, timeline entry, outbox
-/// event, first job and idempotency key, and its lines; once per product its stock row.
-fn changed_rows(products: &std::collections::HashSet<ProductId>, checkouts: usize, lines: usize) -> usize {
-    5 * checkouts + lines + products.len()
-}
-
 /// `group` cut, in order, into consecutive parts whose transactions each change at most `limit`
-/// rows ([`changed_rows`]); one part without a limit. A checkout alone always fits (at most
-/// [`crate::domain::order::MAX_LINES`] lines).
+/// rows: per checkout its order, timeline entry, outbox event, first job and idempotency key, and
+/// its lines; once per product its stock row. One part without a limit. A checkout alone always
+/// fits (at most [`crate::domain::order::MAX_LINES`] lines, each of another product).
 fn within_row_limit(group: Vec<Checkout>, limit: Option<usize>) -> Vec<Vec<Checkout>> {
     let Some(limit) = limit else {
         return vec![group];
     };
     let mut parts: Vec<Vec<Checkout>> = Vec::new();
-    let (mut part, mut products, mut lines) = (Vec::new(), std::collections::HashSet::new(), 0);
+    let (mut part, mut products, mut rows) = (Vec::new(), std::collections::HashSet::new(), 0);
     for checkout in group {
         let cart = checkout.request.cart.lines();
-        let mut with = products.clone();
-        with.extend(cart.iter().map(|line| line.product_id));
-        if !part.is_empty() && changed_rows(&with, part.len() + 1, lines + cart.len()) > limit {
+        let new_products = cart.iter().filter(|line| !products.contains(&line.product_id)).count();
+        if !part.is_empty() && rows + 5 + cart.len() + new_products > limit {
             parts.push(std::mem::take(&mut part));
-            with = cart.iter().map(|line| line.product_id).collect();
-            lines = 0;
+            (products, rows) = (std::collections::HashSet::new(), 0);
         }
-        products = with;
-        lines += cart.len();
+        for line in cart {
+            if products.insert(line.product_id) {
+                rows += 1;
+            }
+        }
+        rows += 5 + cart.len();
         part.push(checkout);
     }
     if !part.is_empty() {

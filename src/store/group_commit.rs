@@ -48,8 +48,8 @@ pub(super) struct GroupCommit {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GroupCommitSettings {
     /// Most completions in one transaction. Default [`DEFAULT_SQLITE_MAX_BATCH`] on SQLite and 1
-    /// on PostgreSQL, where every completion commits alone in its caller's task. With more, the completions that wait while a group is written
-    /// share the next transaction, and those that need only their order and job rows are written
+    /// on PostgreSQL, where every completion commits alone in its caller's task. With more, the
+    /// completions that wait while a group is written share the next transaction, and those that need only their order and job rows are written
     /// together in a fixed number of statements ([`effects::apply_merged`]); a completion that
     /// arrives while a committer is idle is written at once, alone. Measured in
     /// docs/BENCHMARKS.md ("Completions written together"): on PostgreSQL groups cut statements
@@ -236,6 +236,16 @@ fn mergeable(group: &[Pending]) -> Vec<usize> {
         .collect()
 }
 
+/// The orders of `pendings`, sorted, once each.
+fn order_ids<'a>(pendings: impl Iterator<Item = &'a Pending>) -> Vec<uuid::Uuid> {
+    let mut ids: Vec<uuid::Uuid> = pendings
+        .filter_map(|pending| pending.effects.order_id.map(|id| id.as_uuid()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 macro_rules! commit_batch_for {
     ($db:ty) => {
         #[async_trait::async_trait]
@@ -260,25 +270,17 @@ macro_rules! commit_batch_for {
                 let merged = if alone { Vec::new() } else { mergeable(&group) };
                 // The orders of the completions written one by one after the merged ones: locked
                 // with them, before any stock is written (see `effects::apply_merged`).
-                let mut others: Vec<uuid::Uuid> = group
+                let unmerged: Vec<&Pending> = group
                     .iter()
                     .enumerate()
                     .filter(|(at, _)| merged.len() < 2 || !merged.contains(at))
-                    .filter_map(|(_, pending)| pending.effects.order_id.map(|id| id.as_uuid()))
+                    .map(|(_, pending)| pending)
                     .collect();
-                others.sort();
-                others.dedup();
+                let others = order_ids(unmerged.iter().copied());
                 // Those of them whose stock may change: their product rows are locked with the
                 // group's, in id order, before any stock is written.
-                let mut others_stock: Vec<uuid::Uuid> = group
-                    .iter()
-                    .enumerate()
-                    .filter(|(at, _)| merged.len() < 2 || !merged.contains(at))
-                    .filter(|(_, pending)| pending.effects.inventory.is_some())
-                    .filter_map(|(_, pending)| pending.effects.order_id.map(|id| id.as_uuid()))
-                    .collect();
-                others_stock.sort();
-                others_stock.dedup();
+                let others_stock =
+                    order_ids(unmerged.iter().copied().filter(|pending| pending.effects.inventory.is_some()));
                 if merged.len() < 2 && !alone {
                     let locked =
                         effects::lock_group_orders(&mut tx, self.lock_order_row, &others, &others_stock).await;
